@@ -1,0 +1,289 @@
+"""``HippocampusDataModule``: NIfTI pairs in RAM, split by volume, served as 2D slices.
+
+Stages (``setup``):
+1. find the pairs (Decathlon layout, or a curation ``manifest.json``), listing unpaired files;
+2. load every pair with a process pool (``num_load_workers``), normalising each image to
+   ``[0, 1]`` on its own; bad cases are skipped and listed (or raise, ``on_bad_case="error"``);
+3. split by volume with a fixed seed (no slice of a volume crosses splits), or reuse a saved split;
+4. save the split (and the skipped cases) as JSON in ``output_dir``.
+
+Train/val loaders serve ``(1, H, W)`` slices centre-padded/cropped to ``patch_size``; the test
+loader serves whole volumes for 3D evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hippo.fileio import write_json_atomic
+from hippo.data.nifti import Case, CaseError, CasePaths, find_pairs, is_nifti, load_case, pad_or_crop
+
+log = logging.getLogger(__name__)
+
+
+class SlicesDataset(Dataset):
+    """2D slices along axis 0 of a list of volumes.
+
+    Args:
+        images: ``(D_i, H, W) float32`` volumes already padded to the patch size.
+        labels: matching ``(D_i, H, W) uint8`` label volumes.
+
+    Items: ``{"image": (1, H, W) float32, "label": (H, W) int64, "volume": int, "slice": int}``.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray]):
+        if len(images) != len(labels):
+            raise ValueError("images and labels differ in number")
+        self.images, self.labels = list(images), list(labels)
+        self.index = [(v, s) for v, img in enumerate(self.images) for s in range(img.shape[0])]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        v, s = self.index[i]
+        return {
+            "image": torch.from_numpy(self.images[v][s][None]),
+            "label": torch.from_numpy(self.labels[v][s].astype(np.int64)),
+            "volume": v,
+            "slice": s,
+        }
+
+
+class VolumesDataset(Dataset):
+    """Whole cases for 3D evaluation; items are ``{"name", "image" (D,H,W), "label" (D,H,W), "spacing"}``
+    as numpy arrays (use with ``batch_size=None``)."""
+
+    def __init__(self, cases: Sequence[Case]):
+        self.cases = list(cases)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        c = self.cases[i]
+        return {"name": c.name, "image": c.image, "label": c.label, "spacing": list(c.spacing)}
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _load_one(args: tuple[CasePaths, int]) -> Case | CaseError:
+    paths, axis = args
+    try:
+        return load_case(paths, slice_axis=axis)
+    except CaseError as exc:
+        return exc
+
+
+def load_cases(pairs: Sequence[CasePaths], workers: int = 2, slice_axis: int = 0) -> tuple[list[Case], list[CaseError]]:
+    """Load pairs with a process pool (``workers <= 1``: serially in this process).
+
+    Returns:
+        ``(cases, errors)`` in the order of ``pairs``; each error names its file and problem.
+    """
+    jobs = [(p, slice_axis) for p in pairs]
+    if workers <= 1 or len(jobs) < 2:
+        results = [_load_one(j) for j in jobs]
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_load_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    cases = [r for r in results if isinstance(r, Case)]
+    errors = [r for r in results if isinstance(r, CaseError)]
+    return cases, errors
+
+
+def split_by_volume(names: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
+    """Shuffle case names with ``seed`` and cut them into train/val/test by ``fractions``.
+
+    Every split that has a positive fraction gets at least one case when there are enough cases.
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
+        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
+    names = sorted(names)
+    order = np.random.default_rng(seed).permutation(len(names))
+    n = len(names)
+    n_val = int(round(fractions[1] * n))
+    n_test = int(round(fractions[2] * n))
+    if fractions[1] > 0 and n >= 3:
+        n_val = max(n_val, 1)
+    if fractions[2] > 0 and n >= 3:
+        n_test = max(n_test, 1)
+    n_train = n - n_val - n_test
+    if n_train < 1:
+        raise ValueError(f"{n} cases are too few to split with fractions {list(fractions)}")
+    shuffled = [names[i] for i in order]
+    return {
+        "train": sorted(shuffled[:n_train]),
+        "val": sorted(shuffled[n_train:n_train + n_val]),
+        "test": sorted(shuffled[n_train + n_val:]),
+    }
+
+
+class HippocampusDataModule(L.LightningDataModule):
+    """Decathlon-layout hippocampus data for slice-wise training.
+
+    Args:
+        root: dataset directory (``imagesTr/``, ``labelsTr/``).
+        manifest: optional curation ``manifest.json``; when given, only its cases are used.
+        patch_size: in-plane training size ``(H, W)`` (centre pad/crop).
+        slice_axis: voxel axis to slice along.
+        split: fractions ``[train, val, test]`` by volume.
+        split_seed: seed of the split.
+        split_file: a saved ``split.json`` to reuse instead of drawing a split.
+        output_dir: where ``split.json`` and ``skipped_cases.json`` are written (None: nowhere).
+        batch_size: slices per batch.
+        num_workers: DataLoader workers.
+        num_load_workers: processes that read and preprocess the NIfTI files.
+        on_bad_case: ``"skip"`` (log and list them) or ``"error"``.
+        max_cases: use at most this many cases (quick experiments), None for all.
+        synthetic: when set (``{n_cases, seed}``), generate a synthetic dataset at ``root`` if
+            none is there (the embedded default, see :mod:`hippo.data.synthetic`).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        manifest: str | None = None,
+        patch_size: Sequence[int] = (64, 64),
+        slice_axis: int = 0,
+        split: Sequence[float] = (0.7, 0.1, 0.2),
+        split_seed: int = 42,
+        split_file: str | None = None,
+        output_dir: str | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        num_load_workers: int = 2,
+        on_bad_case: str = "skip",
+        max_cases: int | None = None,
+        synthetic: dict | None = None,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        if on_bad_case not in ("skip", "error"):
+            raise ValueError(f"on_bad_case must be 'skip' or 'error', got {on_bad_case!r}")
+        self.root = Path(root)
+        self.manifest = manifest
+        self.patch_size = tuple(int(s) for s in patch_size)
+        self.slice_axis = int(slice_axis)
+        self.split_fractions = tuple(float(f) for f in split)
+        self.split_seed = int(split_seed)
+        self.split_file = split_file
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.num_load_workers = int(num_load_workers)
+        self.on_bad_case = on_bad_case
+        self.max_cases = max_cases
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.pin_memory = pin_memory
+        self.cases: dict[str, Case] = {}
+        self.split: dict[str, list[str]] = {}
+        self.skipped: list[dict[str, str]] = []
+        self._datasets: dict[str, Dataset] = {}
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """What inference must repeat; stored in the exported model file."""
+        return {"normalization": "minmax_per_volume", "slice_axis": self.slice_axis,
+                "patch_size": list(self.patch_size)}
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic data set when configured and ``root`` holds no data set yet.
+
+        A ``root`` that already holds images (a real data set given as ``data.root=...``) is used
+        as it is and never written to.
+        """
+        if self.synthetic is None or self.manifest:
+            return
+        from hippo.data.synthetic import generate_dataset
+
+        images = self.root / "imagesTr"
+        holds_data = images.is_dir() and any(is_nifti(p) for p in images.iterdir())
+        meta = self.root / "dataset.json"
+        if holds_data and not (meta.is_file() and "synthetic" in meta.read_text().lower()):
+            log.info("data.root %s already holds a data set: using it as it is", self.root)
+            return
+        log.info("synthetic data set %s in %s (generated unless already complete)", self.synthetic, self.root)
+        generate_dataset(self.root, **self.synthetic)
+
+    def _pairs(self) -> list[CasePaths]:
+        if self.manifest:
+            from hippo.data.curate import read_manifest
+
+            pairs, unpaired = read_manifest(self.manifest), []
+        else:
+            pairs, unpaired = find_pairs(self.root)
+        for path in unpaired:
+            self.skipped.append({"file": path, "problem": "no matching image/label partner"})
+            log.warning("skipping unpaired file %s", path)
+        if self.max_cases:
+            pairs = pairs[: int(self.max_cases)]
+        return pairs
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cases:
+            return
+        self.skipped = []
+        pairs = self._pairs()
+        cases, errors = load_cases(pairs, self.num_load_workers, self.slice_axis)
+        for err in errors:
+            self.skipped.append({"file": err.path, "problem": err.problem})
+            log.warning("skipping bad case: %s", err)
+        if errors and self.on_bad_case == "error":
+            raise CaseError(errors[0].path, f"{errors[0].problem} (and {len(errors) - 1} more bad cases)")
+        if not cases:
+            raise CaseError(self.root, "no usable labelled case (see the skipped files above)")
+        self.cases = {c.name: c for c in cases}
+        log.info("loaded %d cases from %s (%d skipped)", len(cases), self.manifest or self.root, len(self.skipped))
+        self.split = self._make_split()
+        self._save_json("split.json", {"seed": self.split_seed, "fractions": list(self.split_fractions),
+                                       "root": str(self.root), **self.split})
+        self._save_json("skipped_cases.json", self.skipped)
+        self._datasets = {}
+        for part in ("train", "val"):
+            imgs, lbls = [], []
+            for name in self.split[part]:
+                c = self.cases[name]
+                imgs.append(pad_or_crop(c.image, self.patch_size)[0])
+                lbls.append(pad_or_crop(c.label, self.patch_size)[0])
+            self._datasets[part] = SlicesDataset(imgs, lbls)
+        self._datasets["test"] = VolumesDataset([self.cases[n] for n in self.split["test"]])
+
+    def _make_split(self) -> dict[str, list[str]]:
+        if self.split_file:
+            data = json.loads(Path(self.split_file).read_text())
+            split = {k: [n for n in data.get(k, []) if n in self.cases] for k in ("train", "val", "test")}
+            missing = sorted(set(sum((data.get(k, []) for k in ("train", "val", "test")), [])) - set(self.cases))
+            if missing:
+                log.warning("split file %s names %d cases not loaded: %s", self.split_file, len(missing), missing[:5])
+            return split
+        return split_by_volume(list(self.cases), self.split_fractions, self.split_seed)
+
+    def _save_json(self, name: str, obj: Any) -> None:
+        if self.output_dir is not None:
+            write_json_atomic(self.output_dir / name, obj)
+
+    def _loader(self, part: str, shuffle: bool) -> DataLoader:
+        return DataLoader(self._datasets[part], batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self._datasets["test"], batch_size=None, shuffle=False, collate_fn=_identity)

@@ -1,0 +1,80 @@
+"""Evaluate an exported model file on every labelled pair of a directory (3D per-volume metrics).
+
+Uses only the deploy-side pieces (:class:`hippo.infer.InferenceAgent`, :mod:`hippo.metrics`), so
+it measures exactly what deployment will run. Called by ``python -m hippo.eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from hippo.data.nifti import CaseError, CasePaths, find_pairs, load_case, load_nifti
+from hippo.infer import InferenceAgent
+from hippo.metrics import volume_metrics
+
+log = logging.getLogger(__name__)
+
+
+def select_pairs(root: str, manifest: str | None = None, split_file: str | None = None,
+                 split_part: str = "test") -> tuple[list[CasePaths], list[dict[str, str]]]:
+    """The labelled pairs to evaluate, and the files skipped as unpaired.
+
+    ``manifest`` (a curation manifest.json) replaces the directory scan; ``split_file`` (a
+    training run's split.json) keeps only the cases of ``split_part``.
+    """
+    if manifest:
+        from hippo.data.curate import read_manifest
+
+        pairs, unpaired = read_manifest(manifest), []
+    else:
+        pairs, unpaired = find_pairs(root)
+    skipped = [{"file": f, "problem": "no matching image/label partner"} for f in unpaired]
+    if split_file:
+        split = json.loads(Path(split_file).read_text())
+        if split_part not in split:
+            raise ValueError(f"{split_file}: has no {split_part!r} list (keys: {sorted(split)})")
+        wanted = set(split[split_part])
+        pairs = [p for p in pairs if p.name in wanted]
+        if not pairs:
+            raise ValueError(f"{split_file}: none of its {split_part!r} cases are under {root}")
+    return pairs, skipped
+
+
+def evaluate_model(agent: InferenceAgent, pairs: list[CasePaths]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Segment each image with ``agent`` and compare with its label.
+
+    Returns:
+        ``(per_volume, skipped)``: metric rows (see :func:`hippo.metrics.volume_metrics`, plus
+        ``name`` and ``seconds``), and the cases that could not be read, with the reason.
+    """
+    rows, skipped = [], []
+    for pair in pairs:
+        try:
+            truth = load_case(pair, slice_axis=0, require_foreground=False)
+            raw, spacing, _ = load_nifti(pair.image)
+        except CaseError as exc:
+            log.warning("skipping %s", exc)
+            skipped.append({"file": exc.path, "problem": exc.problem})
+            continue
+        t0 = time.perf_counter()
+        pred = agent.segment(raw)
+        row = {"name": pair.name, **volume_metrics(pred, truth.label, spacing)}
+        row["seconds"] = round(time.perf_counter() - t0, 4)
+        rows.append(row)
+        log.info("%s: Dice anterior %.4f posterior %.4f", pair.name, row["dice_anterior"], row["dice_posterior"])
+    return rows, skipped
+
+
+def format_summary(summary: dict[str, dict[str, float]]) -> str:
+    """A small text table of the Dice/Jaccard means (± sd)."""
+    lines = [f"{'metric':<20} {'mean':>8} {'sd':>8}   ({summary['n_volumes']['count']} volumes)"]
+    for key in ("dice_anterior", "dice_posterior", "dice_mean", "dice_foreground",
+                "jaccard_anterior", "jaccard_posterior", "jaccard_mean", "jaccard_foreground"):
+        if key in summary:
+            lines.append(f"{key:<20} {summary[key]['mean']:>8.4f} {summary[key]['std']:>8.4f}")
+    return "\n".join(lines)
+

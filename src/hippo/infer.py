@@ -1,0 +1,226 @@
+"""The self-describing model file and the :class:`InferenceAgent` that runs it.
+
+Torch only — never Lightning or Hydra — so a deploy server starts fast and loads a model with
+``InferenceAgent.from_file(path)``.
+
+Model file (``torch.save`` of a plain dict, loaded with ``weights_only=True``)::
+
+    format         "hippo-model/1"
+    hippo_version  package version that wrote it
+    created        ISO-8601 UTC time
+    net            {"class": "hippo.model.unet.UNet", "config": {UNet keyword arguments}}
+    state_dict     the network weights
+    preprocessing  {"normalization": "minmax_per_volume", "slice_axis": int, "patch_size": [H, W]}
+    labels         {"0": "background", "1": "anterior", "2": "posterior"}
+    metrics        test metrics of the training run (may be empty)
+    training       a summary of how it was trained (data, split sizes, epochs, precision...)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from hippo import __version__
+from hippo.data.nifti import LABEL_NAMES, normalize_minmax, pad_or_crop, undo_pad_or_crop
+from hippo.fileio import write_bytes_atomic
+from hippo.model.unet import UNet
+
+MODEL_FORMAT = "hippo-model/1"
+_NETS = {"hippo.model.unet.UNet": UNet}
+
+
+def save_model_file(
+    path: str | os.PathLike,
+    net: UNet,
+    *,
+    preprocessing: Mapping[str, Any],
+    labels: Mapping[int, str] = LABEL_NAMES,
+    metrics: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the model file atomically (temporary name, then rename). Returns its path."""
+    payload = {
+        "format": MODEL_FORMAT,
+        "hippo_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "net": {"class": "hippo.model.unet.UNet", "config": dict(net.config)},
+        "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+        "preprocessing": _plain(preprocessing),
+        "labels": {str(k): str(v) for k, v in labels.items()},
+        "metrics": _plain(metrics or {}),
+        "training": _plain(training or {}),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_model_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a model file (weights-only unpickling: no code runs from the file).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a hippo model file, or one of an unknown format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable hippo model file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path}: expected model format {MODEL_FORMAT!r}, found {found!r} "
+                         "(a Lightning .ckpt is not a model file: use the exported model.pt)")
+    return payload
+
+
+def build_net(payload: Mapping[str, Any]) -> UNet:
+    """Rebuild the network of a loaded model file and load its weights (eval mode)."""
+    cls = _NETS.get(payload["net"]["class"])
+    if cls is None:
+        raise ValueError(f"unknown network class {payload['net']['class']!r}")
+    net = cls(**payload["net"]["config"])
+    net.load_state_dict(payload["state_dict"])
+    return net.eval()
+
+
+@torch.inference_mode()
+def segment_slices(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    size_multiple: int,
+    min_size: Sequence[int] = (64, 64),
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    return_probabilities: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Segment a preprocessed volume slice by slice along axis 0.
+
+    Args:
+        net: network mapping ``(N, 1, H', W')`` to ``(N, C, H', W')`` logits.
+        image: ``(D, H, W) float32`` in ``[0, 1]`` (already normalised and oriented).
+        size_multiple: in-plane sizes are padded up to a multiple of this.
+        min_size: in-plane sizes are padded up to at least this (the training patch size).
+        batch_size: slices per forward pass.
+        device: where to run the network.
+        return_probabilities: also return the softmax probabilities.
+
+    Returns:
+        ``(D, H, W) uint8`` labels, and with ``return_probabilities`` also ``(C, D, H, W) float32``.
+    """
+    if image.ndim != 3:
+        raise ValueError(f"expected a (D, H, W) volume, got shape {image.shape}")
+    h, w = image.shape[1:]
+    target = [max(int(m), -(-s // size_multiple) * size_multiple) for s, m in zip((h, w), min_size)]
+    target = [-(-t // size_multiple) * size_multiple for t in target]
+    padded, record = pad_or_crop(image.astype(np.float32, copy=False), target)
+    labels_out, probs_out = [], []
+    device = torch.device(device)
+    for start in range(0, padded.shape[0], batch_size):
+        x = torch.from_numpy(padded[start:start + batch_size, None]).to(device)
+        logits = net(x).float()
+        labels_out.append(logits.argmax(1).to(torch.uint8).cpu().numpy())
+        if return_probabilities:
+            probs_out.append(torch.softmax(logits, 1).cpu().numpy())
+    labels = undo_pad_or_crop(np.concatenate(labels_out), record)
+    if not return_probabilities:
+        return labels
+    probs = undo_pad_or_crop(np.concatenate(probs_out).transpose(1, 0, 2, 3), record)
+    return labels, probs
+
+
+class InferenceAgent:
+    """Runs a trained network on whole volumes of any shape.
+
+    Args:
+        net: the network (put in eval mode and moved to ``device``).
+        preprocessing: the model file's preprocessing block.
+        labels: label value -> name.
+        device: ``"cpu"``, ``"cuda"``...
+        batch_size: slices per forward pass.
+        metadata: the rest of the model file (version, metrics, training summary).
+    """
+
+    def __init__(
+        self,
+        net: UNet,
+        preprocessing: Mapping[str, Any],
+        labels: Mapping[int, str] = LABEL_NAMES,
+        *,
+        device: str = "cpu",
+        batch_size: int = 64,
+        metadata: Mapping[str, Any] | None = None,
+    ):
+        if preprocessing.get("normalization", "minmax_per_volume") != "minmax_per_volume":
+            raise ValueError(f"unsupported normalization {preprocessing.get('normalization')!r}")
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        self.preprocessing = dict(preprocessing)
+        self.labels = {int(k): v for k, v in labels.items()}
+        self.batch_size = batch_size
+        self.metadata = dict(metadata or {})
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64) -> "InferenceAgent":
+        """Load an exported model file (see the module docstring)."""
+        payload = load_model_file(path)
+        meta = {k: v for k, v in payload.items() if k not in ("state_dict",)}
+        meta["path"] = str(path)
+        return cls(build_net(payload), payload["preprocessing"], payload["labels"],
+                   device=device, batch_size=batch_size, metadata=meta)
+
+    @property
+    def slice_axis(self) -> int:
+        return int(self.preprocessing.get("slice_axis", 0))
+
+    def segment(self, volume: np.ndarray, return_probabilities: bool = False):
+        """Segment one raw volume.
+
+        Args:
+            volume: ``(X, Y, Z)`` raw intensities in the voxel order the model was trained on
+                (the NIfTI's stored order; any shape, any numeric dtype, finite values).
+            return_probabilities: also return ``(C, X, Y, Z) float32`` class probabilities.
+
+        Returns:
+            ``(X, Y, Z) uint8`` labels (0 background, 1 anterior, 2 posterior)
+            [, probabilities].
+        """
+        volume = np.asarray(volume)
+        if volume.ndim != 3:
+            raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
+        if not np.isfinite(volume).all():
+            raise ValueError("volume holds NaN or infinite values")
+        axis = self.slice_axis
+        image = np.moveaxis(normalize_minmax(volume), axis, 0)
+        result = segment_slices(
+            self.net, np.ascontiguousarray(image), size_multiple=self.net.size_multiple,
+            min_size=self.preprocessing.get("patch_size", (64, 64)), batch_size=self.batch_size,
+            device=self.device, return_probabilities=return_probabilities,
+        )
+        if not return_probabilities:
+            return np.ascontiguousarray(np.moveaxis(result, 0, axis))
+        labels, probs = result
+        return np.ascontiguousarray(np.moveaxis(labels, 0, axis)), np.ascontiguousarray(np.moveaxis(probs, 1, axis + 1))
+
+
+def _plain(value: Any) -> Any:
+    """Convert numpy scalars / tuples / OmegaConf-free mappings to plain Python for safe pickling."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

@@ -1,0 +1,99 @@
+"""Per-volume 3D overlap metrics (Dice, Jaccard) and their summary over a set of volumes.
+
+numpy only: used by the test stage of training, by ``hippo.eval`` and by deployment checks.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from hippo import __version__
+from hippo.fileio import write_json_atomic
+from hippo.data.nifti import LABEL_NAMES, label_volumes_mm3
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice ``2|P∩T| / (|P|+|T|)`` of two boolean masks; 1.0 when both are empty."""
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    denom = int(p.sum()) + int(t.sum())
+    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(p, t).sum()) / denom
+
+
+def jaccard(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Jaccard ``|P∩T| / |P∪T|`` of two boolean masks; 1.0 when both are empty."""
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    union = int(np.logical_or(p, t).sum())
+    return 1.0 if union == 0 else int(np.logical_and(p, t).sum()) / union
+
+
+def volume_metrics(
+    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    labels: Mapping[int, str] = LABEL_NAMES,
+) -> dict[str, float]:
+    """3D metrics of one predicted label volume against the truth.
+
+    Args:
+        pred, truth: ``(D, H, W)`` integer label volumes of equal shape.
+        spacing: voxel size in mm (for the volumes).
+
+    Returns:
+        ``dice_<class>`` / ``jaccard_<class>`` per foreground class, ``dice_mean`` /
+        ``jaccard_mean`` (mean over the foreground classes), ``dice_foreground`` /
+        ``jaccard_foreground`` (all hippocampus labels merged), and predicted and true volumes
+        in mm³ (``pred_total_mm3``, ``true_total_mm3``...).
+    """
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from truth shape {truth.shape}")
+    out: dict[str, float] = {}
+    fg = [k for k in sorted(labels) if k != 0]
+    for k in fg:
+        out[f"dice_{labels[k]}"] = dice(pred == k, truth == k)
+        out[f"jaccard_{labels[k]}"] = jaccard(pred == k, truth == k)
+    out["dice_mean"] = float(np.mean([out[f"dice_{labels[k]}"] for k in fg]))
+    out["jaccard_mean"] = float(np.mean([out[f"jaccard_{labels[k]}"] for k in fg]))
+    out["dice_foreground"] = dice(pred > 0, truth > 0)
+    out["jaccard_foreground"] = jaccard(pred > 0, truth > 0)
+    for prefix, vol in (("pred", pred), ("true", truth)):
+        for key, value in label_volumes_mm3(vol, spacing).items():
+            out[f"{prefix}_{key}"] = value
+    return out
+
+
+def summarize(per_volume: Iterable[Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean, standard deviation, minimum and maximum of each metric over volumes.
+
+    Returns:
+        ``{metric: {"mean", "std", "min", "max"}}``, plus ``{"n_volumes": {"count": n}}``.
+    """
+    rows = list(per_volume)
+    out: dict[str, dict[str, float]] = {"n_volumes": {"count": len(rows)}}
+    if not rows:
+        return out
+    for key in rows[0]:
+        values = np.array([float(r[key]) for r in rows if isinstance(r.get(key), (int, float))])
+        if values.size == 0 or not all(math.isfinite(v) for v in values):
+            continue
+        out[key] = {"mean": float(values.mean()), "std": float(values.std()),
+                    "min": float(values.min()), "max": float(values.max())}
+    return out
+
+
+def write_results(path: str | os.PathLike, per_volume: list[dict[str, Any]], config: Mapping[str, Any],
+                  **extra: Any) -> dict[str, Any]:
+    """Write ``results.json`` atomically: per-volume metrics, their summary, ``extra`` fields and the
+    resolved ``config``. Returns what was written."""
+    results = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hippo_version": __version__,
+        **extra,
+        "summary": summarize(per_volume),
+        "per_volume": per_volume,
+        "config": dict(config),
+    }
+    write_json_atomic(path, results)
+    return results

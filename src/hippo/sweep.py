@@ -1,0 +1,64 @@
+"""End-of-sweep summary: a Hydra callback that ranks the runs of a ``--multirun`` by a metric.
+
+Each training run writes ``metrics.json`` (its final logged metrics) into its own directory; on
+``on_multirun_end`` this callback reads them, writes ``sweep_summary.json`` into the sweep
+directory and prints a table that names the best run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from hippo.fileio import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def summarize_sweep(sweep_dir: str | Path, metric: str = "val/dice_mean_best", mode: str = "max") -> dict[str, Any]:
+    """Collect ``*/metrics.json`` under ``sweep_dir`` and rank the runs by ``metric``.
+
+    Returns:
+        ``{"metric", "mode", "best": {...} | None, "runs": [{"dir", "overrides", "metrics", "value"}]}``;
+        runs without the metric (failed or unfinished) are listed with ``value: None``.
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    runs = []
+    for metrics_file in sorted(Path(sweep_dir).glob("*/metrics.json")):
+        run_dir = metrics_file.parent
+        metrics = json.loads(metrics_file.read_text())
+        overrides_file = run_dir / ".hydra" / "overrides.yaml"
+        overrides = [l[2:].strip() for l in overrides_file.read_text().splitlines() if l.startswith("- ")] \
+            if overrides_file.is_file() else []
+        value = metrics.get(metric)
+        runs.append({"dir": str(run_dir), "overrides": overrides, "value": value, "metrics": metrics})
+    scored = [r for r in runs if isinstance(r["value"], (int, float))]
+    best = (max if mode == "max" else min)(scored, key=lambda r: r["value"]) if scored else None
+    return {"metric": metric, "mode": mode, "best": best, "runs": runs}
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, write ``sweep_summary.json`` and log the ranking."""
+
+    def __init__(self, metric: str = "val/dice_mean_best", mode: str = "max"):
+        self.metric, self.mode = metric, mode
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        summary = summarize_sweep(sweep_dir, self.metric, self.mode)
+        write_json_atomic(sweep_dir / "sweep_summary.json", summary)
+        lines = [f"sweep {sweep_dir}: {len(summary['runs'])} runs ranked by {self.metric} ({self.mode})"]
+        ranked = sorted(summary["runs"], key=lambda r: (r["value"] is None, -(r["value"] or 0) if self.mode == "max" else (r["value"] or 0)))
+        for r in ranked:
+            v = "failed/none" if r["value"] is None else f"{r['value']:.4f}"
+            mark = "  <- best" if summary["best"] is r else ""
+            lines.append(f"  {v:>11}  {' '.join(r['overrides']) or '(no overrides)'}  [{Path(r['dir']).name}]{mark}")
+        text = "\n".join(lines)
+        log.info(text)
+        print(text)

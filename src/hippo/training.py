@@ -1,0 +1,107 @@
+"""One training run from a composed config: fit, test on whole volumes, export the model file.
+
+Called by the thin entrypoint ``python -m hippo.train`` (:mod:`hippo.train`); importable and
+callable from tests with a config composed by Hydra's ``compose``.
+
+Writes into ``cfg.paths.output_dir``:
+``split.json``, ``skipped_cases.json`` (data module), ``checkpoints/`` (Lightning), TensorBoard
+events under ``tensorboard/``, ``results.json`` (3D test metrics + resolved config) and the
+exported model file ``model.pt`` (:mod:`hippo.infer`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from hippo.fileio import write_json_atomic
+from hippo.infer import save_model_file
+from hippo.metrics import write_results
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a config group dict that carries a ``_target_``."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def run_training(cfg: DictConfig) -> dict[str, Any]:
+    """Train, test and export as ``cfg`` says.
+
+    Returns:
+        The logged metrics (``val/dice_mean_best``, ``test/dice_mean``...) as floats, plus
+        ``output_dir`` and ``model_path``.
+    """
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", OmegaConf.to_container(cfg, resolve=True))
+
+    log.info("data module <%s>", cfg.data._target_)
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    log.info("model <%s>", cfg.model._target_)
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    t0 = time.perf_counter()
+    metrics: dict[str, Any] = {}
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    fit_seconds = time.perf_counter() - t0
+
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+    if cfg.get("test", True):
+        if best and not trainer.fast_dev_run:
+            log.info("testing the best checkpoint %s", best)
+            trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False)
+        else:
+            trainer.test(model, datamodule=datamodule)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    if trainer.global_rank != 0:
+        return metrics
+    split = getattr(datamodule, "split", {})
+    training_summary = {
+        "data_root": str(getattr(datamodule, "root", "")),
+        "split_sizes": {k: len(v) for k, v in split.items()},
+        "split_seed": getattr(datamodule, "split_seed", None),
+        "epochs": trainer.current_epoch,
+        "precision": str(trainer.precision),
+        "accelerator": type(trainer.accelerator).__name__,
+        "fit_seconds": round(fit_seconds, 1),
+        "best_checkpoint": best,
+        "val_dice_mean_best": metrics.get("val/dice_mean_best"),
+    }
+    results = None
+    if cfg.get("test", True):
+        results = write_results(out / "results.json", model.test_results, OmegaConf.to_container(cfg, resolve=True), split=split,
+                                skipped_cases=getattr(datamodule, "skipped", []), training=training_summary)
+        s = results["summary"]
+        log.info("test (%d volumes): Dice anterior %.4f, posterior %.4f, mean %.4f",
+                 s["n_volumes"]["count"], s.get("dice_anterior", {}).get("mean", float("nan")),
+                 s.get("dice_posterior", {}).get("mean", float("nan")), s.get("dice_mean", {}).get("mean", float("nan")))
+    if cfg.get("export", True):
+        test_metrics = {k: v["mean"] for k, v in (results or {}).get("summary", {}).items() if "mean" in v}
+        path = save_model_file(out / "model.pt", model.net, preprocessing=datamodule.preprocessing,
+                               labels=dict(enumerate(model.class_names)), metrics=test_metrics,
+                               training=training_summary)
+        metrics["model_path"] = str(path)
+        log.info("exported model file %s", path)
+    metrics["output_dir"] = str(out)
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
