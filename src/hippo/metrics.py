@@ -75,7 +75,7 @@ def summarize(per_volume: Iterable[Mapping[str, float]]) -> dict[str, dict[str, 
     if not rows:
         return out
     for key in rows[0]:
-        values = np.array([float(r[key]) for r in rows if isinstance(r.get(key), (int, float))])
+        values = np.array([float(r[key]) for r in rows if isinstance(r.get(key), (int, float, np.number))])
         if values.size == 0 or not all(math.isfinite(v) for v in values):
             continue
         out[key] = {"mean": float(values.mean()), "std": float(values.std()),

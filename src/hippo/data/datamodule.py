@@ -74,6 +74,14 @@ class VolumesDataset(Dataset):
         return {"name": c.name, "image": c.image, "label": c.label, "spacing": list(c.spacing)}
 
 
+def _is_synthetic(root: Path) -> bool:
+    """Whether ``root/dataset.json`` was written by :mod:`hippo.data.synthetic` (its ``synthetic`` key)."""
+    try:
+        return "synthetic" in json.loads((root / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def _identity(x: Any) -> Any:
     return x
 
@@ -210,8 +218,7 @@ class HippocampusDataModule(L.LightningDataModule):
 
         images = self.root / "imagesTr"
         holds_data = images.is_dir() and any(is_nifti(p) for p in images.iterdir())
-        meta = self.root / "dataset.json"
-        if holds_data and not (meta.is_file() and "synthetic" in meta.read_text().lower()):
+        if holds_data and not _is_synthetic(self.root):
             log.info("data.root %s already holds a data set: using it as it is", self.root)
             return
         log.info("synthetic data set %s in %s (generated unless already complete)", self.synthetic, self.root)

@@ -200,7 +200,7 @@ def load_case(paths: CasePaths, slice_axis: int = 0, require_foreground: bool = 
             raise CaseError(paths.label, "label is empty (no hippocampus voxel)")
         label = np.ascontiguousarray(np.moveaxis(label, slice_axis, 0))
     image = np.ascontiguousarray(np.moveaxis(normalize_minmax(image), slice_axis, 0))
-    spacing = tuple(np.moveaxis(np.asarray(spacing), slice_axis, 0).tolist())
+    spacing = (spacing[slice_axis],) + tuple(s for i, s in enumerate(spacing) if i != slice_axis)
     return Case(paths.name, image, label, spacing)
 
 

@@ -160,8 +160,10 @@ class SegmentationModule(L.LightningModule):
 
     def test_step(self, case: dict[str, Any], batch_idx: int) -> None:
         patch = getattr(getattr(self.trainer, "datamodule", None), "patch_size", (64, 64))
-        pred = segment_slices(self.net, case["image"], size_multiple=getattr(self.net, "size_multiple", 1),
-                              min_size=patch, batch_size=self.hparams.test_batch_size, device=self.device)
+        # Full precision, as the exported model runs in deployment: test metrics == deploy metrics.
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            pred = segment_slices(self.net, case["image"], size_multiple=getattr(self.net, "size_multiple", 1),
+                                  min_size=patch, batch_size=self.hparams.test_batch_size, device=self.device)
         row = {"name": case["name"], **volume_metrics(pred, case["label"], case["spacing"])}
         self.test_results.append(row)
 

@@ -1,0 +1,77 @@
+"""Shared test fixtures: the real-data location and a writer of tiny NIfTI files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+#: The real Decathlon Task04 data, next to the repository (``../shared/data/Task04_Hippocampus``).
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared/data/Task04_Hippocampus"
+
+
+def require_real_data() -> Path:
+    """The real data directory, or ``pytest.skip`` naming the path when it is absent."""
+    if not (REAL_DATA / "imagesTr").is_dir() or not (REAL_DATA / "labelsTr").is_dir():
+        pytest.skip(f"real data not found at {REAL_DATA} (needs imagesTr/ and labelsTr/)")
+    return REAL_DATA
+
+
+@pytest.fixture
+def real_data_root() -> Path:
+    """Fixture form of :func:`require_real_data` (skips, naming the path, when the data is absent)."""
+    return require_real_data()
+
+
+def write_nifti(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> Path:
+    """Save ``array`` as a NIfTI file (``.nii`` or ``.nii.gz`` by suffix) with diagonal ``spacing``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([float(s) for s in spacing] + [1.0])
+    array = np.asarray(array)
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_zooms(tuple(float(s) for s in spacing) + (1.0,) * (array.ndim - 3))
+    nib.save(img, str(path))
+    return path
+
+
+@pytest.fixture
+def nifti_writer() -> Callable[..., Path]:
+    """``nifti_writer(path, array, spacing=(1, 1, 1)) -> path``."""
+    return write_nifti
+
+
+def tiny_pair(root: Path, name: str = "hippocampus_001", shape=(6, 8, 10), seed: int = 0,
+              image_dtype=np.float32, label_dtype=np.uint8, spacing=(1.0, 1.0, 1.0)) -> tuple[Path, Path]:
+    """Write a small valid image/label pair in the Decathlon layout under ``root``."""
+    rng = np.random.default_rng(seed)
+    image = (rng.uniform(0, 200, size=shape)).astype(image_dtype)
+    label = np.zeros(shape, dtype=label_dtype)
+    label[1:3, 2:5, 3:6] = 1
+    label[3:5, 2:5, 3:6] = 2
+    img = write_nifti(root / "imagesTr" / f"{name}.nii.gz", image, spacing)
+    lbl = write_nifti(root / "labelsTr" / f"{name}.nii.gz", label, spacing)
+    return img, lbl
+
+
+@pytest.fixture
+def pair_writer() -> Callable[..., tuple[Path, Path]]:
+    """``pair_writer(root, name=..., shape=..., ...) -> (image_path, label_path)``."""
+    return tiny_pair
+
+
+@pytest.fixture
+def torch_single_thread():
+    """Run a test with one intra-op torch thread (much faster for tiny networks on a busy machine:
+    no thread oversubscription), restoring the previous setting afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,244 @@
+"""The model file and InferenceAgent: round trip, load errors, whole-volume segmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hippo
+from hippo.data.nifti import LABEL_NAMES, normalize_minmax
+from hippo.infer import MODEL_FORMAT, InferenceAgent, load_model_file, save_model_file, segment_slices
+from hippo.model.unet import UNet
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+PREPROCESSING = {"normalization": "minmax_per_volume", "slice_axis": 0, "patch_size": (64, 64)}
+
+
+def _net(seed: int = 0, norm: str = "instance") -> UNet:
+    torch.manual_seed(seed)
+    net = UNet(initial_filters=4, num_downs=2, norm=norm)
+    # a random net tends to predict one class everywhere; zero the head's biases and enlarge its
+    # weights so that several classes occur and the label comparisons below are meaningful
+    with torch.no_grad():
+        net.model.head.weight.mul_(8.0)
+        net.model.head.bias.zero_()
+    return net.eval()
+
+
+def _volume(shape=(35, 51, 35), seed: int = 0) -> np.ndarray:
+    """Integer-valued float32 intensities with smooth structure (exact under scaling by 1000)."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape, dtype=np.float32)
+    smooth = np.sin(grid[0] / 3.0) + np.cos(grid[1] / 4.0) * np.sin(grid[2] / 5.0)
+    vol = 1000.0 * (smooth - smooth.min()) + rng.integers(0, 300, size=shape)
+    return np.rint(vol).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "sub" / "model.pt"
+    save_model_file(path, _net(), preprocessing=PREPROCESSING,
+                    metrics={"dice_mean": np.float64(0.8), "per_class": (0.7, 0.9)},
+                    training={"epochs": np.int64(3), "data": Path("/data/x")})
+    return path
+
+
+@pytest.fixture(scope="module")
+def agent(model_file: Path) -> InferenceAgent:
+    return InferenceAgent.from_file(model_file)
+
+
+# ---- model file --------------------------------------------------------------------------------
+
+
+def test_model_file_is_weights_only_loadable(model_file: Path) -> None:
+    payload = torch.load(model_file, map_location="cpu", weights_only=True)
+    assert payload["format"] == MODEL_FORMAT == "hippo-model/1"
+    assert payload["hippo_version"] == hippo.__version__
+    assert payload["net"] == {"class": "hippo.model.unet.UNet", "config": _net().config}
+    assert payload["preprocessing"] == {"normalization": "minmax_per_volume", "slice_axis": 0,
+                                        "patch_size": [64, 64]}
+    assert payload["labels"] == {"0": "background", "1": "anterior", "2": "posterior"}
+    assert payload["metrics"] == {"dice_mean": 0.8, "per_class": [0.7, 0.9]}
+    assert type(payload["metrics"]["dice_mean"]) is float
+    assert payload["training"] == {"epochs": 3, "data": "/data/x"}
+    reference = _net().state_dict()
+    assert payload["state_dict"].keys() == reference.keys()
+    for k, v in reference.items():
+        assert torch.equal(payload["state_dict"][k], v), k
+    assert not list(model_file.parent.glob(".*.tmp"))  # atomic write left no temporary file
+
+
+def test_round_trip_same_outputs_and_metadata(agent: InferenceAgent, model_file: Path) -> None:
+    net = _net()
+    x = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(agent.net(x), net(x))
+    assert not agent.net.training
+    volume = _volume((20, 30, 25))
+    direct = InferenceAgent(net, PREPROCESSING).segment(volume)
+    np.testing.assert_array_equal(agent.segment(volume), direct)
+    assert agent.labels == LABEL_NAMES == {0: "background", 1: "anterior", 2: "posterior"}
+    assert agent.preprocessing == {"normalization": "minmax_per_volume", "slice_axis": 0, "patch_size": [64, 64]}
+    assert agent.slice_axis == 0
+    meta = agent.metadata
+    assert meta["format"] == MODEL_FORMAT
+    assert meta["hippo_version"] == hippo.__version__
+    assert meta["metrics"] == {"dice_mean": 0.8, "per_class": [0.7, 0.9]}
+    assert meta["labels"] == {"0": "background", "1": "anterior", "2": "posterior"}
+    assert meta["preprocessing"] == agent.preprocessing
+    assert meta["training"]["epochs"] == 3
+    assert meta["path"] == str(model_file)
+    assert "state_dict" not in meta and "created" in meta
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "model.pt"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        InferenceAgent.from_file(missing)
+
+
+@pytest.mark.parametrize("content", ["plain_dict", "other_format", "tensor"])
+def test_load_non_model_torch_file(tmp_path: Path, content: str) -> None:
+    path = tmp_path / f"{content}.pt"
+    obj = {"plain_dict": {"state_dict": {"w": torch.zeros(2)}},
+           "other_format": {"format": "hippo-model/99"},
+           "tensor": torch.zeros(3)}[content]
+    torch.save(obj, path)
+    with pytest.raises(ValueError, match="expected model format") as info:
+        InferenceAgent.from_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_garbage_file(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"\x00\x01 definitely not a torch file" * 10)
+    with pytest.raises(ValueError, match="not a readable hippo model file") as info:
+        InferenceAgent.from_file(path)
+    assert str(path) in str(info.value)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_load_refuses_pickled_code(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"format": MODEL_FORMAT, "x": _Evil()}, path)
+    with pytest.raises(ValueError, match=str(path)):
+        load_model_file(path)
+
+
+# ---- InferenceAgent.segment --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(35, 51, 35), (20, 70, 90), (10, 13, 17), (3, 64, 64)])
+def test_segment_any_shape(agent: InferenceAgent, shape: tuple[int, int, int]) -> None:
+    labels = agent.segment(_volume(shape))
+    assert labels.shape == shape and labels.dtype == np.uint8
+    assert set(np.unique(labels).tolist()) <= {0, 1, 2}
+
+
+def test_segment_predicts_several_classes(agent: InferenceAgent) -> None:
+    """Precondition of the comparisons below: the test net does not predict one class everywhere."""
+    labels = agent.segment(_volume())
+    counts = np.bincount(labels.ravel(), minlength=3)
+    assert (counts > 0).sum() >= 2, counts
+
+
+@pytest.mark.parametrize("norm", ["instance", "none"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_segment_is_invariant_to_intensity_scale(norm: str, dtype) -> None:
+    agent = InferenceAgent(_net(norm=norm), PREPROCESSING)
+    x = _volume().astype(dtype)
+    labels, probs = agent.segment(x, return_probabilities=True)
+    labels_big, probs_big = agent.segment(1000 * x, return_probabilities=True)
+    assert len(np.unique(labels)) >= 2
+    np.testing.assert_array_equal(labels, labels_big)
+    np.testing.assert_allclose(probs, probs_big, atol=1e-6)
+    np.testing.assert_array_equal(agent.segment(x + 300), labels)    # offsets are removed as well
+    if norm == "none":
+        # without normalisation layers the net itself is not scale invariant: the invariance above
+        # comes from the per-volume normalisation of segment()
+        unit = normalize_minmax(x)
+        raw = segment_slices(agent.net, unit, size_multiple=4)
+        raw_big = segment_slices(agent.net, 1000 * unit, size_multiple=4)
+        assert (raw != raw_big).mean() > 0.01
+
+
+def test_segment_uint8_equals_float(agent: InferenceAgent) -> None:
+    x = np.clip(_volume() / 10, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(agent.segment(x), agent.segment(x.astype(np.float32)))
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_segment_slice_axis(agent: InferenceAgent, axis: int) -> None:
+    volume = _volume((12, 20, 16))
+    other = InferenceAgent(agent.net, {**PREPROCESSING, "slice_axis": axis})
+    assert other.slice_axis == axis
+    labels, probs = other.segment(volume, return_probabilities=True)
+    assert labels.shape == volume.shape and probs.shape == (3, *volume.shape)
+    # slicing along `axis` == slicing along 0 of the volume with `axis` moved to the front
+    ref_labels, ref_probs = agent.segment(np.moveaxis(volume, axis, 0), return_probabilities=True)
+    np.testing.assert_array_equal(labels, np.moveaxis(ref_labels, 0, axis))
+    np.testing.assert_allclose(probs, np.moveaxis(ref_probs, 1, axis + 1), atol=1e-6)
+    assert not np.array_equal(labels, agent.segment(volume))   # the axis does matter
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_segment_non_finite_raises(agent: InferenceAgent, bad: float) -> None:
+    volume = _volume((10, 13, 17))
+    volume[2, 3, 4] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        agent.segment(volume)
+
+
+def test_segment_wrong_rank_raises(agent: InferenceAgent) -> None:
+    with pytest.raises(ValueError, match="3D"):
+        agent.segment(np.zeros((10, 13), np.float32))
+
+
+def test_return_probabilities(agent: InferenceAgent) -> None:
+    shape = (10, 13, 17)
+    labels, probs = agent.segment(_volume(shape), return_probabilities=True)
+    assert probs.shape == (3, *shape) and probs.dtype == np.float32
+    assert (probs >= 0).all() and (probs <= 1).all()
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(0), labels)
+
+
+def test_unsupported_normalization() -> None:
+    with pytest.raises(ValueError, match="zscore"):
+        InferenceAgent(_net(), {**PREPROCESSING, "normalization": "zscore"})
+
+
+# ---- segment_slices ----------------------------------------------------------------------------
+
+
+def test_segment_slices_equals_manual_pipeline(agent: InferenceAgent) -> None:
+    net = agent.net
+    image = normalize_minmax(_volume((7, 30, 70)))
+    labels = segment_slices(net, image, size_multiple=4, min_size=(64, 64))
+    # by hand: H 30 -> 64 (17 before, 17 after), W 70 -> 72 (1 before, 1 after)
+    padded = np.pad(image, ((0, 0), (17, 17), (1, 1)))
+    assert padded.shape == (7, 64, 72)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(padded[:, None]))
+    manual = logits.argmax(1).numpy()[:, 17:47, 1:71].astype(np.uint8)
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, manual)
+    # batching over slices does not change the result
+    small_batches, probs = segment_slices(net, image, size_multiple=4, batch_size=3, return_probabilities=True)
+    np.testing.assert_allclose(probs, torch.softmax(logits, 1).numpy()[:, :, 17:47, 1:71].transpose(1, 0, 2, 3),
+                               atol=1e-5)
+    assert (small_batches == labels).mean() > 0.999
+
+
+def test_segment_slices_rejects_2d() -> None:
+    with pytest.raises(ValueError, match=r"\(D, H, W\)"):
+        segment_slices(_net(), np.zeros((64, 64), np.float32), size_multiple=4)
