@@ -8,7 +8,6 @@ directory and prints a table that names the best run.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from hippo.fileio import write_json_atomic
-
-log = logging.getLogger(__name__)
 
 
 def summarize_sweep(sweep_dir: str | Path, metric: str = "val/dice_mean_best", mode: str = "max") -> dict[str, Any]:
@@ -59,6 +56,4 @@ class SweepSummary(Callback):
             v = "failed/none" if r["value"] is None else f"{r['value']:.4f}"
             mark = "  <- best" if summary["best"] is r else ""
             lines.append(f"  {v:>11}  {' '.join(r['overrides']) or '(no overrides)'}  [{Path(r['dir']).name}]{mark}")
-        text = "\n".join(lines)
-        log.info(text)
-        print(text)
+        print("\n".join(lines))

@@ -1,0 +1,753 @@
+"""Study ingest: walk a study folder, read DICOM headers in a thread pool, group them into series and
+pick the one series the model should run on.
+
+Only headers are read (``dcmread(stop_before_pixels=True)``): a 1000-file study costs 1000 small
+reads, never the pixel data. Pixels are decoded later, for the selected series only, by
+:mod:`hippo.dicom.volume`.
+
+Typical use::
+
+    scan = scan_study("/incoming/study-42")
+    series = select_series(scan, SelectionRules(**cfg.selection))   # exactly one, or an error
+    series.files                                                     # -> paths for load_series
+
+Nothing in here raises for a single bad file: files that are not DICOM, are truncated, or lack the
+identifying UIDs are listed in :attr:`StudyScan.ignored` with a reason and logged. Only "there is no
+DICOM at all" (:class:`StudyError`), a missing directory (:class:`FileNotFoundError`) and "not
+exactly one series matches" (:class:`SeriesSelectionError`) are errors.
+
+Never imports torch, Lightning or Hydra; never logs patient names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import stat
+import struct
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pydicom
+import pydicom.uid
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "InstanceHeader",
+    "SeriesInfo",
+    "StudyScan",
+    "StudyError",
+    "SeriesSelectionError",
+    "SelectionRules",
+    "scan_study",
+    "select_series",
+    "read_header",
+]
+
+#: Media Storage Directory Storage: the SOP class of a DICOMDIR (an index, not an image).
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_PIXEL_DATA_TAG = 0x7FE00010
+#: Relative / absolute tolerances of the geometry checks (mm for positions).
+_DIR_TOL = 1e-4
+_SPACING_REL_TOL = 1e-4
+_POS_ABS_TOL_MM = 0.01
+_GAP_REL_TOL = 0.01
+
+
+class StudyError(RuntimeError):
+    """A study folder cannot be used at all (e.g. it holds no readable DICOM)."""
+
+
+class SeriesSelectionError(StudyError):
+    """Not exactly one series matched the :class:`SelectionRules`.
+
+    Attributes:
+        matches: the series that matched (empty, or two or more).
+        rejected: ``{series_uid: [reason, ...]}`` for every series that did not match.
+    """
+
+    def __init__(self, message: str, matches: Sequence["SeriesInfo"] = (),
+                 rejected: Mapping[str, Sequence[str]] | None = None) -> None:
+        super().__init__(message)
+        self.matches = tuple(matches)
+        self.rejected = {k: list(v) for k, v in (rejected or {}).items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-file header
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The header fields of one DICOM file that ingest and selection need.
+
+    Positions / orientations are in DICOM patient coordinates (LPS, mm); ``pixel_spacing`` is
+    (row spacing, column spacing) in mm as stored in (0028,0030).
+    """
+
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    modality: str
+    series_description: str
+    series_number: int | None
+    instance_number: int | None
+    rows: int | None
+    columns: int | None
+    pixel_spacing: tuple[float, float] | None
+    orientation: tuple[float, float, float, float, float, float] | None
+    position: tuple[float, float, float] | None
+    number_of_frames: int
+    transfer_syntax: str
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    """``value`` (a DS multi-value) as a tuple of ``n`` finite floats, or None."""
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    if len(out) != n or not all(math.isfinite(v) for v in out):
+        return None
+    return out
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _looks_like_raw_dicom(path: Path) -> bool:
+    """True when a file without the DICM preamble starts like a raw (meta-less) DICOM data set: its
+    first element is in group 0x0002 or 0x0008, little endian. A cheap guard so that text files and
+    other binaries are not fed to ``dcmread(force=True)``, which parses almost anything."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    if len(head) < 8:
+        return False
+    group, _elem = struct.unpack("<HH", head[:4])
+    return group in (0x0002, 0x0008)
+
+
+def _pixel_data_problem(path: Path, pos: int, size: int, little_endian: bool,
+                        implicit_vr: bool) -> str | None:
+    """Check, without reading pixel values, that the Pixel Data element after the header is whole.
+
+    ``pos`` is where header reading stopped. Returns a reason string, or None when fine (or when the
+    element is encapsulated / not Pixel Data, which we cannot check cheaply).
+    """
+    if pos >= size:
+        return "no pixel data after the header (file truncated?)"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(pos)
+            head = fh.read(12)
+    except OSError as exc:  # pragma: no cover - racing deletion
+        return f"unreadable: {exc}"
+    order = "<" if little_endian else ">"
+    if len(head) < 8:
+        return "pixel data element truncated"
+    group, elem = struct.unpack(order + "HH", head[:4])
+    if (group << 16 | elem) != _PIXEL_DATA_TAG:
+        return None  # float pixel data or something unusual: leave it to the volume reader
+    if implicit_vr:
+        (length,), header_len = struct.unpack(order + "L", head[4:8]), 8
+    else:
+        if len(head) < 12:
+            return "pixel data element truncated"
+        (length,), header_len = struct.unpack(order + "L", head[8:12]), 12
+    if length == 0xFFFFFFFF:
+        return None  # encapsulated (compressed): fragments are not checked here
+    available = size - pos - header_len
+    if available < length:
+        return f"pixel data truncated ({available} of {length} bytes)"
+    return None
+
+
+def read_header(path: str | os.PathLike) -> tuple[InstanceHeader | None, str | None]:
+    """Read one file's header (never its pixel data).
+
+    Returns ``(header, None)`` for a usable DICOM instance, or ``(None, reason)`` for anything to
+    ignore (not DICOM, DICOMDIR, truncated, missing UIDs). Never raises for file content problems.
+    """
+    path = Path(path)
+    if path.name.upper() == "DICOMDIR":
+        return None, "DICOMDIR (media directory index, not an image)"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            try:
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False)
+            except InvalidDicomError:
+                if not _looks_like_raw_dicom(path):
+                    return None, "not DICOM (no DICM preamble)"
+                fh.seek(0)
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
+                sop_class = str(ds.get("SOPClassUID", "") or "")
+                if not _UID_RE.match(sop_class):
+                    return None, "not DICOM (no DICM preamble and no SOPClassUID)"
+            pos = fh.tell()
+    except OSError as exc:
+        return None, f"unreadable: {exc.strerror or exc}"
+    except Exception as exc:  # pydicom raises many types on corrupt input
+        return None, f"unreadable DICOM header: {type(exc).__name__}: {exc}"
+    return _header_from_dataset(path, ds, pos=pos, size=size)
+
+
+def _header_from_dataset(path: Path, ds: Dataset, *, pos: int, size: int
+                         ) -> tuple[InstanceHeader | None, str | None]:
+    try:
+        meta = getattr(ds, "file_meta", None)
+        media_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+        sop_class = str(ds.get("SOPClassUID", "") or media_class)
+        if MEDIA_STORAGE_DIRECTORY in (sop_class, media_class) or "DirectoryRecordSequence" in ds:
+            return None, "DICOMDIR (media directory index, not an image)"
+        missing = [kw for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+                   if not str(ds.get(kw, "") or "")]
+        if not sop_class:
+            missing.insert(0, "SOPClassUID")
+        if missing:
+            truncated = " (file truncated?)" if pos >= size else ""
+            return None, f"missing {', '.join(missing)}{truncated}"
+        rows, columns = _int_or_none(ds.get("Rows")), _int_or_none(ds.get("Columns"))
+        if rows is not None and columns is not None:
+            implicit, little = ds.original_encoding
+            if implicit is None:  # pragma: no cover - read from file, always known
+                implicit, little = True, True
+            problem = _pixel_data_problem(path, pos, size, bool(little), bool(implicit))
+            if problem:
+                return None, problem
+        frames = _int_or_none(ds.get("NumberOfFrames"))
+        ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+        if not ts:
+            ts = pydicom.uid.ImplicitVRLittleEndian if ds.original_encoding[0] else \
+                pydicom.uid.ExplicitVRLittleEndian
+        header = InstanceHeader(
+            path=path,
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=sop_class,
+            series_uid=str(ds.SeriesInstanceUID),
+            study_uid=str(ds.StudyInstanceUID),
+            patient_id=str(ds.get("PatientID", "") or ""),
+            modality=str(ds.get("Modality", "") or ""),
+            series_description=str(ds.get("SeriesDescription", "") or ""),
+            series_number=_int_or_none(ds.get("SeriesNumber")),
+            instance_number=_int_or_none(ds.get("InstanceNumber")),
+            rows=rows,
+            columns=columns,
+            pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+            orientation=_floats(ds.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
+            position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+            number_of_frames=frames if frames is not None and frames > 0 else 1,
+            transfer_syntax=ts,
+        )
+    except Exception as exc:  # a malformed value somewhere in the header
+        return None, f"unreadable DICOM header: {type(exc).__name__}: {exc}"
+    return header, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Series
+# --------------------------------------------------------------------------------------------------
+def _sub(a: Sequence[float], b: Sequence[float]) -> tuple[float, ...]:
+    return tuple(x - y for x, y in zip(a, b))
+
+
+def _dot(a: Sequence[float], b: Sequence[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))
+
+
+def _cross(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+
+
+def _norm(a: Sequence[float]) -> float:
+    return math.sqrt(_dot(a, a))
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One series of a scanned study (headers only).
+
+    Attributes:
+        uid: SeriesInstanceUID.
+        modality, description, series_number: from the first instance (by InstanceNumber).
+        sop_class_uids: distinct SOPClassUIDs of the instances (one for a sane series).
+        files: instance paths sorted by (InstanceNumber, path); ``len(files)`` instances.
+        rows_columns: distinct ``(Rows, Columns)``; ``(None, None)`` when absent.
+        pixel_spacings: distinct PixelSpacing (row, column) in mm; ``None`` when absent.
+        orientations: distinct ImageOrientationPatient 6-tuples (LPS); ``None`` when absent.
+        number_of_frames: distinct NumberOfFrames per instance (1 when absent).
+        transfer_syntaxes: distinct TransferSyntaxUIDs.
+        study_uid, patient_id: of the first instance (``study_uids`` lists all, normally one).
+        instances: the per-file headers in ``files`` order (positions for geometry checks).
+    """
+
+    uid: str
+    modality: str
+    description: str
+    series_number: int | None
+    sop_class_uids: frozenset[str]
+    files: tuple[Path, ...]
+    rows_columns: frozenset[tuple[int | None, int | None]]
+    pixel_spacings: frozenset[tuple[float, float] | None]
+    orientations: frozenset[tuple[float, ...] | None]
+    number_of_frames: frozenset[int]
+    transfer_syntaxes: frozenset[str]
+    study_uid: str
+    study_uids: frozenset[str]
+    patient_id: str
+    instances: tuple[InstanceHeader, ...] = field(repr=False)
+
+    @classmethod
+    def from_instances(cls, instances: Iterable[InstanceHeader]) -> "SeriesInfo":
+        """Group headers that share one SeriesInstanceUID (sorted by InstanceNumber, then path)."""
+        inst = sorted(instances, key=lambda h: (h.instance_number is None,
+                                                h.instance_number or 0, str(h.path)))
+        if not inst:
+            raise ValueError("a series needs at least one instance")
+        uids = {h.series_uid for h in inst}
+        if len(uids) != 1:
+            raise ValueError(f"instances of several series given: {sorted(uids)}")
+        first = inst[0]
+        return cls(
+            uid=first.series_uid,
+            modality=first.modality,
+            description=first.series_description,
+            series_number=first.series_number,
+            sop_class_uids=frozenset(h.sop_class_uid for h in inst),
+            files=tuple(h.path for h in inst),
+            rows_columns=frozenset((h.rows, h.columns) for h in inst),
+            pixel_spacings=frozenset(h.pixel_spacing for h in inst),
+            orientations=frozenset(h.orientation for h in inst),
+            number_of_frames=frozenset(h.number_of_frames for h in inst),
+            transfer_syntaxes=frozenset(h.transfer_syntax for h in inst),
+            study_uid=first.study_uid,
+            study_uids=frozenset(h.study_uid for h in inst),
+            patient_id=first.patient_id,
+            instances=tuple(inst),
+        )
+
+    @property
+    def n_instances(self) -> int:
+        """Number of instances (files) in the series."""
+        return len(self.files)
+
+    @property
+    def sop_class_uid(self) -> str:
+        """The series' SOPClassUID, or ``""`` when its instances disagree."""
+        return next(iter(self.sop_class_uids)) if len(self.sop_class_uids) == 1 else ""
+
+    @property
+    def is_single_frame(self) -> bool:
+        """True when every instance holds exactly one frame (classic one-slice-per-file series)."""
+        return self.number_of_frames == frozenset({1})
+
+    def geometry_problems(self) -> list[str]:
+        """Why this series is not one regular stack of slices (empty list when it is).
+
+        Checks (headers only): one (Rows, Columns); one PixelSpacing and one
+        ImageOrientationPatient (within 1e-4); an ImagePositionPatient on every instance; no two
+        slices at the same position; slices stacked along the slice normal (no shear / tilt,
+        0.01 mm); evenly spaced (1 %). Multi-frame instances are not examined here.
+        """
+        problems: list[str] = []
+        if len(self.rows_columns) != 1 or None in next(iter(self.rows_columns)):
+            problems.append(f"Rows/Columns missing or differ ({_fmt_set(self.rows_columns)})")
+        if None in self.pixel_spacings:
+            problems.append("PixelSpacing missing on some instances")
+        elif not _all_close(self.pixel_spacings, rel=_SPACING_REL_TOL):
+            problems.append(f"PixelSpacing differs ({_fmt_set(self.pixel_spacings)})")
+        if None in self.orientations:
+            problems.append("ImageOrientationPatient missing on some instances")
+            return problems
+        if not _all_close(self.orientations, abs_tol=_DIR_TOL):
+            problems.append(f"ImageOrientationPatient differs ({len(self.orientations)} values)")
+            return problems
+        if not self.is_single_frame:
+            return problems
+        positions = [h.position for h in self.instances]
+        if any(p is None for p in positions):
+            problems.append("ImagePositionPatient missing on some instances")
+            return problems
+        ori = self.instances[0].orientation
+        assert ori is not None
+        normal = _cross(ori[:3], ori[3:])
+        if _norm(normal) < 0.5:
+            problems.append("ImageOrientationPatient is degenerate (row and column not orthogonal)")
+            return problems
+        proj = sorted((_dot(p, normal), p) for p in positions)  # type: ignore[arg-type]
+        if len(proj) < 2:
+            return problems
+        gaps = [b[0] - a[0] for a, b in zip(proj, proj[1:])]
+        if min(gaps) < _POS_ABS_TOL_MM:
+            problems.append("two or more slices share one position")
+            return problems
+        median_gap = sorted(gaps)[len(gaps) // 2]
+        tol = max(_POS_ABS_TOL_MM, _GAP_REL_TOL * median_gap)
+        if max(abs(g - median_gap) for g in gaps) > tol:
+            problems.append(f"uneven slice spacing ({min(gaps):.3g}..{max(gaps):.3g} mm; "
+                            "missing slices?)")
+        origin = proj[0][1]
+        for d, p in proj[1:]:
+            offset = _sub(p, origin)
+            along = _dot(offset, normal)
+            in_plane = _norm(_sub(offset, tuple(along * n for n in normal)))
+            if in_plane > tol:
+                problems.append("slices are not stacked along the slice normal (tilt or shear)")
+                break
+        return problems
+
+    @property
+    def is_consistent(self) -> bool:
+        """True when :meth:`geometry_problems` finds nothing."""
+        return not self.geometry_problems()
+
+    @property
+    def is_single_frame_consistent(self) -> bool:
+        """True for a single-frame series that forms one regular stack (what the model needs)."""
+        return self.is_single_frame and self.is_consistent
+
+    def summary(self) -> str:
+        """One line: uid, modality, description, instance count (no patient data)."""
+        num = "" if self.series_number is None else f" #{self.series_number}"
+        return (f"{self.uid}{num} {self.modality or '?'} {self.description!r} "
+                f"({self.n_instances} instance{'s' if self.n_instances != 1 else ''})")
+
+
+def _all_close(values: Iterable[tuple[float, ...] | None], *, rel: float = 0.0,
+               abs_tol: float = 0.0) -> bool:
+    vals = [v for v in values if v is not None]
+    if len(vals) <= 1:
+        return True
+    ref = vals[0]
+    return all(math.isclose(a, b, rel_tol=rel, abs_tol=abs_tol)
+               for v in vals[1:] for a, b in zip(v, ref))
+
+
+def _fmt_set(values: Iterable[Any]) -> str:
+    return ", ".join(sorted(str(v) for v in values))
+
+
+# --------------------------------------------------------------------------------------------------
+# Study scan
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StudyScan:
+    """What :func:`scan_study` found under one directory.
+
+    Attributes:
+        root: the scanned directory.
+        series: every series found, sorted by (StudyInstanceUID, SeriesNumber, uid).
+        ignored: ``(path, reason)`` for every file that is not a usable DICOM instance.
+        study_uids: distinct StudyInstanceUIDs (normally exactly one).
+        n_files: number of files looked at.
+        elapsed_s: wall time of the scan in seconds.
+    """
+
+    root: Path
+    series: tuple[SeriesInfo, ...]
+    ignored: tuple[tuple[Path, str], ...]
+    study_uids: tuple[str, ...]
+    n_files: int
+    elapsed_s: float
+
+    @property
+    def multiple_studies(self) -> bool:
+        """True when the directory mixes instances of more than one study."""
+        return len(self.study_uids) > 1
+
+    @property
+    def n_instances(self) -> int:
+        """Total number of usable instances."""
+        return sum(s.n_instances for s in self.series)
+
+    def get(self, uid: str) -> SeriesInfo:
+        """The series with SeriesInstanceUID ``uid`` (KeyError naming it when absent)."""
+        for s in self.series:
+            if s.uid == uid:
+                return s
+        raise KeyError(f"series {uid} not found under {self.root}")
+
+    def describe(self) -> str:
+        """A multi-line listing of the series found (no patient data)."""
+        return "\n".join(f"  - {s.summary()}" for s in self.series) or "  (no series)"
+
+
+def _walk_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every regular file below ``root`` (hidden ones too), sorted. Symlinked directories are not
+    descended; symlinked files are kept only when they resolve inside ``root``; a second name for
+    a file already listed (symlink or hard link) is skipped."""
+    real_root = root.resolve()
+    files: list[Path] = []
+    ignored: list[tuple[Path, str]] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        dirnames.sort()
+        for d in dirnames:
+            if (base / d).is_symlink():
+                ignored.append((base / d, "symlinked directory not followed"))
+        for name in sorted(filenames):
+            p = base / name
+            try:
+                if p.is_symlink():
+                    target = p.resolve(strict=True)
+                    if not target.is_relative_to(real_root):
+                        ignored.append((p, "symlink pointing outside the study directory"))
+                        continue
+                st = p.stat()
+            except (OSError, RuntimeError):
+                ignored.append((p, "broken symlink or unreadable entry"))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                ignored.append((p, "not a regular file"))
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                ignored.append((p, "second name (link) of a file already scanned"))
+                continue
+            seen.add(key)
+            files.append(p)
+    return files, ignored
+
+
+def scan_study(study_dir: str | os.PathLike, *, workers: int = 8) -> StudyScan:
+    """Scan every file under ``study_dir`` (any names, nested folders, hidden files) and group the
+    DICOM instances by SeriesInstanceUID.
+
+    Headers only (``dcmread(stop_before_pixels=True)``) in a ``ThreadPoolExecutor`` of ``workers``
+    threads. Files without the DICM preamble are parsed with ``force=True`` only when they start
+    like a raw DICOM data set and carry a SOPClassUID. Non-DICOM, truncated or unidentifiable files
+    and DICOMDIRs are listed in ``StudyScan.ignored`` with a reason (and logged), never fatal. A
+    SOPInstanceUID seen twice keeps the first file (by path) and ignores the other.
+
+    Args:
+        study_dir: the study folder.
+        workers: header-reading threads (>= 1).
+
+    Raises:
+        FileNotFoundError: ``study_dir`` does not exist (the message names it).
+        NotADirectoryError: ``study_dir`` is a file.
+        StudyError: no DICOM instance at all under ``study_dir`` (the message names it).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    root = Path(study_dir)
+    if not root.exists():
+        raise FileNotFoundError(2, "study directory not found", str(root))
+    if not root.is_dir():
+        raise NotADirectoryError(20, "study path is not a directory", str(root))
+    t0 = time.perf_counter()
+    files, ignored = _walk_files(root)
+    if files:
+        with ThreadPoolExecutor(max_workers=min(workers, len(files)),
+                                thread_name_prefix="dicom-ingest") as pool:
+            results = list(pool.map(read_header, files))
+    else:
+        results = []
+
+    by_series: dict[str, list[InstanceHeader]] = defaultdict(list)
+    seen_sop: dict[str, Path] = {}
+    for path, (header, reason) in zip(files, results):
+        if header is None:
+            ignored.append((path, reason or "unknown"))
+            continue
+        if header.sop_instance_uid in seen_sop:
+            ignored.append((path, f"duplicate SOPInstanceUID (same as {seen_sop[header.sop_instance_uid]})"))
+            continue
+        seen_sop[header.sop_instance_uid] = path
+        by_series[header.series_uid].append(header)
+
+    for path, reason in ignored:
+        log.info("ignored %s: %s", path, reason)
+    elapsed = time.perf_counter() - t0
+    if not by_series:
+        why = Counter(r.split(" (")[0] for _, r in ignored)
+        detail = "; ".join(f"{n} x {r}" for r, n in why.most_common(5)) or "directory is empty"
+        raise StudyError(f"no DICOM instances found under {root} ({len(files)} files; {detail})")
+
+    series = sorted((SeriesInfo.from_instances(v) for v in by_series.values()),
+                    key=lambda s: (s.study_uid, s.series_number is None, s.series_number or 0,
+                                   s.uid))
+    study_uids = tuple(sorted({u for s in series for u in s.study_uids}))
+    scan = StudyScan(root=root, series=tuple(series), ignored=tuple(ignored),
+                     study_uids=study_uids, n_files=len(files), elapsed_s=elapsed)
+    log.info("scanned %s: %d files, %d instances in %d series, %d ignored, %d stud%s, %.2f s",
+             root, len(files), scan.n_instances, len(series), len(ignored), len(study_uids),
+             "y" if len(study_uids) == 1 else "ies", elapsed)
+    if scan.multiple_studies:
+        log.warning("%s mixes %d studies: %s", root, len(study_uids), ", ".join(study_uids))
+    return scan
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------------
+def _resolve_sop_class(value: str) -> str:
+    """A SOP class given as a dotted UID or a pydicom keyword (``"MRImageStorage"``) -> UID."""
+    value = str(value).strip()
+    if _UID_RE.match(value):
+        return value
+    uid = getattr(pydicom.uid, value, None)
+    if isinstance(uid, str) and _UID_RE.match(uid):
+        return str(uid)
+    raise ValueError(f"unknown SOP class {value!r} (give a UID or a pydicom.uid keyword "
+                     "such as 'MRImageStorage')")
+
+
+@dataclass
+class SelectionRules:
+    """Which series of a study the model runs on. Constructible from a plain (Hydra) mapping:
+    ``SelectionRules(**cfg)`` or :meth:`from_mapping` (which also drops ``_target_``).
+
+    Attributes:
+        modality: required Modality (None or "" = any).
+        description_contains: case-insensitive substring of SeriesDescription (None or "" = any).
+        single_frame: require one frame per instance.
+        consistent_geometry: require one regular stack (see :meth:`SeriesInfo.geometry_problems`).
+        min_instances: minimum number of instances (slices).
+        sop_classes: accepted SOPClassUIDs (UIDs or pydicom keywords; empty = any).
+        study_uid: only consider this StudyInstanceUID (None = any).
+        single_study: when True, a folder that mixes studies is an error unless ``study_uid`` picks
+            one; when False (default) it is only logged as a warning.
+    """
+
+    modality: str | None = "MR"
+    description_contains: str | None = "HippoCrop"
+    single_frame: bool = True
+    consistent_geometry: bool = True
+    min_instances: int = 3
+    sop_classes: Sequence[str] = (pydicom.uid.MRImageStorage,)
+    study_uid: str | None = None
+    single_study: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sop_classes, str):
+            self.sop_classes = (self.sop_classes,)
+        self.sop_classes = tuple(_resolve_sop_class(s) for s in (self.sop_classes or ()))
+        self.min_instances = int(self.min_instances)
+        if self.min_instances < 1:
+            raise ValueError(f"min_instances must be >= 1, got {self.min_instances}")
+        self.single_frame = bool(self.single_frame)
+        self.consistent_geometry = bool(self.consistent_geometry)
+        self.single_study = bool(self.single_study)
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "SelectionRules":
+        """Rules from a mapping (e.g. an OmegaConf node converted to a dict); ``_target_`` and
+        other ``_underscore_`` keys are ignored, unknown keys raise ``TypeError`` naming them."""
+        cfg = dict(cfg or {})
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in cfg if k not in known and not k.startswith("_")]
+        if unknown:
+            raise TypeError(f"unknown selection rule(s): {', '.join(sorted(unknown))}; "
+                            f"known: {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in cfg.items() if k in known})
+
+    def rejection_reasons(self, series: SeriesInfo) -> list[str]:
+        """Every rule ``series`` breaks (empty list = it matches)."""
+        reasons: list[str] = []
+        if self.study_uid and series.study_uid != self.study_uid:
+            reasons.append(f"other study ({series.study_uid})")
+        if self.modality and series.modality.upper() != self.modality.upper():
+            reasons.append(f"modality {series.modality or '(none)'} is not {self.modality}")
+        if self.description_contains and \
+                self.description_contains.casefold() not in series.description.casefold():
+            reasons.append(f"description does not contain {self.description_contains!r}")
+        if self.sop_classes and not series.sop_class_uids <= set(self.sop_classes):
+            names = ", ".join(sorted(pydicom.uid.UID(u).name for u in series.sop_class_uids))
+            reasons.append(f"SOP class {names} not accepted")
+        if self.single_frame and not series.is_single_frame:
+            reasons.append(f"multi-frame (NumberOfFrames {_fmt_set(series.number_of_frames)})")
+        if series.n_instances < self.min_instances:
+            reasons.append(f"only {series.n_instances} instance(s), need >= {self.min_instances}")
+        if self.consistent_geometry:
+            reasons.extend(f"geometry: {p}" for p in series.geometry_problems())
+        return reasons
+
+
+def select_series(scan: StudyScan, rules: SelectionRules | Mapping[str, Any] | None = None
+                  ) -> SeriesInfo:
+    """The one series of ``scan`` that satisfies ``rules`` (defaults: the HippoCrop MR series).
+
+    Raises:
+        SeriesSelectionError: none or several series match; the message lists every series found
+            (uid, modality, description, instance count) with why each was rejected.
+        StudyError: the scan mixes studies, ``rules.single_study`` is set and no
+            ``rules.study_uid`` picks one.
+    """
+    if rules is None:
+        rules = SelectionRules()
+    elif not isinstance(rules, SelectionRules):
+        rules = SelectionRules.from_mapping(rules)
+    if scan.multiple_studies:
+        msg = (f"{scan.root} mixes {len(scan.study_uids)} studies ({', '.join(scan.study_uids)})")
+        if rules.study_uid:
+            log.warning("%s; considering only study %s", msg, rules.study_uid)
+        elif rules.single_study:
+            raise StudyError(f"{msg}; set selection.study_uid to choose one")
+        else:
+            log.warning("%s; selecting across all of them", msg)
+
+    rejected: dict[str, list[str]] = {}
+    matches: list[SeriesInfo] = []
+    for s in scan.series:
+        reasons = rules.rejection_reasons(s)
+        if reasons:
+            rejected[s.uid] = reasons
+        else:
+            matches.append(s)
+
+    if len(matches) == 1:
+        chosen = matches[0]
+        log.info("selected series %s (%d of %d series rejected)", chosen.summary(),
+                 len(rejected), len(scan.series))
+        return chosen
+
+    lines = []
+    for s in scan.series:
+        why = "; ".join(rejected[s.uid]) if s.uid in rejected else "MATCHES"
+        lines.append(f"  - {s.summary()}: {why}")
+    head = ("no series matches" if not matches
+            else f"{len(matches)} series match (expected exactly one)")
+    msg = (f"{head} the selection rules ({_describe_rules(rules)}) in {scan.root}; "
+           f"{len(scan.series)} series found:\n" + "\n".join(lines))
+    log.error(msg)
+    raise SeriesSelectionError(msg, matches=matches, rejected=rejected)
+
+
+def _describe_rules(rules: SelectionRules) -> str:
+    parts = []
+    if rules.modality:
+        parts.append(f"modality={rules.modality}")
+    if rules.description_contains:
+        parts.append(f"description contains {rules.description_contains!r}")
+    if rules.sop_classes:
+        parts.append("SOP class in {" + ", ".join(pydicom.uid.UID(u).name
+                                                   for u in rules.sop_classes) + "}")
+    if rules.single_frame:
+        parts.append("single-frame")
+    if rules.consistent_geometry:
+        parts.append("consistent geometry")
+    parts.append(f">= {rules.min_instances} instances")
+    if rules.study_uid:
+        parts.append(f"study {rules.study_uid}")
+    return ", ".join(parts)

@@ -1,0 +1,482 @@
+"""One DICOM series -> an oriented volume with its voxel->RAS affine, after geometry checks.
+
+The model works on volumes in the NIfTI/Decathlon convention: array axes ``(X, Y, Z)`` with a
+voxel->RAS affine that is (close to) diagonal positive ("closest canonical RAS"). A DICOM series is
+a stack of single-frame images placed in LPS patient coordinates. :func:`load_series` turns the
+stack into that convention and keeps what is needed to map a result (a mask) back onto the source
+frames, pixel-aligned, for a DICOM SEG.
+
+Geometry, in DICOM terms (PS3.3 C.7.6.2):
+
+* ``ImageOrientationPatient`` = ``(r, c)``: ``r`` is the LPS direction of increasing *column*
+  index (along a row), ``c`` the direction of increasing *row* index.
+* ``PixelSpacing`` = ``[row spacing, column spacing]`` in mm: the distance between rows (along
+  ``c``) first, then between columns (along ``r``).
+* The position of pixel ``(row i, column j)`` of a frame is
+  ``ImagePositionPatient + j * PixelSpacing[1] * r + i * PixelSpacing[0] * c``.
+* The slice normal is ``n = r x c``; slices are ordered by ``ImagePositionPatient . n``.
+
+Only pydicom and numpy (plus nibabel's orientation helpers); never torch, Lightning or Hydra.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pydicom
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from pydicom.dataset import Dataset
+
+__all__ = [
+    "SeriesError",
+    "SeriesGeometryError",
+    "PixelDecodeError",
+    "SeriesVolume",
+    "load_series",
+    "LPS_TO_RAS",
+]
+
+#: ``RAS = LPS_TO_RAS @ LPS`` (and its own inverse).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: Two slice positions closer than this (mm, along the normal) are "the same position".
+_SAME_POSITION_MM = 1e-3
+#: Direction cosines of two files that differ by less than this are "the same orientation".
+_ORIENTATION_ATOL = 1e-4
+#: Pixel spacings that differ by less than this (relative) are "the same spacing".
+_PIXEL_SPACING_RTOL = 1e-4
+
+
+class SeriesError(ValueError):
+    """A series that cannot be turned into a volume; the message names the series and the file."""
+
+
+class SeriesGeometryError(SeriesError):
+    """Inconsistent or incomplete geometry: mixed sizes/spacings/orientations, duplicate or missing
+    slices, non-uniform spacing, a single slice, more than one series."""
+
+
+class PixelDecodeError(SeriesError):
+    """Pixel data that cannot be decoded (typically a compressed transfer syntax without a decoder);
+    the message names the file and the transfer syntax."""
+
+
+@dataclass
+class SeriesVolume:
+    """A series as a volume in closest canonical RAS.
+
+    Attributes:
+        array: ``(X, Y, Z) float32``, stored values with RescaleSlope/RescaleIntercept applied
+            (real-world units, e.g. arbitrary MR units or HU), reoriented to closest canonical RAS.
+        affine: ``(4, 4) float64`` voxel index -> RAS position in mm of ``array``.
+        spacing: ``(sx, sy, sz)`` voxel size in mm of ``array``'s axes.
+        datasets: the source pydicom datasets (headers and pixels), sorted by ascending projection
+            of ``ImagePositionPatient`` on the slice normal (InstanceNumber order in the fallback).
+        warnings: human-readable notes (dropped duplicates, InstanceNumber fallback, tilt, ...).
+        series_uid: the SeriesInstanceUID.
+        source_affine_lps: ``(4, 4)`` voxel -> LPS (mm) affine of the source stack indexed
+            ``(column, row, slice)`` (slice in ``datasets`` order).
+        ornt: nibabel orientation ``(3, 2)`` that maps the source stack onto ``array``.
+        files: the file name (or a description) of each dataset, in ``datasets`` order.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    datasets: list[Dataset]
+    warnings: list[str] = field(default_factory=list)
+    series_uid: str = ""
+    source_affine_lps: np.ndarray = field(default_factory=lambda: np.eye(4))
+    ornt: np.ndarray = field(default_factory=lambda: axcodes2ornt(("R", "A", "S")))
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def source_shape(self) -> tuple[int, int, int]:
+        """``(n_slices, Rows, Columns)`` of the source frames."""
+        ds = self.datasets[0]
+        return (len(self.datasets), int(ds.Rows), int(ds.Columns))
+
+    def to_source(self, mask_ras: np.ndarray) -> np.ndarray:
+        """Map an array on this volume's grid back onto the source frames.
+
+        Args:
+            mask_ras: ``(X, Y, Z)`` array of ``array``'s shape (any dtype, e.g. a uint8 label mask).
+
+        Returns:
+            ``(n_slices, Rows, Columns)`` array of the same dtype; frame ``k`` is pixel-aligned with
+            ``datasets[k]`` (the exact inverse of the reorientation, no resampling).
+
+        Raises:
+            ValueError: ``mask_ras`` does not have ``array``'s shape.
+        """
+        mask_ras = np.asarray(mask_ras)
+        if mask_ras.shape != self.array.shape:
+            raise ValueError(f"to_source: mask shape {mask_ras.shape} differs from the volume's {self.array.shape}")
+        back = ornt_transform(axcodes2ornt(("R", "A", "S")), self.ornt)
+        stack = apply_orientation(mask_ras, back)  # (Columns, Rows, n_slices)
+        return np.ascontiguousarray(stack.transpose(2, 1, 0))
+
+    def from_source(self, frames: np.ndarray) -> np.ndarray:
+        """The forward mapping of :meth:`to_source`: ``(n_slices, Rows, Columns)`` -> ``(X, Y, Z)``."""
+        frames = np.asarray(frames)
+        if frames.shape != self.source_shape:
+            raise ValueError(f"from_source: frames shape {frames.shape} differs from the source's {self.source_shape}")
+        return np.ascontiguousarray(apply_orientation(frames.transpose(2, 1, 0), self.ornt))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class _Item:
+    """One candidate slice while the series is assembled."""
+
+    name: str
+    header: Dataset
+    path: Path | None
+    full: Dataset | None  # dataset with pixel data, when given or once read
+
+
+def load_series(
+    paths_or_datasets: Iterable[str | os.PathLike | Dataset],
+    *,
+    spacing_tolerance: float = 0.01,
+    workers: int = 4,
+    series_uid: str | None = None,
+) -> SeriesVolume:
+    """Read one single-frame DICOM series into a volume in closest canonical RAS.
+
+    Args:
+        paths_or_datasets: files (``str``/``PathLike``) and/or pydicom datasets of one series, in any
+            order. Headers are read first; pixel data only for the slices that are kept.
+        spacing_tolerance: allowed relative deviation of each slice step from the median step
+            (``0.01`` = 1 %).
+        workers: threads used to read headers and decode pixels.
+        series_uid: when given, keep only the inputs of that SeriesInstanceUID (the others' pixels
+            are never read); when ``None`` all inputs must belong to one series.
+
+    Returns:
+        :class:`SeriesVolume` with ``array (X, Y, Z) float32`` (rescaled), its voxel->RAS ``affine``
+        (mm), ``spacing`` (mm), the sorted ``datasets`` and ``to_source``.
+
+    Raises:
+        SeriesGeometryError: no input, several series, a single slice, mixed Rows/Columns/
+            PixelSpacing/ImageOrientationPatient (names the file), duplicate positions (names both
+            files), a missing slice (names the gap position in mm), non-uniform spacing.
+        PixelDecodeError: pixel data that cannot be decoded (names the file and transfer syntax).
+        FileNotFoundError / pydicom.errors.InvalidDicomError: an unreadable input file.
+    """
+    workers = max(1, int(workers))
+    warnings: list[str] = []
+    items = _read_headers(list(paths_or_datasets), workers)
+    if not items:
+        raise SeriesGeometryError("load_series: no DICOM input given")
+
+    # --- one series --------------------------------------------------------------------------
+    uids = Counter(str(it.header.get("SeriesInstanceUID", "")) for it in items)
+    if series_uid is not None:
+        items = [it for it in items if str(it.header.get("SeriesInstanceUID", "")) == series_uid]
+        if not items:
+            raise SeriesGeometryError(f"series {series_uid}: none of the {sum(uids.values())} inputs belongs to it")
+    elif len(uids) > 1:
+        listing = ", ".join(f"{u or '<none>'} ({n} files)" for u, n in uids.most_common())
+        raise SeriesGeometryError(f"load_series: inputs belong to {len(uids)} series: {listing}; pass series_uid=")
+    uid = str(items[0].header.get("SeriesInstanceUID", "")) or "<no SeriesInstanceUID>"
+
+    # --- exact duplicate instances (same SOPInstanceUID) ---------------------------------------
+    seen: dict[str, _Item] = {}
+    kept: list[_Item] = []
+    for it in items:
+        sop = str(it.header.get("SOPInstanceUID", ""))
+        if sop and sop in seen:
+            warnings.append(f"series {uid}: dropped duplicate instance {sop} ({it.name}; kept {seen[sop].name})")
+            continue
+        if sop:
+            seen[sop] = it
+        kept.append(it)
+    items = kept
+
+    # --- per-file checks and consistency -------------------------------------------------------
+    for it in items:
+        _check_single_frame(it, uid)
+    rows, cols = _consistent_int(items, uid, "Rows"), _consistent_int(items, uid, "Columns")
+    pixel_spacing = _consistent_pixel_spacing(items, uid)
+    iop = _consistent_orientation(items, uid)
+    if len(items) < 2:
+        raise SeriesGeometryError(f"series {uid}: a single slice ({items[0].name}) is not a volume")
+
+    r, c = iop[:3], iop[3:]
+    normal = np.cross(r, c)
+    normal /= np.linalg.norm(normal)
+
+    # --- slice order ----------------------------------------------------------------------------
+    positions = [_position(it) for it in items]
+    have_positions = all(p is not None for p in positions)
+    degenerate = False
+    if have_positions:
+        proj = np.array([float(np.dot(p, normal)) for p in positions])
+        degenerate = float(proj.max() - proj.min()) < _SAME_POSITION_MM
+    if have_positions and not degenerate:
+        order = np.argsort(proj, kind="stable")
+        items = [items[i] for i in order]
+        pos = np.array([positions[i] for i in order], dtype=np.float64)
+        proj = proj[order]
+        step = _check_spacing(items, pos, proj, uid, spacing_tolerance, warnings)
+        origin = pos[0]
+        tilt = np.degrees(np.arccos(np.clip(abs(np.dot(step, normal)) / np.linalg.norm(step), 0.0, 1.0)))
+        if tilt > 0.5:
+            warnings.append(f"series {uid}: slices are sheared {tilt:.1f} deg off the normal (gantry tilt); "
+                            f"the affine keeps the shear")
+    else:
+        why = "missing from some files" if not have_positions else "identical in all files"
+        items, step, origin = _instance_number_fallback(items, positions, normal, uid, why, warnings)
+
+    # --- pixels -----------------------------------------------------------------------------------
+    frames = _read_pixels(items, uid, workers)  # (n, Rows, Columns) float32
+    if frames.shape[1:] != (rows, cols):
+        raise SeriesGeometryError(f"series {uid}: decoded frames are {frames.shape[1:]}, headers say {(rows, cols)}")
+
+    # --- affines -----------------------------------------------------------------------------------
+    aff_lps = np.eye(4)
+    aff_lps[:3, 0] = r * pixel_spacing[1]  # column index j moves along r by the column spacing
+    aff_lps[:3, 1] = c * pixel_spacing[0]  # row index i moves along c by the row spacing
+    aff_lps[:3, 2] = step
+    aff_lps[:3, 3] = origin
+    aff_ras_src = LPS_TO_RAS @ aff_lps
+    stack = frames.transpose(2, 1, 0)  # (Columns, Rows, n)
+    ornt = io_orientation(aff_ras_src)
+    array = np.ascontiguousarray(apply_orientation(stack, ornt), dtype=np.float32)
+    affine = aff_ras_src @ inv_ornt_aff(ornt, stack.shape)
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    return SeriesVolume(
+        array=array,
+        affine=affine,
+        spacing=spacing,  # type: ignore[arg-type]
+        datasets=[it.full for it in items],  # type: ignore[misc]
+        warnings=warnings,
+        series_uid=uid,
+        source_affine_lps=aff_lps,
+        ornt=ornt,
+        files=[it.name for it in items],
+    )
+
+
+def _read_headers(inputs: list, workers: int) -> list[_Item]:
+    """Headers of every input (files read without pixel data, in a thread pool)."""
+
+    def one(idx_obj):
+        idx, obj = idx_obj
+        if isinstance(obj, Dataset):
+            fname = getattr(obj, "filename", None)
+            name = str(fname) if isinstance(fname, (str, os.PathLike)) and fname else \
+                f"<dataset {idx}: {obj.get('SOPInstanceUID', '?')}>"
+            path = Path(fname) if isinstance(fname, (str, os.PathLike)) and fname else None
+            if "PixelData" in obj or path is None:
+                return _Item(name, obj, path, obj)
+            return _Item(name, obj, path, None)  # header-only dataset: pixels read from its file
+        path = Path(obj)
+        return _Item(str(path), pydicom.dcmread(path, stop_before_pixels=True), path, None)
+
+    if workers == 1 or len(inputs) < 4:
+        return [one(x) for x in enumerate(inputs)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, enumerate(inputs)))
+
+
+def _check_single_frame(it: _Item, uid: str) -> None:
+    frames = it.header.get("NumberOfFrames", 1)
+    try:
+        n = int(frames) if frames not in (None, "") else 1
+    except (TypeError, ValueError):
+        n = 1
+    if n > 1:
+        raise SeriesGeometryError(f"series {uid}: {it.name} is a multi-frame image ({n} frames); "
+                                  f"only single-frame series are supported")
+    spp = it.header.get("SamplesPerPixel", 1)
+    if spp not in (None, "") and int(spp) != 1:
+        raise SeriesGeometryError(f"series {uid}: {it.name} has SamplesPerPixel {spp}; a greyscale image is needed")
+
+
+def _require(it: _Item, uid: str, keyword: str):
+    value = it.header.get(keyword, None)
+    if value is None or value == "":
+        raise SeriesGeometryError(f"series {uid}: {it.name} has no {keyword}")
+    return value
+
+
+def _odd_one_out(values: list, items: list[_Item], uid: str, keyword: str, same) -> object:
+    """The majority value of ``values``; raise naming the first file that disagrees with it."""
+    keys = [repr(v) for v in values]
+    majority_key, _ = Counter(keys).most_common(1)[0]
+    reference = values[keys.index(majority_key)]
+    for it, v in zip(items, values):
+        if not same(v, reference):
+            n_ref = sum(1 for w in values if same(w, reference))
+            raise SeriesGeometryError(
+                f"series {uid}: {it.name} has {keyword} {_fmt(v)}, the other {n_ref} file(s) have {_fmt(reference)}")
+    return reference
+
+
+def _fmt(v) -> str:
+    if isinstance(v, np.ndarray):
+        return "[" + ", ".join(f"{x:.6g}" for x in v.tolist()) + "]"
+    return str(v)
+
+
+def _consistent_int(items: list[_Item], uid: str, keyword: str) -> int:
+    values = [int(_require(it, uid, keyword)) for it in items]
+    return int(_odd_one_out(values, items, uid, keyword, lambda a, b: a == b))  # type: ignore[arg-type]
+
+
+def _consistent_pixel_spacing(items: list[_Item], uid: str) -> np.ndarray:
+    values = []
+    for it in items:
+        ps = _require(it, uid, "PixelSpacing")
+        arr = np.array([float(x) for x in ps], dtype=np.float64)
+        if arr.shape != (2,) or not np.all(arr > 0):
+            raise SeriesGeometryError(f"series {uid}: {it.name} has an invalid PixelSpacing {list(ps)}")
+        values.append(arr)
+    return _odd_one_out(values, items, uid, "PixelSpacing",  # type: ignore[return-value]
+                        lambda a, b: np.allclose(a, b, rtol=_PIXEL_SPACING_RTOL, atol=0))
+
+
+def _consistent_orientation(items: list[_Item], uid: str) -> np.ndarray:
+    values = []
+    for it in items:
+        iop = _require(it, uid, "ImageOrientationPatient")
+        arr = np.array([float(x) for x in iop], dtype=np.float64)
+        if arr.shape != (6,):
+            raise SeriesGeometryError(f"series {uid}: {it.name} has an invalid ImageOrientationPatient {list(iop)}")
+        r, c = arr[:3], arr[3:]
+        nr, nc = np.linalg.norm(r), np.linalg.norm(c)
+        if nr < 1e-6 or nc < 1e-6 or abs(np.dot(r, c)) / (nr * nc) > 1e-3:
+            raise SeriesGeometryError(f"series {uid}: {it.name} has a degenerate ImageOrientationPatient {_fmt(arr)} "
+                                      f"(zero or non-orthogonal direction cosines)")
+        values.append(np.round(np.concatenate([r / nr, c / nc]), 12))
+    ref = _odd_one_out(values, items, uid, "ImageOrientationPatient",
+                       lambda a, b: np.allclose(a, b, rtol=0, atol=_ORIENTATION_ATOL))
+    r, c = ref[:3], ref[3:]  # type: ignore[index]
+    c = c - np.dot(c, r) * r  # exact orthonormal pair
+    return np.concatenate([r / np.linalg.norm(r), c / np.linalg.norm(c)])
+
+
+def _position(it: _Item) -> np.ndarray | None:
+    ipp = it.header.get("ImagePositionPatient", None)
+    if ipp is None or ipp == "":
+        return None
+    try:
+        arr = np.array([float(x) for x in ipp], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return arr if arr.shape == (3,) and np.all(np.isfinite(arr)) else None
+
+
+def _check_spacing(items: list[_Item], pos: np.ndarray, proj: np.ndarray, uid: str, tol: float,
+                   warnings: list[str]) -> np.ndarray:
+    """Duplicates, gaps and uniformity of sorted positions; returns the mean step vector (mm, LPS)."""
+    gaps = np.diff(proj)
+    for k, g in enumerate(gaps):
+        if g < _SAME_POSITION_MM:
+            raise SeriesGeometryError(
+                f"series {uid}: {items[k].name} and {items[k + 1].name} are at the same position "
+                f"({proj[k]:.4f} mm along the slice normal) but are different instances "
+                f"(SOPInstanceUID {items[k].header.get('SOPInstanceUID', '?')} vs "
+                f"{items[k + 1].header.get('SOPInstanceUID', '?')})")
+    median = float(np.median(gaps))
+    for k, g in enumerate(gaps):
+        if g > 1.5 * median:
+            n_missing = int(round(g / median)) - 1
+            raise SeriesGeometryError(
+                f"series {uid}: missing slice(s): a gap of {g:.4g} mm (median spacing {median:.4g} mm, "
+                f"about {max(n_missing, 1)} slice(s) missing) between positions {proj[k]:.4f} mm "
+                f"({items[k].name}) and {proj[k + 1]:.4f} mm ({items[k + 1].name}) along the slice normal")
+    worst = int(np.argmax(np.abs(gaps - median)))
+    if abs(gaps[worst] - median) > tol * median:
+        raise SeriesGeometryError(
+            f"series {uid}: non-uniform slice spacing: {gaps[worst]:.6g} mm between positions "
+            f"{proj[worst]:.4f} and {proj[worst + 1]:.4f} mm ({items[worst + 1].name}) vs median {median:.6g} mm "
+            f"(tolerance {tol:.3g} relative)")
+    n = len(items)
+    step = (pos[-1] - pos[0]) / (n - 1)
+    off_line = np.linalg.norm(pos - (pos[0] + np.arange(n)[:, None] * step), axis=1)
+    if off_line.max() > max(tol * median, _SAME_POSITION_MM):
+        k = int(np.argmax(off_line))
+        raise SeriesGeometryError(
+            f"series {uid}: {items[k].name} is {off_line[k]:.4g} mm off the line through the other slice "
+            f"positions (non-uniform in-plane shift)")
+    return step
+
+
+def _instance_number_fallback(items: list[_Item], positions: list, normal: np.ndarray, uid: str, why: str,
+                              warnings: list[str]):
+    """Order by InstanceNumber when positions cannot be used; step along the normal by the nominal
+    spacing (SpacingBetweenSlices, else SliceThickness, else 1 mm)."""
+    numbers = []
+    for it in items:
+        num = it.header.get("InstanceNumber", None)
+        if num is None or num == "":
+            raise SeriesGeometryError(f"series {uid}: ImagePositionPatient {why} and {it.name} has no InstanceNumber: "
+                                      f"cannot order the slices")
+        numbers.append(int(num))
+    dup = [n for n, k in Counter(numbers).items() if k > 1]
+    if dup:
+        raise SeriesGeometryError(f"series {uid}: ImagePositionPatient {why} and InstanceNumber {dup[0]} is used by "
+                                  f"more than one file: cannot order the slices")
+    order = np.argsort(numbers, kind="stable")
+    items = [items[i] for i in order]
+    hdr = items[0].header
+    spacing = None
+    for key in ("SpacingBetweenSlices", "SliceThickness"):
+        value = hdr.get(key, None)
+        if value not in (None, "") and float(value) > 0:
+            spacing = float(value)
+            break
+    if spacing is None:
+        spacing = 1.0
+        warnings.append(f"series {uid}: no SpacingBetweenSlices/SliceThickness; assuming 1 mm between slices")
+    first = positions[order[0]]
+    origin = first if first is not None else np.zeros(3)
+    warnings.append(f"series {uid}: ImagePositionPatient {why}; slices ordered by InstanceNumber with "
+                    f"{spacing:g} mm spacing along the normal (geometry is approximate)")
+    return items, normal * spacing, np.asarray(origin, dtype=np.float64)
+
+
+def _read_pixels(items: list[_Item], uid: str, workers: int) -> np.ndarray:
+    """Rescaled frames ``(n, Rows, Columns) float32`` in ``items`` order; fills ``item.full``."""
+
+    def one(it: _Item) -> np.ndarray:
+        if it.full is None:
+            it.full = pydicom.dcmread(it.path)  # type: ignore[arg-type]
+        ds = it.full
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # decoders raise many types
+            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            ts_text = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
+            raise PixelDecodeError(
+                f"series {uid}: {it.name}: cannot decode pixel data with transfer syntax {ts_text}: "
+                f"{type(exc).__name__}: {exc}. Install a decoder (pylibjpeg / python-gdcm) or send the series "
+                f"uncompressed (Explicit VR Little Endian)") from exc
+        if pixels.ndim != 2:
+            raise SeriesGeometryError(f"series {uid}: {it.name}: expected one greyscale frame, got pixel shape "
+                                      f"{pixels.shape}")
+        slope = ds.get("RescaleSlope", None)
+        intercept = ds.get("RescaleIntercept", None)
+        slope = 1.0 if slope in (None, "") else float(slope)
+        intercept = 0.0 if intercept in (None, "") else float(intercept)
+        out = pixels.astype(np.float64) * slope + intercept
+        return out.astype(np.float32)
+
+    if workers == 1 or len(items) < 4:
+        frames = [one(it) for it in items]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            frames = list(pool.map(one, items))
+    return np.stack(frames, axis=0)
