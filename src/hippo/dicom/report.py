@@ -31,7 +31,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
 from hippo import __version__
-from hippo.measure import Volumes, validate_mask, validate_spacing
+from hippo.measure import (
+    BAND_5_50, BAND_50_95, BAND_ABOVE_95, BAND_BELOW_5, Volumes, validate_mask, validate_spacing,
+)
 
 PAGE_SIZE = (1024, 1280)  # (width, height) in pixels
 DISCLAIMER = "Research use only — not for diagnostic use"
@@ -281,6 +283,14 @@ def _norm_bar(draw, x0, y0, width, norm: Mapping[str, Any], total: float) -> int
     return y0 + bar_h + 28
 
 
+_BAND_PHRASES = {
+    BAND_BELOW_5: "below the 5th percentile",
+    BAND_5_50: "between the 5th and 50th percentiles",
+    BAND_50_95: "between the 50th and 95th percentiles",
+    BAND_ABOVE_95: "above the 95th percentile",
+}
+
+
 def _metrics_text(metrics: Any) -> str:
     if not metrics:
         return "not recorded"
@@ -418,11 +428,12 @@ def render_report(
         sex_word = {"M": "men", "F": "women"}.get(str(nr.get("sex")), "adults")
         hemi = str(nr.get("hemisphere", ""))
         hemi = f"{hemi} hippocampus" if hemi in ("left", "right") else "side unknown: mean of left and right"
+        position = _BAND_PHRASES.get(str(norm["band"]), f"in the {norm['band']} percentile band")
         y = _text_block(draw, (margin, y), (
-            f"Total {_fmt_int(volumes.total_mm3)} mm³ lies in the {norm['band']} percentile band for "
+            f"Total {_fmt_int(volumes.total_mm3)} mm³ is {position} for "
             f"{sex_word} aged {nr.get('age_band', '')} ({hemi})."),
             _font(18, bold=True), inner)
-        y = _norm_bar(draw, margin + 20, y + 26, inner - 40, nr, volumes.total_mm3)
+        y = _norm_bar(draw, margin + 20, y + 36, inner - 40, nr, volumes.total_mm3)
         y = _text_block(draw, (margin, y), "Source: " + str(norm.get("source", nr.get("source", ""))),
                         _font(13), inner, fill=_MUTED, spacing=3)
         y = _text_block(draw, (margin, y + 2), "Caveat: " + str(norm.get("caveat", nr.get("caveat", ""))),
