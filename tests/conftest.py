@@ -20,7 +20,7 @@ def require_real_data() -> Path:
     return REAL_DATA
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_data_root() -> Path:
     """Fixture form of :func:`require_real_data` (skips, naming the path, when the data is absent)."""
     return require_real_data()

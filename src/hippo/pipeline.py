@@ -1,0 +1,345 @@
+"""One DICOM study end to end, and a batch of studies.
+
+``ingest -> volume -> infer -> measure -> report/SEG/SR -> send``::
+
+    scan_study (headers, thread pool) -> select_series (rules) -> load_series (pixels, geometry,
+    closest-canonical RAS) -> InferenceAgent.segment -> measure_volumes (mm³) -> render_report +
+    secondary_capture, make_seg, make_sr -> write under out_root/<StudyInstanceUID>/ -> deliver
+    (C-STORE, one association; what fails waits in the outbox)
+
+A study never raises out of :meth:`StudyProcessor.process`: a failure becomes a ``failed``
+:class:`StudyOutcome` naming the stage and the error, and the batch goes on. The inputs are only
+read, never written.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from pydicom import dcmwrite
+
+from hippo.dicom.ingest import SelectionRules, scan_study, select_series
+from hippo.dicom.objects import make_seg, make_sr
+from hippo.dicom.report import patient_study_from_dataset, render_report, secondary_capture
+from hippo.dicom.volume import load_series
+from hippo.fileio import write_bytes_atomic, write_json_atomic
+from hippo.infer import InferenceAgent
+from hippo.measure import compare, measure_volumes
+from hippo.pacs import Outbox, PacsConfig, deliver, validate_uid
+
+log = logging.getLogger(__name__)
+
+#: Shown instead of a percentile band while the normative table is not verified (see hippo.measure).
+NORMS_OFF_REASON = "off in this configuration (report.normative_comparison=false)"
+
+
+@dataclass
+class StudyOutcome:
+    """What happened to one study (one row of the batch summary)."""
+
+    study: str
+    status: str = "failed"                 # "ok" | "failed"
+    stage: str = ""                         # the stage that failed (ingest, volume, infer, ...)
+    error: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    series_description: str = ""
+    volumes: dict[str, Any] = field(default_factory=dict)
+    normative: dict[str, Any] | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    sent: dict[str, int] = field(default_factory=dict)
+    queued: list[str] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _dicom_bytes(ds) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+class StudyProcessor:
+    """Runs the deploy pipeline on study directories with one loaded model.
+
+    Args:
+        agent: the loaded model (:meth:`InferenceAgent.from_file`).
+        out_root: results go to ``out_root/<StudyInstanceUID>/``.
+        rules: series-selection rules (:class:`SelectionRules` or a mapping).
+        pacs: where to send the SC, SEG and SR; ``None`` writes them only.
+        outbox: where undelivered objects wait (required when ``pacs`` is set).
+        io_threads: threads reading DICOM headers and pixels.
+        normative_comparison: place the total volume in indicative age/sex bands (hippo.measure).
+        series_numbers: SeriesNumber of the SC, SEG and SR.
+        write_png: also write the report page as ``report.png``.
+    """
+
+    def __init__(
+        self,
+        agent: InferenceAgent,
+        out_root: str | os.PathLike,
+        *,
+        rules: SelectionRules | Mapping[str, Any] | None = None,
+        pacs: PacsConfig | None = None,
+        outbox: Outbox | None = None,
+        io_threads: int = 8,
+        normative_comparison: bool = False,
+        series_numbers: Mapping[str, int] | None = None,
+        write_png: bool = True,
+    ):
+        if pacs is not None and outbox is None:
+            raise ValueError("sending to a PACS needs an outbox for what cannot be delivered")
+        self.agent = agent
+        self.out_root = Path(out_root)
+        self.rules = rules if isinstance(rules, SelectionRules) else SelectionRules.from_mapping(rules or {})
+        self.pacs, self.outbox = pacs, outbox
+        self.io_threads = io_threads
+        self.normative_comparison = normative_comparison
+        self.series_numbers = {"sc": 9001, "seg": 9002, "sr": 9003, **dict(series_numbers or {})}
+        self.write_png = write_png
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        meta = self.agent.metadata
+        training = meta.get("training") or {}
+        metrics = meta.get("metrics") or {}
+        return {
+            "name": "HippoVolume UNet",
+            "version": f"{meta.get('hippo_version', '?')} ({Path(str(meta.get('path', 'model'))).name}, {meta.get('created', '?')})",
+            "trained_on": f"{Path(str(training.get('data_root', '?'))).name}, "
+                          f"{(training.get('split_sizes') or {}).get('train', '?')} training volumes",
+            "metrics": {k: metrics[k] for k in ("dice_anterior", "dice_posterior") if k in metrics},
+        }
+
+    def process(self, study_dir: str | os.PathLike) -> StudyOutcome:
+        """Run every stage on one study; never raises for a problem of the study itself."""
+        outcome = StudyOutcome(study=str(study_dir))
+        timings = outcome.timings_s
+        stage = "ingest"
+        t_all = time.perf_counter()
+        try:
+            t = time.perf_counter()
+            scan = scan_study(study_dir, workers=self.io_threads)
+            series = select_series(scan, self.rules)
+            outcome.study_uid, outcome.series_uid = series.study_uid, series.uid
+            outcome.series_description = series.description
+            outcome.warnings += [f"ignored {p}: {why}" for p, why in scan.ignored]
+            timings["ingest"] = time.perf_counter() - t
+
+            stage, t = "volume", time.perf_counter()
+            volume = load_series(series.files, workers=self.io_threads, series_uid=series.uid)
+            outcome.warnings += volume.warnings
+            timings["volume"] = time.perf_counter() - t
+
+            stage, t = "infer", time.perf_counter()
+            mask = self.agent.segment(volume.array)
+            timings["infer"] = time.perf_counter() - t
+
+            stage, t = "measure", time.perf_counter()
+            volumes = measure_volumes(mask, volume.spacing)
+            source = volume.datasets[0]
+            patient, study = patient_study_from_dataset(source)
+            if self.normative_comparison:
+                norm = compare(volumes, patient.get("age") or None, patient.get("sex") or None)
+            else:
+                norm = {"available": False, "band": None, "reason": NORMS_OFF_REASON}
+            outcome.volumes, outcome.normative = volumes.as_dict(), norm
+            timings["measure"] = time.perf_counter() - t
+
+            stage, t = "report", time.perf_counter()
+            now = _dt.datetime.now(_dt.timezone.utc)
+            page = render_report(volume.array, mask, volume.spacing, patient=patient, study=study,
+                                 volumes=volumes, norm=norm, model=self.model_info, timestamp=now)
+            sc = secondary_capture(page, source, series_number=self.series_numbers["sc"], timestamp=now)
+            version = str(self.agent.metadata.get("hippo_version", "0"))
+            seg = make_seg(volume.datasets, volume.to_source(mask), model_version=version,
+                           series_number=self.series_numbers["seg"])
+            sr = make_sr(volume.datasets, seg, volumes, model_version=version, series_number=self.series_numbers["sr"])
+            timings["report"] = time.perf_counter() - t
+
+            stage, t = "write", time.perf_counter()
+            out = self.out_root / validate_uid(series.study_uid)
+            objects = {"report_sc": sc, "seg": seg, "sr": sr}
+            for name, ds in objects.items():
+                outcome.files[name] = str(write_bytes_atomic(out / f"{name}.dcm", _dicom_bytes(ds)))
+            if self.write_png:
+                import io
+
+                buf = io.BytesIO()
+                page.save(buf, format="PNG")
+                outcome.files["report_png"] = str(write_bytes_atomic(out / "report.png", buf.getvalue()))
+            timings["write"] = time.perf_counter() - t
+
+            if self.pacs is not None:
+                stage, t = "send", time.perf_counter()
+                report = deliver([Path(p) for k, p in outcome.files.items() if k != "report_png"], self.pacs, self.outbox)
+                outcome.sent = report.counts()
+                outcome.queued = list(report.queued)
+                if report.queued:
+                    outcome.warnings.append(f"PACS {self.pacs.destination}: {len(report.queued)} object(s) "
+                                            f"wait in the outbox {self.outbox.root}")
+                timings["send"] = time.perf_counter() - t
+            outcome.status, outcome.stage = "ok", ""
+            timings["total"] = time.perf_counter() - t_all
+            outcome.files["result_json"] = str(out / "result.json")
+            write_json_atomic(out / "result.json", _result_json(outcome, self.model_info, volume))
+        except Exception as exc:  # one bad study never stops a batch
+            outcome.status, outcome.stage = "failed", stage
+            outcome.error = f"{type(exc).__name__}: {exc}"
+            timings["total"] = time.perf_counter() - t_all
+            log.error("study %s failed at %s: %s", study_dir, stage, outcome.error)
+            log.debug("%s", traceback.format_exc())
+        return outcome
+
+
+def _result_json(outcome: StudyOutcome, model: Mapping[str, Any], volume) -> dict[str, Any]:
+    return {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **{k: v for k, v in outcome.as_dict().items() if k not in ("files",)},
+        "files": {k: Path(v).name for k, v in outcome.files.items()},
+        "geometry": {"shape": list(volume.array.shape), "spacing_mm": list(volume.spacing),
+                     "affine_ras": np.asarray(volume.affine).round(6).tolist()},
+        "model": dict(model),
+    }
+
+
+# --------------------------------------------------------------------------------------- batch
+def find_studies(root: str | os.PathLike) -> list[Path]:
+    """The study directories of a batch: every non-hidden sub-directory of ``root``, sorted.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist; ValueError: it holds no sub-directory.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: studies root does not exist")
+    studies = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not studies:
+        raise ValueError(f"{root}: no study directory below it (expected one sub-directory per study)")
+    return studies
+
+
+_WORKER: StudyProcessor | None = None
+
+
+def _init_worker(factory: Callable[[], StudyProcessor]) -> None:
+    global _WORKER
+    import torch
+
+    torch.set_num_threads(1)  # processes, not threads, give the parallelism in a batch
+    _WORKER = factory()
+
+
+def _run_in_worker(study: str) -> StudyOutcome:
+    assert _WORKER is not None
+    return _WORKER.process(study)
+
+
+def run_batch(
+    studies: Sequence[str | os.PathLike],
+    factory: Callable[[], StudyProcessor],
+    *,
+    workers: int = 1,
+    on_done: Callable[[StudyOutcome], None] | None = None,
+) -> list[StudyOutcome]:
+    """Process studies with ``workers`` processes, each building its own processor (model loaded
+    once per worker) with the picklable ``factory``; ``workers <= 1`` runs serially here.
+
+    Returns:
+        One outcome per study, in the order of ``studies``.
+    """
+    outcomes: dict[str, StudyOutcome] = {}
+    names = [str(s) for s in studies]
+    if workers <= 1 or len(names) <= 1:
+        processor = factory()
+        for s in names:
+            outcomes[s] = processor.process(s)
+            if on_done:
+                on_done(outcomes[s])
+    else:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(factory,)) as pool:
+            futures = {pool.submit(_run_in_worker, s): s for s in names}
+            for fut in as_completed(futures):
+                s = futures[fut]
+                try:
+                    outcomes[s] = fut.result()
+                except Exception as exc:  # a crashed worker process
+                    outcomes[s] = StudyOutcome(study=s, stage="worker", error=f"{type(exc).__name__}: {exc}")
+                if on_done:
+                    on_done(outcomes[s])
+    return [outcomes[s] for s in names]
+
+
+def summary_table(outcomes: Iterable[StudyOutcome]) -> str:
+    """A Markdown table: study, status, volumes (mm³), time, error."""
+    lines = ["| study | status | anterior mm³ | posterior mm³ | total mm³ | seconds | queued | error |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for o in outcomes:
+        v = o.volumes or {}
+        fmt = lambda k: f"{v[k]:.0f}" if k in v else ""  # noqa: E731
+        err = f"{o.stage}: {o.error}" if o.error else ""
+        lines.append(f"| {Path(o.study).name} | {o.status} | {fmt('anterior_mm3')} | {fmt('posterior_mm3')} | "
+                     f"{fmt('total_mm3')} | {o.timings_s.get('total', 0):.2f} | {len(o.queued)} | {err.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def write_summary(out_dir: str | os.PathLike, outcomes: Sequence[StudyOutcome], **extra: Any) -> dict[str, Any]:
+    """Write ``summary.json`` and ``summary.md`` into ``out_dir``; return the JSON content."""
+    out_dir = Path(out_dir)
+    summary = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "n_studies": len(outcomes),
+        "n_ok": sum(o.status == "ok" for o in outcomes),
+        "n_failed": sum(o.status != "ok" for o in outcomes),
+        **extra,
+        "studies": [o.as_dict() for o in outcomes],
+    }
+    write_json_atomic(out_dir / "summary.json", summary)
+    write_bytes_atomic(out_dir / "summary.md", (summary_table(outcomes) + "\n").encode())
+    return summary
+
+
+def build_processor(
+    model_path: str | os.PathLike,
+    out_root: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    batch_size: int = 64,
+    pacs: Mapping[str, Any] | None = None,
+    outbox_dir: str | os.PathLike | None = None,
+    **options: Any,
+) -> StudyProcessor:
+    """Load the model file and build a :class:`StudyProcessor` (picklable via ``functools.partial``,
+    so batch workers each build their own). ``pacs=None`` disables sending; ``options`` go to
+    :class:`StudyProcessor` (rules, io_threads, normative_comparison, series_numbers, write_png)."""
+    agent = InferenceAgent.from_file(model_path, device=device, batch_size=batch_size)
+    pacs_cfg = PacsConfig.from_mapping(pacs) if pacs is not None else None
+    outbox = Outbox(outbox_dir) if pacs_cfg is not None else None
+    return StudyProcessor(agent, out_root, pacs=pacs_cfg, outbox=outbox, **options)
+
+
+def find_default_model(search_root: str | os.PathLike) -> Path:
+    """The newest ``model.pt`` below ``search_root`` (the runs of ``python -m hippo.train``).
+
+    Raises:
+        FileNotFoundError: none there, with how to get one.
+    """
+    candidates = sorted(Path(search_root).glob("**/model.pt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"no model.pt under {search_root}: train one (make demo, or python -m hippo.train) "
+                                "or pass model_path=/path/to/model.pt")
+    return candidates[-1]

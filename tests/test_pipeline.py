@@ -1,0 +1,237 @@
+"""Deployment end to end: studies built by the scanner emulator from the real NIfTI data go through
+``hippo.deploy``; results are read back (pydicom, highdicom) and sent to a Storage SCP on loopback,
+including a PACS outage that leaves the objects in the outbox and a later flush that delivers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (Comprehensive3DSRStorage, SecondaryCaptureImageStorage,
+                                  SegmentationStorage, Verification)
+
+from hippo.data.nifti import label_volumes_mm3, load_nifti
+from hippo.dicom.volume import load_series
+from hippo.infer import save_model_file
+from hippo.model.unet import UNet
+from hippo.pipeline import StudyProcessor, find_studies, run_batch
+from hippo.scanner import StudyInfo, write_series, write_study
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StorageSCP:
+    """A pynetdicom Storage SCP on loopback that keeps what it receives."""
+
+    def __init__(self, port: int):
+        self.port, self.received, self.server = port, [], None
+
+    def _on_store(self, event):
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.received.append(ds)
+        return 0x0000
+
+    def start(self):
+        ae = AE(ae_title="ORTHANC")
+        for uid in (SecondaryCaptureImageStorage, SegmentationStorage, Comprehensive3DSRStorage):
+            ae.add_supported_context(uid)
+        ae.add_supported_context(Verification)
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return self
+
+    def stop(self):
+        if self.server:
+            self.server.shutdown()
+            self.server = None
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A small randomly initialised model: exercises the real file format and inference path."""
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    return save_model_file(path, UNet(initial_filters=8, num_downs=3),
+                           preprocessing={"normalization": "minmax_per_volume", "slice_axis": 0, "patch_size": [64, 64]},
+                           training={"data_root": "test", "split_sizes": {"train": 0}})
+
+
+@pytest.fixture(scope="module")
+def studies(real_data_root, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("incoming")
+    for i, case in enumerate(("hippocampus_001", "hippocampus_003")):
+        write_study(real_data_root / "imagesTr" / f"{case}.nii.gz", root / f"study_{i}",
+                    label_path=real_data_root / "labelsTr" / f"{case}.nii.gz", seed=i, nested=i == 0)
+    return root
+
+
+class OracleAgent:
+    """Returns the true label for the volume it is given (looked up by the image's content), so the
+    measured volumes must equal the NIfTI label volumes."""
+
+    def __init__(self, label_by_key):
+        self.label_by_key = label_by_key
+        self.metadata = {"hippo_version": "test", "path": "oracle", "metrics": {}, "training": {}}
+
+    def segment(self, volume):
+        return self.label_by_key[volume.shape]
+
+
+def _numeric_items(ds):
+    """(value, UCUM unit) of every NUM content item of an SR, at any depth."""
+    for item in ds.get("ContentSequence", []):
+        if item.get("ValueType") == "NUM":
+            mv = item.MeasuredValueSequence[0]
+            yield mv.NumericValue, mv.MeasurementUnitsCodeSequence[0].CodeValue
+        yield from _numeric_items(item)
+
+
+def test_measured_volumes_equal_label_volumes_through_dicom(real_data_root, tmp_path):
+    """NIfTI pair -> DICOM series (scanner) -> geometry -> known mask -> mm³, SEG and SR read back."""
+    img_path = real_data_root / "imagesTr" / "hippocampus_004.nii.gz"
+    lbl_path = real_data_root / "labelsTr" / "hippocampus_004.nii.gz"
+    image, spacing, affine = load_nifti(img_path)
+    label, _, _ = load_nifti(lbl_path)
+    study = StudyInfo(seed=7)
+    write_series(image, affine, tmp_path / "study" / "crop", study=study, series_description="HippoCrop")
+    # The label goes through the very same DICOM geometry, then is handed to the pipeline as the mask.
+    label_dir = tmp_path / "label_series"
+    write_series(label.astype(np.uint8), affine, label_dir, study=study, series_description="label")
+    mask = load_series(sorted(label_dir.iterdir())).array.astype(np.uint8)
+    assert np.array_equal(mask, label.astype(np.uint8))  # identity geometry: same array
+
+    processor = StudyProcessor(OracleAgent({mask.shape: mask}), tmp_path / "out")
+    outcome = processor.process(tmp_path / "study")
+    assert outcome.status == "ok", outcome.error
+    expected = label_volumes_mm3(label.astype(np.uint8), spacing)
+    for key in ("anterior_mm3", "posterior_mm3", "total_mm3"):
+        assert outcome.volumes[key] == pytest.approx(expected[key])
+
+    seg = hd.seg.segread(outcome.files["seg"])
+    counts = {}
+    for number in (1, 2):
+        frames = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[uid for _, _, uid in seg.get_source_image_uids()],
+            segment_numbers=[number])
+        counts[number] = int(np.asarray(frames).sum())
+    assert counts == {1: int((label == 1).sum()), 2: int((label == 2).sum())}
+
+    sr = pydicom.dcmread(outcome.files["sr"])
+    numbers = sorted(_numeric_items(sr), key=lambda vu: float(vu[0]))
+    assert [u for _, u in numbers] == ["mm3"] * 3
+    assert [float(v) for v, _ in numbers] == pytest.approx(
+        sorted(expected[k] for k in ("anterior_mm3", "posterior_mm3", "total_mm3")))
+
+    sc = pydicom.dcmread(outcome.files["report_sc"])
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage and sc.SamplesPerPixel == 3
+    result = json.loads((Path(outcome.files["result_json"])).read_text())
+    assert result["status"] == "ok" and result["volumes"]["total_mm3"] == pytest.approx(expected["total_mm3"])
+
+
+def test_deploy_command_sends_results_and_prints_volumes(studies, model_file, tmp_path):
+    scp = StorageSCP(_free_port()).start()
+    try:
+        before = {p: p.stat().st_mtime_ns for p in (studies / "study_0").rglob("*") if p.is_file()}
+        proc = subprocess.run(
+            [sys.executable, "-m", "hippo.deploy", f"study={studies / 'study_0'}", f"model_path={model_file}",
+             f"pacs.port={scp.port}", f"outbox_dir={tmp_path / 'outbox'}", f"hydra.run.dir={tmp_path / 'run'}"],
+            capture_output=True, text=True, timeout=300)
+    finally:
+        scp.stop()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "anterior" in proc.stdout and "mm³" in proc.stdout
+    classes = sorted(str(ds.SOPClassUID) for ds in scp.received)
+    assert classes == sorted([SecondaryCaptureImageStorage, SegmentationStorage, Comprehensive3DSRStorage])
+    study_uid = {str(ds.StudyInstanceUID) for ds in scp.received}
+    assert len(study_uid) == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["n_ok"] == 1 and summary["studies"][0]["study_uid"] in study_uid
+    assert {p: p.stat().st_mtime_ns for p in (studies / "study_0").rglob("*") if p.is_file()} == before
+
+
+def test_pacs_outage_keeps_objects_in_outbox_then_flush_delivers(studies, model_file, tmp_path):
+    port = _free_port()  # nothing listens yet: the PACS is down
+    outbox = tmp_path / "outbox"
+    common = [f"model_path={model_file}", f"pacs.port={port}", "pacs.retries=1", "pacs.backoff=0.05",
+              "pacs.timeout=2", f"outbox_dir={outbox}"]
+    proc = subprocess.run([sys.executable, "-m", "hippo.deploy", f"study={studies / 'study_1'}", *common,
+                           f"hydra.run.dir={tmp_path / 'down'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]          # the study itself succeeded
+    assert "queued" in proc.stdout
+    assert len(list(outbox.glob("*.dcm"))) == 3
+
+    scp = StorageSCP(port).start()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "hippo.deploy", "outbox=flush", *common,
+                               f"hydra.run.dir={tmp_path / 'flush'}"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        again = subprocess.run([sys.executable, "-m", "hippo.deploy", "outbox=flush", *common,
+                                f"hydra.run.dir={tmp_path / 'flush2'}"], capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0
+    finally:
+        scp.stop()
+    uids = [str(ds.SOPInstanceUID) for ds in scp.received]
+    assert len(uids) == 3 and len(set(uids)) == 3              # each delivered exactly once
+    assert not list(outbox.glob("*.dcm"))
+
+
+def test_batch_continues_past_bad_studies_and_exits_nonzero(studies, model_file, tmp_path):
+    root = tmp_path / "batch"
+    shutil.copytree(studies / "study_1", root / "good")
+    (root / "empty").mkdir(parents=True)
+    (root / "junk").mkdir()
+    (root / "junk" / "notes.txt").write_text("not DICOM")
+    shutil.copytree(studies / "study_1", root / "no_crop")
+    for f in (root / "no_crop").rglob("*"):
+        if f.is_file() and pydicom.dcmread(f, stop_before_pixels=True, force=True).get("SeriesDescription") == "HippoCrop":
+            f.unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "hippo.deploy", f"studies={root}", f"model_path={model_file}", "send=false",
+         "workers=2", f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    status = {Path(s["study"]).name: s for s in summary["studies"]}
+    assert status["good"]["status"] == "ok" and status["good"]["volumes"]["total_mm3"] > 0
+    for bad in ("empty", "junk", "no_crop"):
+        assert status[bad]["status"] == "failed" and status[bad]["stage"] == "ingest"
+    assert "HippoCrop" in status["no_crop"]["error"] and "T1 MPRAGE" in status["no_crop"]["error"]
+    assert str(root / "empty") in status["empty"]["error"]
+    assert (tmp_path / "run" / "summary.md").read_text().count("| failed |") == 3
+
+
+def test_serial_and_parallel_batches_agree(studies, model_file, tmp_path):
+    import functools
+
+    from hippo.pipeline import build_processor
+
+    dirs = find_studies(studies)
+    serial = run_batch(dirs, functools.partial(build_processor, model_file, tmp_path / "s"), workers=1)
+    parallel = run_batch(dirs, functools.partial(build_processor, model_file, tmp_path / "p"), workers=2)
+    assert [o.status for o in serial] == ["ok", "ok"]
+    assert [o.volumes for o in serial] == [o.volumes for o in parallel]
+
+
+def test_missing_model_and_bad_arguments_are_clear(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hippo.deploy", f"study={tmp_path}",
+                           f"paths.log_dir={tmp_path / 'nothing'}", f"hydra.run.dir={tmp_path / 'r'}", "send=false"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no model.pt under" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "hippo.deploy", f"hydra.run.dir={tmp_path / 'r2'}", "send=false"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "exactly one of study=DIR" in proc.stderr
