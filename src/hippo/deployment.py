@@ -45,6 +45,7 @@ def flush_outbox(cfg: Mapping[str, Any]) -> dict[str, int]:
 
 def run_deploy(cfg: Mapping[str, Any]) -> int:
     """Run the deployment described by ``cfg`` (``conf/deploy.yaml`` resolved); returns the exit code."""
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies at INFO
     send = bool(cfg.get("send", True))
     flushed = flush_outbox(cfg) if send else {}
     if cfg.get("outbox") == "flush":

@@ -456,7 +456,7 @@ def render_report(
     draw.text((W - margin, y + 2), f"overlay opacity {int(OVERLAY_ALPHA * 100)}%", font=_font(14),
               fill=_MUTED, anchor="ra")
     y += 30
-    footer_h = 118
+    footer_h = 150
     gap = 16
     box_w = (inner - 2 * gap) // 3
     box_h = max(120, min(box_w, H - footer_h - y - 34))
@@ -481,7 +481,7 @@ def render_report(
     trained = _get(model, "trained_on", "trained-on", "training", default="not recorded")
     fy = _text_block(draw, (margin, fy + 8), f"Model: {name}, version {version}. Trained on: {trained}.",
                      _font(14), inner, fill=_TEXT, spacing=3)
-    fy = _text_block(draw, (margin, fy), f"Validation metrics: {_metrics_text(_get(model, 'metrics'))}.",
+    fy = _text_block(draw, (margin, fy), f"Held-out test metrics of the model: {_metrics_text(_get(model, 'metrics'))}.",
                      _font(14), inner, fill=_TEXT, spacing=3)
     fy = _text_block(draw, (margin, fy), (
         f"Generated {stamp} by HippoVolume {__version__}. Volumes depend on image quality and on the "
