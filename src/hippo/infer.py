@@ -29,7 +29,7 @@ import torch
 
 from hippo import __version__
 from hippo.data.nifti import LABEL_NAMES, normalize_minmax, pad_or_crop, undo_pad_or_crop
-from hippo.fileio import write_bytes_atomic
+from hippo.fileio import to_plain, write_bytes_atomic
 from hippo.model.unet import UNet
 
 MODEL_FORMAT = "hippo-model/1"
@@ -52,10 +52,10 @@ def save_model_file(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "net": {"class": "hippo.model.unet.UNet", "config": dict(net.config)},
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
-        "preprocessing": _plain(preprocessing),
+        "preprocessing": to_plain(preprocessing),
         "labels": {str(k): str(v) for k, v in labels.items()},
-        "metrics": _plain(metrics or {}),
-        "training": _plain(training or {}),
+        "metrics": to_plain(metrics or {}),
+        "training": to_plain(training or {}),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -212,15 +212,3 @@ class InferenceAgent:
         labels, probs = result
         return np.ascontiguousarray(np.moveaxis(labels, 0, axis)), np.ascontiguousarray(np.moveaxis(probs, 1, axis + 1))
 
-
-def _plain(value: Any) -> Any:
-    """Convert numpy scalars / tuples / OmegaConf-free mappings to plain Python for safe pickling."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

@@ -114,7 +114,7 @@ from hippo.data.nifti import (
     labels_to_uint8,
     load_nifti,
 )
-from hippo.fileio import write_bytes_atomic
+from hippo.fileio import to_plain, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class CaseRecord:
         return [f.code for f in self.flags if severity is None or f.severity == severity]
 
     def to_json(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
 
 @dataclass
@@ -727,35 +727,12 @@ def _write_clean_copy(root: Path, clean_dir: Path, clean: list[CasePaths], mode:
     return clean_dir
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Atomic write, readable by others like any report (mkstemp alone gives 0600)."""
-    write_bytes_atomic(path, data)
-    os.chmod(path, 0o644)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    _write(path, text.encode("utf-8"))
-
-
-def _jsonable(obj: Any) -> Any:
-    """numpy scalars -> Python, non-finite floats -> None, tuples -> lists (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _dump_json(obj: Any) -> str:
-    return json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n"
+    return json.dumps(to_plain(obj), indent=2, allow_nan=False) + "\n"
 
 
 def _fmt_tuple(values: Sequence[float]) -> str:
@@ -771,7 +748,7 @@ def _save_fig(fig, path: Path) -> None:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    _write(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _write_plots(records: list[CaseRecord], out_dir: Path, outlier_info: dict) -> dict[str, Path]:
@@ -962,5 +939,5 @@ def _report(records: list[CaseRecord], summary: dict, parameters: dict, files: d
             if key in files:
                 lines += [f"### {title}", "", f"![{title}]({os.path.relpath(files[key], out_dir)})", ""]
 
-    lines += ["## Parameters", "", "```json", json.dumps(_jsonable(parameters), indent=2), "```", ""]
+    lines += ["## Parameters", "", "```json", json.dumps(to_plain(parameters), indent=2), "```", ""]
     return "\n".join(lines)

@@ -32,13 +32,14 @@ import os
 import re
 import sys
 import time
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
 import nibabel as nib
 import numpy as np
+
+from hippo.fileio import write_bytes_atomic
 
 #: Bump when the generator's output changes, so that existing datasets are regenerated.
 GENERATOR_VERSION = 1
@@ -257,17 +258,6 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a hidden temporary file in the same directory + os.replace."""
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _case_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     """Independent generator per case, so a case does not depend on n_cases or the worker count."""
     return np.random.default_rng([seed, stream, index])
@@ -279,9 +269,9 @@ def _write_case(task: tuple[str, int, int, int, str, bool]) -> str:
     image, label, affine = make_case(_case_rng(seed, stream, index))
     stored = image.astype(np.uint8) if _is_8bit(image) else image
     img_dir = Path(root) / ("imagesTr" if with_label else "imagesTs")
-    _atomic_write(img_dir / f"{name}.nii.gz", _nifti_bytes(stored, affine))
+    write_bytes_atomic(img_dir / f"{name}.nii.gz", _nifti_bytes(stored, affine))
     if with_label:
-        _atomic_write(Path(root) / "labelsTr" / f"{name}.nii.gz", _nifti_bytes(label, affine))
+        write_bytes_atomic(Path(root) / "labelsTr" / f"{name}.nii.gz", _nifti_bytes(label, affine))
     return name
 
 
@@ -418,7 +408,7 @@ def generate_dataset(root: str | os.PathLike, n_cases: int = 40, seed: int = 0, 
         if _is_complete(root, params):       # another process finished it while we waited
             return root
         _check_owned(root)
-        _atomic_write(root / _MARKER, json.dumps(params).encode())
+        write_bytes_atomic(root / _MARKER, json.dumps(params).encode())
         with contextlib.suppress(FileNotFoundError):
             (root / "dataset.json").unlink()
         train, test = _names(int(n_cases), int(n_test))
@@ -435,7 +425,7 @@ def generate_dataset(root: str | os.PathLike, n_cases: int = 40, seed: int = 0, 
                 _write_case(task)
         _remove_stale(root, {"imagesTr": set(train), "labelsTr": set(train), "imagesTs": set(test)})
         meta = _dataset_json(params, train, test)
-        _atomic_write(root / "dataset.json", (json.dumps(meta, indent=4) + "\n").encode())
+        write_bytes_atomic(root / "dataset.json", (json.dumps(meta, indent=4) + "\n").encode())
         (root / _MARKER).unlink()
     return root
 
