@@ -235,3 +235,21 @@ def test_missing_model_and_bad_arguments_are_clear(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hippo.deploy", f"hydra.run.dir={tmp_path / 'r2'}", "send=false"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "exactly one of study=DIR" in proc.stderr
+
+
+def test_dicom_path_gives_the_same_segmentation_as_the_nifti(real_data_root, studies, model_file, tmp_path):
+    """hippocampus_001 (stored as uint8) -> scanner -> DICOM -> pipeline: same mask as on the NIfTI."""
+    from hippo.infer import InferenceAgent
+
+    agent = InferenceAgent.from_file(model_file)
+    image, spacing, _ = load_nifti(real_data_root / "imagesTr" / "hippocampus_001.nii.gz")
+    direct = agent.segment(image)
+    assert direct.any()
+    outcome = StudyProcessor(agent, tmp_path).process(studies / "study_0")
+    assert outcome.status == "ok", outcome.error
+    expected = label_volumes_mm3(direct, spacing)
+    assert {k: outcome.volumes[k] for k in expected} == expected
+    seg = hd.seg.segread(outcome.files["seg"])
+    assert int(np.asarray(seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[u for _, _, u in seg.get_source_image_uids()], segment_numbers=[1])).sum()) \
+        == int((direct == 1).sum())
