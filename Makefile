@@ -10,7 +10,11 @@ TORCH_SPEC  ?= torch==2.13.0
 PIP_FLAGS   ?= -q --disable-pip-version-check
 BIN         := $(VENV)/bin
 
-.PHONY: setup demo test test-fast clean-outputs
+# Debian packages the clinical network and its tests use (PACS, DICOM tools, headless browser).
+DEB_PACKAGES ?= orthanc orthanc-dicomweb dcmtk chromium
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system-deps demo test test-fast clean-outputs
 
 $(BIN)/.hippo-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,15 +24,23 @@ $(BIN)/.hippo-installed: pyproject.toml
 
 setup: $(BIN)/.hippo-installed
 
+# installs the Debian packages once (skipped when Orthanc, chromium and storescu are already there)
+system-deps:
+	@if command -v Orthanc >/dev/null && command -v chromium >/dev/null && command -v storescu >/dev/null; then \
+		echo "system packages present"; \
+	else \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DEB_PACKAGES); \
+	fi
+
 demo: setup
 	$(BIN)/python -m hippo.train
 
-test: setup
+test: setup system-deps
 	$(BIN)/python -m pytest -q
 
-# the default suite without the slow real-data training and wheel build
+# without the slow real-data training, the wheel build and the service-backed tests
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not service"
 
 clean-outputs:
 	rm -rf outputs/train outputs/eval outputs/curate outputs/debug outputs/data
