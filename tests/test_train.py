@@ -164,3 +164,19 @@ def test_wheel_ships_the_configs(tmp_path):
     for cfg in ("train.yaml", "eval.yaml", "curate.yaml", "data/synthetic.yaml", "model/unet.yaml",
                 "trainer/default.yaml", "hydra/default.yaml"):
         assert f"hippo/_conf/{cfg}" in names, f"{cfg} missing from {wheel.name}"
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_tests_every_volume(synthetic_root, tmp_path):
+    """trainer=ddp: Lightning re-launches the Hydra command per rank; results.json must still hold
+    every test volume (each rank tests a share; rank 0 gathers them)."""
+    run = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hippo.train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+         "trainer.max_epochs=1", *[o for o in _fast(synthetic_root, run) if not o.startswith("paths.output_dir")],
+         f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    split = json.loads((run / "split.json").read_text())
+    assert [r["name"] for r in results["per_volume"]] == split["test"] and len(split["test"]) >= 2
+    assert (run / "model.pt").is_file()

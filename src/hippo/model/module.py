@@ -168,6 +168,12 @@ class SegmentationModule(L.LightningModule):
         self.test_results.append(row)
 
     def on_test_epoch_end(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # each rank tested a share of the volumes (the sampler may repeat one to even them out)
+            parts: list[list[dict[str, Any]] | None] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, self.test_results)
+            rows = {r["name"]: r for part in parts for r in (part or [])}
+            self.test_results = [rows[name] for name in sorted(rows)]
         summary = summarize(r for r in self.test_results)
         for key in ("dice_anterior", "dice_posterior", "dice_mean", "dice_foreground",
                     "jaccard_anterior", "jaccard_posterior", "jaccard_mean", "jaccard_foreground"):
