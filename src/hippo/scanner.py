@@ -689,6 +689,8 @@ def send_study(
     """
     from pynetdicom import AE
 
+    from hippo.pacs import TCP_NODELAY_HANDLERS
+
     folder = Path(dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a directory")
@@ -716,7 +718,7 @@ def send_study(
     ae.connection_timeout = min(timeout_s, 10.0)
     for sop_class, ts_list in syntaxes.items():
         ae.add_requested_context(sop_class, ts_list)
-    assoc = ae.associate(host, int(port), ae_title=called_ae)
+    assoc = ae.associate(host, int(port), ae_title=called_ae, evt_handlers=TCP_NODELAY_HANDLERS)
     if not assoc.is_established:
         if assoc.is_rejected:
             raise ScannerSendError(f"association with {peer} rejected (check the called AE title "
