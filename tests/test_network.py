@@ -1,0 +1,112 @@
+"""The whole clinical network end to end (service-backed): ``Network.up()`` starts Orthanc (Debian
+package, Lua auto-routing), the AI listener and the OHIF viewer on free loopback ports; the scanner
+emulator sends a study built from the real data; Orthanc routes its HippoCrop series to the
+listener, whose SC report, SEG and SR come back into the same study; the SR's volumes match the
+listener's record; ``down()`` leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from hippo.network.orthanc import OrthancClient, free_port, pid_alive
+from hippo.network.stack import Network, load_config
+from hippo.scanner import send_study, write_study
+
+pytestmark = pytest.mark.service
+
+RESULT_DESCRIPTIONS = ("AI hippocampus volume report, research use", "AI hippocampus segmentation, research use",
+                       "AI hippocampus volumes (TID 1500), research use")
+
+
+def _require_services() -> None:
+    for tool in ("Orthanc", "npm"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (make system-deps installs the Debian packages)")
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    import torch
+
+    from hippo.infer import save_model_file
+    from hippo.model.unet import UNet
+
+    torch.manual_seed(0)
+    return save_model_file(tmp_path_factory.mktemp("model") / "model.pt", UNet(initial_filters=8, num_downs=3),
+                           preprocessing={"normalization": "minmax_per_volume", "slice_axis": 0, "patch_size": [64, 64]})
+
+
+def _numeric_items(ds):
+    for item in ds.get("ContentSequence", []):
+        if item.get("ValueType") == "NUM":
+            yield float(item.MeasuredValueSequence[0].NumericValue)
+        yield from _numeric_items(item)
+
+
+def test_scanner_to_pacs_to_ai_and_back(real_data_root, model_file, tmp_path):
+    _require_services()
+    ports = {k: free_port() for k in ("dicom", "http", "listener", "viewer")}
+    ohif_cache = Path(__file__).resolve().parents[1] / "outputs" / "network" / "ohif" / "dist"
+    cfg = load_config(overrides=[
+        f"paths.log_dir={tmp_path / 'outputs'}", f"orthanc.dicom_port={ports['dicom']}",
+        f"orthanc.http_port={ports['http']}", f"listener.port={ports['listener']}", f"viewer.port={ports['viewer']}",
+        "orthanc.stable_age=2", "listener.quiet_seconds=1", f"ohif.dist={ohif_cache}",
+    ])
+    net = Network(cfg, model_path=model_file)
+    study_dir = tmp_path / "study"
+    manifest = write_study(real_data_root / "imagesTr" / "hippocampus_001.nii.gz", study_dir,
+                           label_path=real_data_root / "labelsTr" / "hippocampus_001.nii.gz", seed=11)
+    study_uid = manifest["study_instance_uid"]
+    try:
+        status = net.up()
+        assert status["up"] and all(s["running"] for s in status["services"].values()), status
+        sent = send_study(study_dir, "127.0.0.1", ports["dicom"], called_ae="ORTHANC", calling_ae="HIPPOSCANNER")
+        assert sent["failed"] == 0 and sent["sent"] > 0
+
+        client = OrthancClient(f"http://127.0.0.1:{ports['http']}")
+        deadline, descriptions = time.monotonic() + 240, set()
+        while time.monotonic() < deadline:
+            study_id = client.find_study(study_uid)
+            if study_id:
+                descriptions = {s["MainDicomTags"].get("SeriesDescription", "") for s in client.series(study_id)}
+                if set(RESULT_DESCRIPTIONS) <= descriptions:
+                    break
+            time.sleep(1)
+        assert set(RESULT_DESCRIPTIONS) <= descriptions, f"results did not arrive; series now: {descriptions}"
+
+        # the SR stored in Orthanc carries the volumes the listener measured
+        sr_series = next(s for s in client.series(study_id)
+                         if s["MainDicomTags"].get("SeriesDescription") == RESULT_DESCRIPTIONS[2])
+        sr_instance = client.instances(sr_series["ID"])[0]["ID"]
+        import io
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/instances/{sr_instance}/file") as r:
+            sr = pydicom.dcmread(io.BytesIO(r.read()))
+        record = json.loads((tmp_path / "outputs" / "network" / "listener" / "processed" / study_uid
+                             / "listener.json").read_text())
+        volumes = record["volumes"]
+        assert sorted(_numeric_items(sr)) == pytest.approx(
+            sorted([volumes["anterior_mm3"], volumes["posterior_mm3"], volumes["total_mm3"]]))
+
+        # the viewer serves OHIF and proxies DICOMweb (QIDO finds the study, results included)
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['viewer']}/dicom-web/studies/{study_uid}/series") as r:
+            qido = json.loads(r.read())
+        assert len(qido) >= 2 + 3  # HippoCrop + distractors + SC, SEG, SR
+
+        # results coming back did not route the study a second time: one set only
+        time.sleep(4)
+        assert sum(s["MainDicomTags"].get("SeriesDescription") in RESULT_DESCRIPTIONS
+                   for s in client.series(study_id)) == 3
+    finally:
+        pids = [e["pid"] for e in net.read_state().get("processes", {}).values()]
+        net.down()
+    assert len(pids) == 3 and not any(pid_alive(p) for p in pids)
+    assert not net.status()["up"]
+    assert not any(any(s["listening"].values()) for s in net.status()["services"].values())
