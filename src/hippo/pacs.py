@@ -7,12 +7,13 @@ delivered.
   :class:`SendReport` says per instance what was delivered.
 * :class:`Outbox` -- a crash-safe spool directory: ``<root>/<SOPInstanceUID>.dcm`` (+ ``.json``
   sidecar with the destination and the attempts), each written atomically; :meth:`Outbox.flush`
-  removes exactly what the PACS accepted, so a later flush never delivers an object twice.
+  removes each object as soon as the PACS acknowledged it, so a later flush never delivers an
+  acknowledged object again.
 * :func:`deliver` -- send now, spool what failed.
 
-Delivery is at-least-once: if the process dies after the PACS accepted an object but before the
-outbox entry was removed, the next flush sends it again (a PACS stores a SOP instance once per
-SOPInstanceUID, so this is harmless).
+Delivery is at-least-once: if the process dies after the PACS accepted an object but before its
+acknowledgement was received and the outbox entry removed (the one object in flight), the next
+flush sends it again (a PACS stores a SOP instance once per SOPInstanceUID, so this is harmless).
 
 Only pydicom and pynetdicom; never imports torch, Lightning or Hydra; never logs patient names.
 """
@@ -295,6 +296,7 @@ class _Item:
     result: InstanceResult
     transfer_syntax: str = ""
     done: bool = False
+    index: int = -1
 
 
 def _prepare(obj: DatasetOrPath) -> _Item:
@@ -373,7 +375,8 @@ def _classify(code: int) -> State:
 
 
 def send(datasets_or_paths: Iterable[DatasetOrPath], cfg: PacsConfig | None = None, *,
-         sleep: Callable[[float], None] = time.sleep) -> SendReport:
+         sleep: Callable[[float], None] = time.sleep,
+         on_delivered: Callable[[int], None] | None = None) -> SendReport:
     """C-STORE every object to the PACS over one association.
 
     Presentation contexts are proposed only for the SOP classes present (Explicit and Implicit VR
@@ -388,6 +391,9 @@ def send(datasets_or_paths: Iterable[DatasetOrPath], cfg: PacsConfig | None = No
             read one at a time while sending.
         cfg: the destination (default :class:`PacsConfig`).
         sleep: the backoff sleep (tests pass a recorder).
+        on_delivered: called with an object's index (input order) as soon as the PACS
+            acknowledged it (Success or Warning), before the next object is sent; its errors are
+            logged, not raised (:meth:`Outbox.flush` removes the entry there).
 
     Returns:
         A :class:`SendReport` with one result per object in input order. Never raises for network
@@ -395,6 +401,8 @@ def send(datasets_or_paths: Iterable[DatasetOrPath], cfg: PacsConfig | None = No
     """
     cfg = cfg or PacsConfig()
     items = [_prepare(o) for o in datasets_or_paths]
+    for i, it in enumerate(items):
+        it.index = i
     report = SendReport(results=[it.result for it in items], destination=cfg.destination)
     todo = [it for it in items if not it.done]
     if not todo:
@@ -465,6 +473,12 @@ def send(datasets_or_paths: Iterable[DatasetOrPath], cfg: PacsConfig | None = No
                 if it.result.state == "failure":
                     log.warning("C-STORE %s: %s refused with status 0x%04X", cfg.destination,
                                 it.result.sop_instance_uid, code)
+                elif on_delivered is not None:
+                    try:
+                        on_delivered(it.index)
+                    except Exception as exc:  # never let the callback look like a network error
+                        log.warning("C-STORE %s: after delivering %s: %s: %s", cfg.destination,
+                                    it.result.sop_instance_uid, type(exc).__name__, exc)
         except Exception as exc:  # a network error surfacing as an exception
             last_error = f"association failed: {type(exc).__name__}: {exc}"
         finally:
@@ -634,7 +648,8 @@ class Outbox:
 
     def flush(self, cfg: PacsConfig | None = None, *,
               sleep: Callable[[float], None] = time.sleep) -> SendReport:
-        """Send everything pending and remove exactly what the PACS accepted.
+        """Send everything pending and remove exactly what the PACS accepted (each entry as soon as
+        its acknowledgement arrives, so a crash mid-flush re-sends at most the object in flight).
 
         With ``cfg`` every entry goes to ``cfg``'s PACS; without it each entry goes to the
         destination recorded in its sidecar (entries without one are left pending, logged).
@@ -671,10 +686,11 @@ class Outbox:
 
             total = SendReport()
             for dest, group in groups:
-                report = send([e.path for e in group], dest, sleep=sleep)
+                report = send([e.path for e in group], dest, sleep=sleep,
+                              on_delivered=lambda i, g=group: self.remove(g[i].sop_instance_uid))
                 for entry, result in zip(group, report.results):
                     if result.delivered:
-                        self.remove(entry.sop_instance_uid)
+                        self.remove(entry.sop_instance_uid)  # already removed; idempotent
                     else:
                         self._record_failure(entry, dest, result.message or result.state)
                 total = total.merge(report)

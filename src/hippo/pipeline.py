@@ -15,6 +15,8 @@ read, never written.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import logging
 import os
 import time
@@ -26,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from pydicom import dcmwrite
+from pydicom.uid import generate_uid
 
 from hippo.dicom.ingest import SelectionRules, scan_study, select_series
 from hippo.dicom.objects import make_seg, make_sr
@@ -134,10 +137,11 @@ class StudyProcessor:
         try:
             t = time.perf_counter()
             scan = scan_study(study_dir, workers=self.io_threads)
+            # recorded before selection, so that a failed study's summary also lists them
+            outcome.warnings += [f"ignored {p}: {why}" for p, why in scan.ignored]
             series = select_series(scan, self.rules)
             outcome.study_uid, outcome.series_uid = series.study_uid, series.uid
             outcome.series_description = series.description
-            outcome.warnings += [f"ignored {p}: {why}" for p, why in scan.ignored]
             timings["ingest"] = time.perf_counter() - t
 
             stage, t = "volume", time.perf_counter()
@@ -164,11 +168,17 @@ class StudyProcessor:
             now = _dt.datetime.now(_dt.timezone.utc)
             page = render_report(volume.array, mask, volume.spacing, patient=patient, study=study,
                                  volumes=volumes, norm=norm, model=self.model_info, timestamp=now)
-            sc = secondary_capture(page, source, series_number=self.series_numbers["sc"], timestamp=now)
+            uid = result_uid_maker(scan, series.uid, self.agent.metadata,
+                                   {"normative_comparison": self.normative_comparison,
+                                    "series_numbers": self.series_numbers})
+            sc = secondary_capture(page, source, series_number=self.series_numbers["sc"], timestamp=now,
+                                   series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"))
             version = str(self.agent.metadata.get("hippo_version", "0"))
             seg = make_seg(volume.datasets, volume.to_source(mask), model_version=version,
-                           series_number=self.series_numbers["seg"])
-            sr = make_sr(volume.datasets, seg, volumes, model_version=version, series_number=self.series_numbers["sr"])
+                           series_number=self.series_numbers["seg"],
+                           series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"))
+            sr = make_sr(volume.datasets, seg, volumes, model_version=version, series_number=self.series_numbers["sr"],
+                         series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"))
             timings["report"] = time.perf_counter() - t
 
             stage, t = "write", time.perf_counter()
@@ -204,6 +214,31 @@ class StudyProcessor:
             log.error("study %s failed at %s: %s", study_dir, stage, outcome.error)
             log.debug("%s", traceback.format_exc())
         return outcome
+
+
+def result_uid_maker(scan, series_uid: str, model_metadata: Mapping[str, Any],
+                     options: Mapping[str, Any]) -> Callable[[str], str]:
+    """``uid(role) -> UID`` for the result objects (``"sc"``, ``"seg-series"``, ...), derived only from
+    what the results are computed from: every input instance of the study (SOP Instance UIDs as
+    scanned), the selected series, the model (its metadata, not its path), the report options and
+    this package's version.
+
+    Processing the same inputs again -- e.g. the listener redoing a study after a crash that came
+    after the results were sent -- gives the same SOP Instance UIDs, so the PACS stores one result
+    set (it keeps one instance per SOPInstanceUID) and at-least-once delivery stays harmless; a
+    changed study or another model gives new UIDs, i.e. a new result set.
+    """
+    from hippo import __version__
+
+    key = json.dumps({
+        "instances": sorted(h.sop_instance_uid for s in scan.series for h in s.instances),
+        "series": str(series_uid),
+        "model": {k: v for k, v in dict(model_metadata).items() if k != "path"},
+        "options": dict(options),
+        "hippo": __version__,
+    }, sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return lambda role: generate_uid(entropy_srcs=[digest, str(role)])
 
 
 def _result_json(outcome: StudyOutcome, model: Mapping[str, Any], volume) -> dict[str, Any]:

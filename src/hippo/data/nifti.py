@@ -35,6 +35,11 @@ class CaseError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):
+        # Rebuilt from (path, problem): the default (cls, args) pickling would call
+        # CaseError(message) and fail, and load_cases sends CaseErrors back from worker processes.
+        return type(self), (self.path, self.problem)
+
 
 @dataclass(frozen=True)
 class CasePaths:

@@ -187,6 +187,14 @@ def read_header(path: str | os.PathLike) -> tuple[InstanceHeader | None, str | N
     Returns ``(header, None)`` for a usable DICOM instance, or ``(None, reason)`` for anything to
     ignore (not DICOM, DICOMDIR, truncated, missing UIDs). Never raises for file content problems.
     """
+    header, reason = _read_header(path)
+    return (None, reason) if reason else (header, None)
+
+
+def _read_header(path: str | os.PathLike) -> tuple[InstanceHeader | None, str | None]:
+    """:func:`read_header`, except that a *damaged* instance (identifying header read, pixel data
+    truncated) comes back as ``(header, reason)``, so that :func:`scan_study` can hold the damage
+    against its series instead of silently dropping one slice."""
     path = Path(path)
     if path.name.upper() == "DICOMDIR":
         return None, "DICOMDIR (media directory index, not an image)"
@@ -227,13 +235,12 @@ def _header_from_dataset(path: Path, ds: Dataset, *, pos: int, size: int
             truncated = " (file truncated?)" if pos >= size else ""
             return None, f"missing {', '.join(missing)}{truncated}"
         rows, columns = _int_or_none(ds.get("Rows")), _int_or_none(ds.get("Columns"))
+        problem = None
         if rows is not None and columns is not None:
             implicit, little = ds.original_encoding
             if implicit is None:  # pragma: no cover - read from file, always known
                 implicit, little = True, True
             problem = _pixel_data_problem(path, pos, size, bool(little), bool(implicit))
-            if problem:
-                return None, problem
         frames = _int_or_none(ds.get("NumberOfFrames"))
         ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
         if not ts:
@@ -260,7 +267,7 @@ def _header_from_dataset(path: Path, ds: Dataset, *, pos: int, size: int
         )
     except Exception as exc:  # a malformed value somewhere in the header
         return None, f"unreadable DICOM header: {type(exc).__name__}: {exc}"
-    return header, None
+    return header, problem  # problem set: a damaged instance of a known series
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,6 +305,8 @@ class SeriesInfo:
         transfer_syntaxes: distinct TransferSyntaxUIDs.
         study_uid, patient_id: of the first instance (``study_uids`` lists all, normally one).
         instances: the per-file headers in ``files`` order (positions for geometry checks).
+        damaged: ``(path, reason)`` of files of this series that were left out because they are
+            damaged (pixel data truncated); such a series is never selected.
     """
 
     uid: str
@@ -315,10 +324,13 @@ class SeriesInfo:
     study_uids: frozenset[str]
     patient_id: str
     instances: tuple[InstanceHeader, ...] = field(repr=False)
+    damaged: tuple[tuple[Path, str], ...] = ()
 
     @classmethod
-    def from_instances(cls, instances: Iterable[InstanceHeader]) -> "SeriesInfo":
-        """Group headers that share one SeriesInstanceUID (sorted by InstanceNumber, then path)."""
+    def from_instances(cls, instances: Iterable[InstanceHeader],
+                       damaged: Iterable[tuple[Path, str]] = ()) -> "SeriesInfo":
+        """Group headers that share one SeriesInstanceUID (sorted by InstanceNumber, then path);
+        ``damaged`` lists the series' files that could not be used."""
         inst = sorted(instances, key=lambda h: (h.instance_number is None,
                                                 h.instance_number or 0, str(h.path)))
         if not inst:
@@ -343,6 +355,7 @@ class SeriesInfo:
             study_uids=frozenset(h.study_uid for h in inst),
             patient_id=first.patient_id,
             instances=tuple(inst),
+            damaged=tuple(sorted(damaged, key=lambda pr: str(pr[0]))),
         )
 
     @property
@@ -366,52 +379,71 @@ class SeriesInfo:
         Checks (headers only): one (Rows, Columns); one PixelSpacing and one
         ImageOrientationPatient (within 1e-4); an ImagePositionPatient on every instance; no two
         slices at the same position; slices stacked along the slice normal (no shear / tilt,
-        0.01 mm); evenly spaced (1 %). Multi-frame instances are not examined here.
+        0.01 mm); evenly spaced (1 %). Multi-frame instances are not examined here. Each problem
+        names a file that shows it (the odd one out, or the two slices around a gap).
         """
         problems: list[str] = []
+        inst = self.instances
         if len(self.rows_columns) != 1 or None in next(iter(self.rows_columns)):
-            problems.append(f"Rows/Columns missing or differ ({_fmt_set(self.rows_columns)})")
+            problems.append(f"Rows/Columns missing or differ ({_fmt_set(self.rows_columns)})"
+                            + _odd_one_out(inst, lambda h: (h.rows, h.columns), "Rows/Columns"))
         if None in self.pixel_spacings:
-            problems.append("PixelSpacing missing on some instances")
+            problems.append("PixelSpacing missing on some instances"
+                            + _odd_one_out(inst, lambda h: h.pixel_spacing, "PixelSpacing"))
         elif not _all_close(self.pixel_spacings, rel=_SPACING_REL_TOL):
-            problems.append(f"PixelSpacing differs ({_fmt_set(self.pixel_spacings)})")
+            problems.append(f"PixelSpacing differs ({_fmt_set(self.pixel_spacings)})"
+                            + _odd_one_out(inst, lambda h: h.pixel_spacing, "PixelSpacing",
+                                           lambda a, b: _all_close((a, b), rel=_SPACING_REL_TOL)))
         if None in self.orientations:
-            problems.append("ImageOrientationPatient missing on some instances")
+            problems.append("ImageOrientationPatient missing on some instances"
+                            + _odd_one_out(inst, lambda h: h.orientation, "ImageOrientationPatient"))
             return problems
         if not _all_close(self.orientations, abs_tol=_DIR_TOL):
-            problems.append(f"ImageOrientationPatient differs ({len(self.orientations)} values)")
+            problems.append(f"ImageOrientationPatient differs ({len(self.orientations)} values)"
+                            + _odd_one_out(inst, lambda h: h.orientation, "ImageOrientationPatient",
+                                           lambda a, b: _all_close((a, b), abs_tol=_DIR_TOL)))
             return problems
         if not self.is_single_frame:
             return problems
-        positions = [h.position for h in self.instances]
+        positions = [h.position for h in inst]
         if any(p is None for p in positions):
-            problems.append("ImagePositionPatient missing on some instances")
+            problems.append("ImagePositionPatient missing on some instances"
+                            + _odd_one_out(inst, lambda h: h.position is not None, "ImagePositionPatient"))
             return problems
-        ori = self.instances[0].orientation
+        ori = inst[0].orientation
         assert ori is not None
         normal = _cross(ori[:3], ori[3:])
         if _norm(normal) < 0.5:
             problems.append("ImageOrientationPatient is degenerate (row and column not orthogonal)")
             return problems
-        proj = sorted((_dot(p, normal), p) for p in positions)  # type: ignore[arg-type]
+        proj = sorted((_dot(h.position, normal), h.position, str(h.path)) for h in inst)  # type: ignore[arg-type]
         if len(proj) < 2:
             return problems
         gaps = [b[0] - a[0] for a, b in zip(proj, proj[1:])]
         if min(gaps) < _POS_ABS_TOL_MM:
-            problems.append("two or more slices share one position")
+            k = gaps.index(min(gaps))
+            problems.append(f"two or more slices share one position: {proj[k][2]} and {proj[k + 1][2]} are "
+                            f"different instances at the same position ({proj[k][0]:.4g} mm along the "
+                            "slice normal)")
             return problems
         median_gap = sorted(gaps)[len(gaps) // 2]
         tol = max(_POS_ABS_TOL_MM, _GAP_REL_TOL * median_gap)
-        if max(abs(g - median_gap) for g in gaps) > tol:
-            problems.append(f"uneven slice spacing ({min(gaps):.3g}..{max(gaps):.3g} mm; "
-                            "missing slices?)")
+        k = max(range(len(gaps)), key=lambda i: abs(gaps[i] - median_gap))
+        if abs(gaps[k] - median_gap) > tol:
+            missing = round(gaps[k] / median_gap) - 1
+            what = f", about {missing} missing slice(s)" if missing >= 1 else ""
+            problems.append(f"uneven slice spacing ({min(gaps):.3g}..{max(gaps):.3g} mm; missing slices?): "
+                            f"a step of {gaps[k]:.4g} mm (median {median_gap:.4g} mm{what}) between "
+                            f"{proj[k][2]} ({proj[k][0]:.4g} mm) and {proj[k + 1][2]} ({proj[k + 1][0]:.4g} mm) "
+                            "along the slice normal")
         origin = proj[0][1]
-        for d, p in proj[1:]:
+        for d, p, name in proj[1:]:
             offset = _sub(p, origin)
             along = _dot(offset, normal)
             in_plane = _norm(_sub(offset, tuple(along * n for n in normal)))
             if in_plane > tol:
-                problems.append("slices are not stacked along the slice normal (tilt or shear)")
+                problems.append(f"slices are not stacked along the slice normal (tilt or shear): {name} is "
+                                f"{in_plane:.3g} mm off the normal through {proj[0][2]}")
                 break
         return problems
 
@@ -440,6 +472,30 @@ def _all_close(values: Iterable[tuple[float, ...] | None], *, rel: float = 0.0,
     ref = vals[0]
     return all(math.isclose(a, b, rel_tol=rel, abs_tol=abs_tol)
                for v in vals[1:] for a, b in zip(v, ref))
+
+
+def _odd_one_out(instances: Sequence[InstanceHeader], key, label: str, same=None) -> str:
+    """``": PATH has X, the other N instance(s) have Y"`` for the first instance whose ``key`` differs
+    from the most common value (``same(a, b)`` decides "equal"; default ``==``), or ``""``."""
+    same = same or (lambda a, b: a == b)
+    values = [key(h) for h in instances]
+    common = Counter(values).most_common(1)[0][0]
+    n_common = sum(1 for v in values if same(v, common))
+    for h, v in zip(instances, values):
+        if not same(v, common):
+            show = {True: "one", False: "none"} if isinstance(v, bool) else {}
+            return (f": {h.path} has {label} {show.get(v, _fmt_value(v))}, the other {n_common} instance(s) "
+                    f"have {show.get(common, _fmt_value(common))}")
+    return ""
+
+
+def _fmt_value(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, tuple):
+        return "(" + ", ".join("none" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
+                               for x in v) + ")"
+    return str(v)
 
 
 def _fmt_set(values: Iterable[Any]) -> str:
@@ -536,7 +592,9 @@ def scan_study(study_dir: str | os.PathLike, *, workers: int = 8) -> StudyScan:
     Headers only (``dcmread(stop_before_pixels=True)``) in a ``ThreadPoolExecutor`` of ``workers``
     threads. Files without the DICM preamble are parsed with ``force=True`` only when they start
     like a raw DICOM data set and carry a SOPClassUID. Non-DICOM, truncated or unidentifiable files
-    and DICOMDIRs are listed in ``StudyScan.ignored`` with a reason (and logged), never fatal. A
+    and DICOMDIRs are listed in ``StudyScan.ignored`` with a reason (and logged), never fatal; a
+    file whose header names its series but whose pixel data is truncated is also recorded in that
+    series' :attr:`SeriesInfo.damaged` (selection then rejects the series, naming the file). A
     SOPInstanceUID seen twice keeps the first file (by path) and ignores the other.
 
     Args:
@@ -560,15 +618,18 @@ def scan_study(study_dir: str | os.PathLike, *, workers: int = 8) -> StudyScan:
     if files:
         with ThreadPoolExecutor(max_workers=min(workers, len(files)),
                                 thread_name_prefix="dicom-ingest") as pool:
-            results = list(pool.map(read_header, files))
+            results = list(pool.map(_read_header, files))
     else:
         results = []
 
     by_series: dict[str, list[InstanceHeader]] = defaultdict(list)
+    damaged: dict[str, list[tuple[Path, str]]] = defaultdict(list)
     seen_sop: dict[str, Path] = {}
     for path, (header, reason) in zip(files, results):
-        if header is None:
+        if header is None or reason:
             ignored.append((path, reason or "unknown"))
+            if header is not None:
+                damaged[header.series_uid].append((path, reason))
             continue
         if header.sop_instance_uid in seen_sop:
             ignored.append((path, f"duplicate SOPInstanceUID (same as {seen_sop[header.sop_instance_uid]})"))
@@ -584,7 +645,7 @@ def scan_study(study_dir: str | os.PathLike, *, workers: int = 8) -> StudyScan:
         detail = "; ".join(f"{n} x {r}" for r, n in why.most_common(5)) or "directory is empty"
         raise StudyError(f"no DICOM instances found under {root} ({len(files)} files; {detail})")
 
-    series = sorted((SeriesInfo.from_instances(v) for v in by_series.values()),
+    series = sorted((SeriesInfo.from_instances(v, damaged.get(uid, ())) for uid, v in by_series.items()),
                     key=lambda s: (s.study_uid, s.series_number is None, s.series_number or 0,
                                    s.uid))
     study_uids = tuple(sorted({u for s in series for u in s.study_uids}))
@@ -628,6 +689,13 @@ class SelectionRules:
         study_uid: only consider this StudyInstanceUID (None = any).
         single_study: when True, a folder that mixes studies is an error unless ``study_uid`` picks
             one; when False (default) it is only logged as a warning.
+        max_instances: refuse a series of more instances (slices) than this (None = no limit).
+        max_rows_columns: refuse a series whose Rows or Columns exceed this (None = no limit).
+            With ``max_instances`` this bounds the memory a study may take; both are checked from
+            the headers, before any pixel is read.
+
+    A series with a damaged instance (:attr:`SeriesInfo.damaged`: pixel data truncated) is always
+    rejected, naming the file: using the rest would silently drop a slice.
     """
 
     modality: str | None = "MR"
@@ -638,6 +706,8 @@ class SelectionRules:
     sop_classes: Sequence[str] = (pydicom.uid.MRImageStorage,)
     study_uid: str | None = None
     single_study: bool = False
+    max_instances: int | None = 2000
+    max_rows_columns: int | None = 512
 
     def __post_init__(self) -> None:
         if isinstance(self.sop_classes, str):
@@ -649,6 +719,12 @@ class SelectionRules:
         self.single_frame = bool(self.single_frame)
         self.consistent_geometry = bool(self.consistent_geometry)
         self.single_study = bool(self.single_study)
+        for name in ("max_instances", "max_rows_columns"):
+            value = getattr(self, name)
+            if value is not None:
+                if int(value) < 1:
+                    raise ValueError(f"{name} must be >= 1 or null, got {value}")
+                setattr(self, name, int(value))
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "SelectionRules":
@@ -679,6 +755,18 @@ class SelectionRules:
             reasons.append(f"multi-frame (NumberOfFrames {_fmt_set(series.number_of_frames)})")
         if series.n_instances < self.min_instances:
             reasons.append(f"only {series.n_instances} instance(s), need >= {self.min_instances}")
+        if self.max_instances is not None and series.n_instances > self.max_instances:
+            reasons.append(f"too large: {series.n_instances} instances exceed max_instances {self.max_instances}")
+        if self.max_rows_columns is not None:
+            big = sorted((r, c) for r, c in series.rows_columns
+                         if r is not None and c is not None and max(r, c) > self.max_rows_columns)
+            if big:
+                reasons.append(f"too large: Rows x Columns {', '.join(f'{r}x{c}' for r, c in big)} exceed "
+                               f"max_rows_columns {self.max_rows_columns}")
+        if series.damaged:
+            shown = "; ".join(f"{p}: {why}" for p, why in series.damaged[:5])
+            more = f" (and {len(series.damaged) - 5} more)" if len(series.damaged) > 5 else ""
+            reasons.append(f"{len(series.damaged)} damaged instance(s) left out of the series: {shown}{more}")
         if self.consistent_geometry:
             reasons.extend(f"geometry: {p}" for p in series.geometry_problems())
         return reasons
@@ -748,6 +836,10 @@ def _describe_rules(rules: SelectionRules) -> str:
     if rules.consistent_geometry:
         parts.append("consistent geometry")
     parts.append(f">= {rules.min_instances} instances")
+    if rules.max_instances is not None:
+        parts.append(f"<= {rules.max_instances} instances")
+    if rules.max_rows_columns is not None:
+        parts.append(f"Rows/Columns <= {rules.max_rows_columns}")
     if rules.study_uid:
         parts.append(f"study {rules.study_uid}")
     return ", ".join(parts)

@@ -85,7 +85,9 @@ def make_seg(
             sources (what ``SeriesVolume.to_source(mask)`` returns).
         model_version: recorded in the Algorithm Identification and SoftwareVersions.
         series_number, series_description: of the new series (defaults per the deploy contract).
-        series_instance_uid, sop_instance_uid: generated when not given.
+        series_instance_uid, sop_instance_uid: generated when not given (with a given
+            ``sop_instance_uid`` the segments' tracking UIDs are derived from it, so that making the
+            same SEG again gives the same object identities).
 
     Returns:
         The :class:`highdicom.seg.Segmentation` (a pydicom Dataset; ``.save_as(path)`` writes it).
@@ -112,7 +114,9 @@ def make_seg(
             segmented_property_type=HIPPOCAMPUS,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=generate_uid(),
+            # fixed with the SOP Instance UID: the same SEG made again names its findings the same
+            tracking_uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", label])
+            if sop_instance_uid else generate_uid(),
             tracking_id=label,
             display_color=hd.color.CIELabColor.from_rgb(*rgb),
         )
@@ -209,7 +213,9 @@ def make_sr(
             measurements=[volume(value)],
         ))
     groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="Total hippocampus"),
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", "total"]) if sop_instance_uid
+            else generate_uid(), identifier="Total hippocampus"),
         finding_type=HIPPOCAMPUS,
         finding_sites=[hd.sr.FindingSite(anatomic_location=HIPPOCAMPUS)],
         algorithm_id=algorithm,

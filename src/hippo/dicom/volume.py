@@ -448,6 +448,16 @@ def _instance_number_fallback(items: list[_Item], positions: list, normal: np.nd
     return items, normal * spacing, np.asarray(origin, dtype=np.float64)
 
 
+def _has_decoder(transfer_syntax) -> bool:
+    """Whether pydicom has a usable decoder for ``transfer_syntax`` (False when unknown)."""
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(transfer_syntax).is_available)
+    except Exception:  # unknown / unsupported transfer syntax
+        return False
+
+
 def _read_pixels(items: list[_Item], uid: str, workers: int) -> np.ndarray:
     """Rescaled frames ``(n, Rows, Columns) float32`` in ``items`` order; fills ``item.full``."""
 
@@ -460,10 +470,12 @@ def _read_pixels(items: list[_Item], uid: str, workers: int) -> np.ndarray:
         except Exception as exc:  # decoders raise many types
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
             ts_text = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
+            advice = ("a decoder for it is installed, so the pixel data is probably corrupt" if _has_decoder(ts) else
+                      "Install a decoder (pylibjpeg / python-gdcm) or send the series uncompressed "
+                      "(Explicit VR Little Endian)")
             raise PixelDecodeError(
                 f"series {uid}: {it.name}: cannot decode pixel data with transfer syntax {ts_text}: "
-                f"{type(exc).__name__}: {exc}. Install a decoder (pylibjpeg / python-gdcm) or send the series "
-                f"uncompressed (Explicit VR Little Endian)") from exc
+                f"{type(exc).__name__}: {exc}. {advice}") from exc
         if pixels.ndim != 2:
             raise SeriesGeometryError(f"series {uid}: {it.name}: expected one greyscale frame, got pixel shape "
                                       f"{pixels.shape}")

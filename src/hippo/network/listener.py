@@ -40,8 +40,13 @@ Rules:
   cannot make the listener process its own output. A study in ``failed/`` is retried when it is
   sent again.
 * **Restart.** On :meth:`Listener.start`, studies left in ``work/`` (a crash during processing)
-  are moved back to ``incoming/``, and every study in ``incoming/`` is queued at once. A study
-  that reached ``processed/`` or ``failed/`` is never redone on its own.
+  are moved back to ``incoming/``, and every study in ``incoming/`` is queued after one quiet
+  period counted from the start, as if its instances had just arrived: a sender cut off by the
+  crash can send the rest first, so a half-received study is not processed (and its partial
+  results sent) before the rest arrives. A study that reached ``processed/`` or ``failed/`` is
+  never redone on its own. A study redone after a crash that hit after its results were sent
+  gives the same SOP Instance UIDs again (:class:`hippo.pipeline.StudyProcessor` derives them
+  from the inputs and the model), so the PACS keeps one result set.
 * **Model.** Loaded once (lazily on the first study, or at start with ``preload_model=True``). If
   it cannot be loaded the study stays in ``incoming/`` (not the study's fault) and
   :meth:`Listener.status` reports the error; the next start retries.
@@ -711,7 +716,9 @@ class Listener:
                     with contextlib.suppress(OSError):
                         p.rmdir()
                     continue
-                self._enqueue_locked(p.name)
+                # not queued at once: the sender may have been cut off by the crash (see Restart)
+                self._arrivals[p.name] = time.monotonic()
+                log.info("study %s resumed: queued after %.1f s of quiet", p.name, self.quiet_seconds)
                 n += 1
             self._counts["studies_resumed"] += n
         return n
