@@ -75,3 +75,19 @@ def torch_single_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory) -> Path:
+    """A small randomly initialised model (seeded) saved as a real model file: exercises the file
+    format and the whole inference path without training first."""
+    import torch
+
+    from hippo.infer import save_model_file
+    from hippo.model.unet import UNet
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    return save_model_file(path, UNet(initial_filters=8, num_downs=3),
+                           preprocessing={"normalization": "minmax_per_volume", "slice_axis": 0, "patch_size": [64, 64]},
+                           training={"data_root": "test", "split_sizes": {"train": 0}})

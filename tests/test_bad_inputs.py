@@ -35,8 +35,7 @@ from hippo.data.curate import curate
 from hippo.data.datamodule import HippocampusDataModule
 from hippo.data.nifti import CaseError
 from hippo.dicom.volume import load_series
-from hippo.infer import InferenceAgent, save_model_file
-from hippo.model.unet import UNet
+from hippo.infer import InferenceAgent
 from hippo.pipeline import StudyProcessor
 from hippo.scanner import StudyInfo, write_series
 
@@ -342,18 +341,6 @@ def corpus(tmp_path_factory) -> Corpus:
         expect[case] = build(d, StudyInfo(seed=100 + i))  # one StudyInstanceUID per study
         dirs[case] = d
     return Corpus(root, dirs, expect, {c: tree_hashes(d) for c, d in dirs.items()})
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    """A small randomly initialised model: the real file format and inference path."""
-    import torch
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    return save_model_file(path, UNet(initial_filters=8, num_downs=3),
-                           preprocessing={"normalization": "minmax_per_volume", "slice_axis": 0, "patch_size": [64, 64]},
-                           training={"data_root": "test", "split_sizes": {"train": 0}})
 
 
 @pytest.fixture(scope="module")

@@ -297,19 +297,6 @@ def test_flusher_killed_mid_flush_resends_only_the_object_in_flight(tmp_path, or
 
 
 # ======================================================================================= listener
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    """A small randomly initialised model (the real file format and inference path)."""
-    import torch
-
-    from hippo.infer import save_model_file
-    from hippo.model.unet import UNet
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    return save_model_file(path, UNet(initial_filters=8, num_downs=3),
-                           preprocessing={"normalization": "minmax_per_volume", "slice_axis": 0, "patch_size": [64, 64]},
-                           training={"data_root": "test", "split_sizes": {"train": 0}})
 
 
 @pytest.fixture(scope="module")

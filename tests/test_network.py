@@ -30,18 +30,6 @@ def _require_services() -> None:
             pytest.skip(f"{tool} is not installed (make system-deps installs the Debian packages)")
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    import torch
-
-    from hippo.infer import save_model_file
-    from hippo.model.unet import UNet
-
-    torch.manual_seed(0)
-    return save_model_file(tmp_path_factory.mktemp("model") / "model.pt", UNet(initial_filters=8, num_downs=3),
-                           preprocessing={"normalization": "minmax_per_volume", "slice_axis": 0, "patch_size": [64, 64]})
-
-
 def _numeric_items(ds):
     for item in ds.get("ContentSequence", []):
         if item.get("ValueType") == "NUM":

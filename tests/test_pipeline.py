@@ -21,8 +21,6 @@ from pynetdicom.sop_class import (Comprehensive3DSRStorage, SecondaryCaptureImag
 
 from hippo.data.nifti import label_volumes_mm3, load_nifti
 from hippo.dicom.volume import load_series
-from hippo.infer import save_model_file
-from hippo.model.unet import UNet
 from hippo.pipeline import StudyProcessor, find_studies, run_batch
 from hippo.scanner import StudyInfo, write_series, write_study
 
@@ -58,18 +56,6 @@ class StorageSCP:
         if self.server:
             self.server.shutdown()
             self.server = None
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    """A small randomly initialised model: exercises the real file format and inference path."""
-    import torch
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    return save_model_file(path, UNet(initial_filters=8, num_downs=3),
-                           preprocessing={"normalization": "minmax_per_volume", "slice_axis": 0, "patch_size": [64, 64]},
-                           training={"data_root": "test", "split_sizes": {"train": 0}})
 
 
 @pytest.fixture(scope="module")
