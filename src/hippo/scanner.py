@@ -707,12 +707,6 @@ def send_study(
     if len(syntaxes) > 128:
         raise ScannerSendError(f"{len(syntaxes)} SOP classes under {folder}: more than the 128 presentation "
                                f"contexts one association can propose")
-    try:
-        with socket.create_connection((host, int(port)), timeout=min(timeout_s, 10.0)):
-            pass
-    except OSError as exc:
-        raise ScannerSendError(f"cannot reach DICOM peer {peer}: {exc.strerror or exc}") from exc
-
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.connection_timeout = min(timeout_s, 10.0)
@@ -723,6 +717,13 @@ def send_study(
         if assoc.is_rejected:
             raise ScannerSendError(f"association with {peer} rejected (check the called AE title "
                                    f"{called_ae!r} and that {calling_ae!r} is a known modality)")
+        # Only now probe the TCP port, for a clearer message: a probe before every association
+        # would hold one of the peer's association slots until its ACSE timeout.
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(timeout_s, 10.0)):
+                pass
+        except OSError as exc:
+            raise ScannerSendError(f"cannot reach DICOM peer {peer}: {exc.strerror or exc}") from exc
         raise ScannerSendError(f"association with {peer} failed ({'aborted' if assoc.is_aborted else 'no answer'})")
 
     result: dict[str, Any] = {"total": len(files), "sent": 0, "warnings": 0, "failed": 0,
