@@ -167,6 +167,21 @@ def _short(value: Any, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+
+def _study_folders(parent: Path) -> list[Path]:
+    """The sub-folders of ``parent`` named by a valid StudyInstanceUID, sorted (others are logged)."""
+    folders = []
+    for p in sorted(parent.iterdir()):
+        if not p.is_dir():
+            continue
+        try:
+            validate_uid(p.name)
+        except ValueError:
+            log.warning("ignoring %s: not a study folder", p)
+            continue
+        folders.append(p)
+    return folders
+
 class Listener:
     """A Storage SCP that queues each complete study and runs the deploy pipeline on it.
 
@@ -690,28 +705,14 @@ class Listener:
             for p in d.iterdir():
                 if p.name.startswith(_TRASH) and p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
-        for p in sorted(self.work_dir.iterdir()):
-            if not p.is_dir():
-                continue
-            try:
-                validate_uid(p.name)
-            except ValueError:
-                log.warning("ignoring %s: not a study folder", p)
-                continue
+        for p in _study_folders(self.work_dir):
             self._return_to_incoming(p.name, p, _instance_names(p))
             log.info("study %s: interrupted while processing; back in %s", p.name, self.incoming_dir)
 
     def _resume(self) -> int:
         n = 0
         with self._lock:
-            for p in sorted(self.incoming_dir.iterdir()):
-                if not p.is_dir():
-                    continue
-                try:
-                    validate_uid(p.name)
-                except ValueError:
-                    log.warning("ignoring %s: not a study folder", p)
-                    continue
+            for p in _study_folders(self.incoming_dir):
                 if not _instances(p):
                     with contextlib.suppress(OSError):
                         p.rmdir()
