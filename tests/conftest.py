@@ -91,3 +91,17 @@ def model_file(tmp_path_factory) -> Path:
     return save_model_file(path, UNet(initial_filters=8, num_downs=3),
                            preprocessing={"normalization": "minmax_per_volume", "slice_axis": 0, "patch_size": [64, 64]},
                            training={"data_root": "test", "split_sizes": {"train": 0}})
+
+
+def local_non_loopback_ip() -> str | None:
+    """An address of this machine other than 127.x (None when there is none), for tests that check
+    a service refuses non-loopback peers."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip

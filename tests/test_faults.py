@@ -89,18 +89,14 @@ from hippo.fileio import write_bytes_atomic, write_json_atomic
 from hippo.network.listener import _instances
 from hippo.pacs import Outbox, PacsConfig, deliver, echo
 from hippo.scanner import send_study, write_study
+from hippo.network.orthanc import free_port as _free_port
+from conftest import local_non_loopback_ip
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = 1.0
 SC, SEG, SR = SecondaryCaptureImageStorage, SegmentationStorage, Comprehensive3DSRStorage
 RESULT_CLASSES = {SC, SEG, SR}
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.05) -> None:
@@ -110,17 +106,6 @@ def _wait(predicate, timeout: float = 30.0, what: str = "condition", interval: f
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def _local_non_loopback_ip() -> str | None:
-    """An address of this machine other than 127.x (None when there is none)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 1))  # no packet is sent
-            ip = s.getsockname()[0]
-        except OSError:
-            return None
-    return None if ip.startswith("127.") else ip
 
 
 class FakeOrthanc:
@@ -633,7 +618,7 @@ def test_listener_process_binds_loopback_refuses_unknown_aes_and_never_logs_pati
     lp = listener_process("log_pynetdicom=true").start()  # no listener.host override: the default
     with socket.create_connection(("127.0.0.1", lp.port), timeout=5):
         pass
-    ip = _local_non_loopback_ip()
+    ip = local_non_loopback_ip()
     if ip is not None:
         with pytest.raises(OSError):
             with socket.create_connection((ip, lp.port), timeout=5):

@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,16 +38,11 @@ from conftest import REAL_DATA, write_nifti
 from hippo.network.listener import STATUS_INVALID_UID, Listener
 from hippo.pacs import Outbox, PacsConfig, echo
 from hippo.scanner import ScannerSendError, send_study, write_study
+from hippo.network.orthanc import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = 0.5
 RESULT_CLASSES = {SecondaryCaptureImageStorage, SegmentationStorage, Comprehensive3DSRStorage}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout: float = 30.0, what: str = "condition") -> None:

@@ -27,6 +27,7 @@ from hippo.network.orthanc import (OrthancClient, OrthancError, OrthancSettings,
                                    write_config)
 from hippo.pacs import PacsConfig, echo
 from hippo.scanner import StudyInfo, send_study, write_series, write_study
+from conftest import local_non_loopback_ip
 
 RESULT_DESCRIPTION = "AI hippocampus segmentation, research use"
 
@@ -160,17 +161,6 @@ def _wait(predicate, timeout: float, interval: float = 0.2) -> bool:
     return bool(predicate())
 
 
-def _local_non_loopback_ip() -> str | None:
-    """An address of this machine other than 127.x (None when there is none)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 1))  # no packet is sent
-            ip = s.getsockname()[0]
-        except OSError:
-            return None
-    return None if ip.startswith("127.") else ip
-
-
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
     """A running Orthanc (StableAge 2 s, routing to a FakeAI) -> (settings, proc, client, fake_ai, dir)."""
@@ -209,7 +199,7 @@ def test_echo_and_access_rules(pacs) -> None:
     assert client.system()["Name"] == settings.name
     with pytest.raises(OrthancError, match="another Orthanc"):
         wait_ready(settings.http_url, 5, name="some other PACS")
-    ip = _local_non_loopback_ip()
+    ip = local_non_loopback_ip()
     if ip is not None:  # Orthanc 1.10 listens on all interfaces: remote HTTP is refused, DICOM by host
         with pytest.raises(OrthancError, match="HTTP 40[13]"):
             OrthancClient(f"http://{ip}:{settings.http_port}", timeout=5).system()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import warnings
 from collections import Counter
@@ -22,15 +21,10 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, Verification
 
 from hippo.pacs import (Outbox, PacsConfig, SendReport, deliver, echo, send, validate_uid)
+from hippo.network.orthanc import free_port
 
 STORAGE = [SecondaryCaptureImageStorage, SegmentationStorage, Comprehensive3DSRStorage,
            MRImageStorage]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakePacs:

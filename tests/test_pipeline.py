@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +22,7 @@ from hippo.data.nifti import label_volumes_mm3, load_nifti
 from hippo.dicom.volume import load_series
 from hippo.pipeline import StudyProcessor, find_studies, run_batch
 from hippo.scanner import StudyInfo, write_series, write_study
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from hippo.network.orthanc import free_port as _free_port
 
 
 class StorageSCP:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from hippo.data.nifti import label_volumes_mm3, load_nifti
 from hippo.dicom.volume import load_series
 from hippo.scanner import DISTRACTOR_DESCRIPTIONS, MANUFACTURER, ScannerSendError, StudyInfo, main, send_study, \
     write_series, write_study
+from hippo.network.orthanc import free_port as _free_port
 
 
 def _oblique() -> np.ndarray:
@@ -43,12 +43,6 @@ def _canonical(vol: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndar
     """What load_series must return: the volume and affine in closest canonical RAS."""
     ornt = io_orientation(affine)
     return apply_orientation(vol, ornt), affine @ inv_ornt_aff(ornt, vol.shape)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -39,14 +38,9 @@ from hippo.network.viewer import (
     normalize_accept,
     normalize_query,
 )
+from hippo.network.orthanc import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config_object(js: str) -> dict:
