@@ -77,8 +77,12 @@ def test_scanner_to_pacs_to_ai_and_back(real_data_root, model_file, tmp_path):
 
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/instances/{sr_instance}/file") as r:
             sr = pydicom.dcmread(io.BytesIO(r.read()))
-        record = json.loads((tmp_path / "outputs" / "network" / "listener" / "processed" / study_uid
-                             / "listener.json").read_text())
+        # the listener records the study in processed/ just after it sent the results: wait for it
+        record_file = tmp_path / "outputs" / "network" / "listener" / "processed" / study_uid / "listener.json"
+        deadline = time.monotonic() + 60
+        while not record_file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        record = json.loads(record_file.read_text())
         volumes = record["volumes"]
         assert sorted(_numeric_items(sr)) == pytest.approx(
             sorted([volumes["anterior_mm3"], volumes["posterior_mm3"], volumes["total_mm3"]]))
