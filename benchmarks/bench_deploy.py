@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / "outputs/train/runs/real_cpu_f32/model.pt"
-DEFAULT_DATA = Path("/work/shared/data/Task04_Hippocampus")
+DEFAULT_MODEL = REPO / "src/hippo/models/hippocampus_25d.pt"  # the shipped default model
+DEFAULT_DATA = REPO.parent / "shared/data/Task04_Hippocampus"  # ../shared/data beside the project
 DEFAULT_OUT = REPO / "outputs/benchmarks/deploy.json"
 STAGES = ("ingest", "volume", "infer", "measure", "report", "write", "send", "total")
 OBJECTS_PER_STUDY = 3  # SC report, SEG, SR

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import require_real_data, tiny_pair
-from hippo.data.datamodule import HippocampusDataModule, load_cases, split_by_volume
-from hippo.data.nifti import CaseError, find_pairs
+from hippo.data.datamodule import HippocampusDataModule, cross_validation_fold, load_cases, split_by_volume
+from hippo.data.nifti import CaseError, find_pairs, pad_or_crop
 from hippo.data.synthetic import generate_dataset
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -168,7 +168,8 @@ def test_loaders(loaded, syn: Path) -> None:
     for c in cases:
         assert c["image"].shape == _raw(syn, "imagesTr", c["name"]).shape
         assert c["label"].dtype == np.uint8 and c["spacing"] == [1.0, 1.0, 1.0]
-    assert dm.preprocessing == {"normalization": "minmax_per_volume", "slice_axis": 0, "patch_size": [64, 64]}
+    assert dm.preprocessing == {"normalization": "minmax_per_volume", "slice_axis": 0, "patch_size": [64, 64],
+                                "context_slices": 0}
 
 
 @pytest.fixture
@@ -316,3 +317,52 @@ def test_real_data_loads_with_a_process_pool(tmp_path: Path) -> None:
         np.testing.assert_array_equal(s.image, dm.cases[s.name].image)
         np.testing.assert_array_equal(s.label, dm.cases[s.name].label)
     assert os.listdir(tmp_path / "out") and (tmp_path / "out" / "split.json").is_file()
+
+
+# ---- 2.5D context and cross-validation folds ---------------------------------------------------
+
+
+def test_context_slices_feed_neighbours_as_channels(syn: Path) -> None:
+    dm = _dm(syn, None, context_slices=2)
+    dm.setup("fit")
+    assert dm.preprocessing["context_slices"] == 2
+    ds = dm._datasets["train"]
+    name = dm.split["train"][0]
+    volume = pad_or_crop(dm.cases[name].image, (64, 64))[0]
+    depth = volume.shape[0]
+    for s in (0, 1, depth // 2, depth - 1):          # edges repeat the first / last slice
+        item = ds[s]
+        assert tuple(item["image"].shape) == (5, 64, 64)
+        for c, offset in enumerate(range(-2, 3)):
+            np.testing.assert_array_equal(item["image"][c].numpy(), volume[min(max(s + offset, 0), depth - 1)])
+    batch = next(iter(dm.train_dataloader()))
+    assert tuple(batch["image"].shape) == (8, 5, 64, 64)
+    with pytest.raises(ValueError, match="context_slices"):
+        _dm(syn, None, context_slices=-1)
+
+
+def test_cross_validation_folds_partition_the_development_cases() -> None:
+    names = [f"case_{i:03d}" for i in range(53)]
+    base = split_by_volume(names, (0.7, 0.1, 0.2), seed=42)
+    folds = [cross_validation_fold(base, 5, f, seed=42) for f in range(5)]
+    development = set(base["train"]) | set(base["val"])
+    vals = [set(f["val"]) for f in folds]
+    assert set().union(*vals) == development and sum(len(v) for v in vals) == len(development)
+    assert max(len(v) for v in vals) - min(len(v) for v in vals) <= 1
+    for f, val in zip(folds, vals):
+        assert f["test"] == base["test"]                       # the test split is never touched
+        assert set(f["train"]) == development - val and not set(f["train"]) & set(f["test"])
+    assert folds[0] == cross_validation_fold(base, 5, 0, seed=42)
+    with pytest.raises(ValueError, match="fold must be in 0..4"):
+        cross_validation_fold(base, 5, 5, seed=42)
+
+
+def test_datamodule_fold_records_it_in_split_json(syn: Path, tmp_path: Path) -> None:
+    plain = _dm(syn, None)
+    plain.setup("fit")
+    dm = _dm(syn, tmp_path, fold=1, num_folds=3)
+    dm.setup("fit")
+    assert dm.split["test"] == plain.split["test"]
+    assert set(dm.split["train"]) | set(dm.split["val"]) == set(plain.split["train"]) | set(plain.split["val"])
+    saved = json.loads((tmp_path / "split.json").read_text())
+    assert saved["fold"] == 1 and saved["num_folds"] == 3 and saved["val"] == dm.split["val"]

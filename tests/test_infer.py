@@ -242,3 +242,38 @@ def test_segment_slices_equals_manual_pipeline(agent: InferenceAgent) -> None:
 def test_segment_slices_rejects_2d() -> None:
     with pytest.raises(ValueError, match=r"\(D, H, W\)"):
         segment_slices(_net(), np.zeros((64, 64), np.float32), size_multiple=4)
+
+
+# ---- 2.5D context and post-processing ----------------------------------------------------------
+
+
+def test_keep_largest_component_removes_islands_only() -> None:
+    from hippo.infer import keep_largest_component
+
+    labels = np.zeros((12, 12, 12), np.uint8)
+    labels[2:7, 2:7, 2:5] = 1            # main structure: anterior and posterior touching
+    labels[2:7, 2:7, 5:8] = 2
+    labels[10:12, 10:12, 10:12] = 2      # a separate island
+    out = keep_largest_component(labels)
+    assert out[10:, 10:, 10:].sum() == 0
+    np.testing.assert_array_equal(out[:9], labels[:9])
+    assert labels[10, 10, 10] == 2       # input untouched
+    np.testing.assert_array_equal(keep_largest_component(np.zeros((3, 3, 3), np.uint8)), 0)
+
+
+def test_context_model_round_trip_applies_context_and_postprocessing(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    net = UNet(in_channels=3, initial_filters=4, num_downs=2).eval()
+    with torch.no_grad():
+        net.model.head.weight.mul_(8.0)
+    pre = {**PREPROCESSING, "context_slices": 1}
+    path = save_model_file(tmp_path / "m.pt", net, preprocessing=pre, postprocessing={"largest_component": True})
+    agent = InferenceAgent.from_file(path)
+    assert agent.context_slices == 1 and agent.postprocessing == {"largest_component": True}
+    volume = _volume((20, 30, 25))
+    labels = agent.segment(volume)
+    image = normalize_minmax(volume)
+    expected = segment_slices(net, image, size_multiple=net.size_multiple, context=1, largest_component=True)
+    np.testing.assert_array_equal(labels, expected)
+    with pytest.raises(ValueError, match="3 input channels but context_slices=0"):
+        InferenceAgent(net, PREPROCESSING)

@@ -389,3 +389,19 @@ def test_tiny_pair_helper_round_trips(tmp_path: Path) -> None:
     case = load_case(pairs[0])
     assert case.spacing == (1.0, 2.0, 0.5)
     assert label_volumes_mm3(case.label, case.spacing)["total_mm3"] == pytest.approx(36 * 1.0)
+
+
+def test_with_neighbours_stacks_context_and_repeats_edges() -> None:
+    from hippo.data.nifti import with_neighbours
+
+    volume = np.arange(4 * 2 * 3, dtype=np.float32).reshape(4, 2, 3)
+    assert with_neighbours(volume, 0).shape == (4, 1, 2, 3)
+    stacked = with_neighbours(volume, 1)
+    assert stacked.shape == (4, 3, 2, 3)
+    np.testing.assert_array_equal(stacked[:, 1], volume)                       # the slice itself
+    np.testing.assert_array_equal(stacked[2, 0], volume[1])                    # one before
+    np.testing.assert_array_equal(stacked[2, 2], volume[3])                    # one after
+    np.testing.assert_array_equal(stacked[0, 0], volume[0])                    # edge repeated
+    np.testing.assert_array_equal(stacked[3, 2], volume[3])
+    with pytest.raises(ValueError, match="context"):
+        with_neighbours(volume, -1)

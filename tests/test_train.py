@@ -136,6 +136,50 @@ def test_lr_sweep_names_best_run(synthetic_root, tmp_path):
     assert "<- best" in proc.stdout
 
 
+def test_context_channels_mismatch_is_a_clear_error(synthetic_root, tmp_path):
+    cfg = _compose(_fast(synthetic_root, tmp_path, "data.context_slices=2"))
+    with pytest.raises(ValueError, match="model.net.in_channels=1 but data.context_slices=2 feeds 5"):
+        run_training(cfg)
+
+
+def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root, tmp_path):
+    """experiment=hippocampus_25d with data.fold=0,1: each fold validates its own cases in 3D, the
+    sweep pools them into cv_summary.json; publishing a fold gives a model file, split and card
+    that hippo.eval reproduces exactly (2.5D input and largest-component post-processing included)."""
+    sweep = tmp_path / "cv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hippo.train", "--multirun", "experiment=hippocampus_25d", "data.fold=0,1",
+         "data.num_folds=2", "trainer.max_epochs=1", "model.net.initial_filters=8", "model.net.num_downs=3",
+         *[o for o in _fast(synthetic_root, sweep)
+           if not o.startswith(("paths.output_dir", "model.net"))], f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cv = json.loads((sweep / "cv_summary.json").read_text())
+    splits = [json.loads((sweep / str(f) / "split.json").read_text()) for f in (0, 1)]
+    development = set(splits[0]["train"]) | set(splits[0]["val"])
+    assert cv["n_folds"] == 2 and cv["n_volumes"] == len(development)
+    assert set(splits[0]["val"]) | set(splits[1]["val"]) == development and splits[0]["test"] == splits[1]["test"]
+    assert 0.0 <= cv["pooled"]["dice_anterior"]["mean"] <= 1.0 and "cross-validation (2 folds" in proc.stdout
+
+    from hippo.models.publish import publish
+
+    dest = tmp_path / "shipped"
+    out = publish(sweep / "0", dest, cv_dir=sweep)
+    card = out["card"].read_text()
+    assert "2-fold cross-validation" in card and "CC-BY-SA 4.0" in card and "| test (held out) |" in card
+    agent = InferenceAgent.from_file(out["model"])
+    assert agent.context_slices == 2 and agent.postprocessing == {"largest_component": True}
+    eval_dir = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hippo.eval", f"ckpt_path={out['model']}", f"data.root={synthetic_root}",
+         f"data.split_file={out['split']}", f"hydra.run.dir={eval_dir}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    evaluated = json.loads((eval_dir / "results.json").read_text())["summary"]
+    trained = json.loads((sweep / "0" / "results.json").read_text())["summary"]
+    for key in ("dice_anterior", "dice_posterior"):
+        assert evaluated[key]["mean"] == pytest.approx(trained[key]["mean"], abs=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_real_data_short_training(real_data_root, tmp_path):
@@ -164,6 +208,8 @@ def test_wheel_ships_the_configs(tmp_path):
     for cfg in ("train.yaml", "eval.yaml", "curate.yaml", "data/synthetic.yaml", "model/unet.yaml",
                 "trainer/default.yaml", "hydra/default.yaml"):
         assert f"hippo/_conf/{cfg}" in names, f"{cfg} missing from {wheel.name}"
+    for shipped in ("hippocampus_25d.pt", "hippocampus_25d.split.json", "MODEL_CARD.md"):
+        assert f"hippo/models/{shipped}" in names, f"{shipped} missing from {wheel.name}"
 
 
 @pytest.mark.slow

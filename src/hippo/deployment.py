@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hippo.pacs import Outbox, PacsConfig
-from hippo.pipeline import (StudyOutcome, build_processor, find_default_model, find_studies, run_batch,
+from hippo.models import resolve_model_path
+from hippo.pipeline import (StudyOutcome, build_processor, find_studies, run_batch,
                             summary_table, write_summary)
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def run_deploy(cfg: Mapping[str, Any]) -> int:
         raise SystemExit("error: give exactly one of study=DIR (one study) or studies=ROOT (every sub-directory)")
 
     try:
-        model_path = cfg.get("model_path") or find_default_model(Path(cfg["paths"]["log_dir"]) / "train")
+        model_path = resolve_model_path(cfg.get("model_path"), cfg["paths"]["log_dir"])
         studies = [Path(cfg["study"])] if cfg.get("study") else find_studies(cfg["studies"])
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None

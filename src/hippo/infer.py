@@ -10,7 +10,9 @@ Model file (``torch.save`` of a plain dict, loaded with ``weights_only=True``)::
     created        ISO-8601 UTC time
     net            {"class": "hippo.model.unet.UNet", "config": {UNet keyword arguments}}
     state_dict     the network weights
-    preprocessing  {"normalization": "minmax_per_volume", "slice_axis": int, "patch_size": [H, W]}
+    preprocessing  {"normalization": "minmax_per_volume", "slice_axis": int, "patch_size": [H, W],
+                    "context_slices": int (neighbours per side as channels, 2.5D; absent = 0)}
+    postprocessing {"largest_component": bool} (absent = none)
     labels         {"0": "background", "1": "anterior", "2": "posterior"}
     metrics        test metrics of the training run (may be empty)
     training       a summary of how it was trained (data, split sizes, epochs, precision...)
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from hippo import __version__
-from hippo.data.nifti import LABEL_NAMES, normalize_minmax, pad_or_crop, undo_pad_or_crop
+from hippo.data.nifti import LABEL_NAMES, normalize_minmax, pad_or_crop, undo_pad_or_crop, with_neighbours
 from hippo.fileio import to_plain, write_bytes_atomic
 from hippo.model.unet import UNet
 
@@ -44,6 +46,7 @@ def save_model_file(
     labels: Mapping[int, str] = LABEL_NAMES,
     metrics: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
+    postprocessing: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the model file atomically (temporary name, then rename). Returns its path."""
     payload = {
@@ -53,6 +56,7 @@ def save_model_file(
         "net": {"class": "hippo.model.unet.UNet", "config": dict(net.config)},
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
         "preprocessing": to_plain(preprocessing),
+        "postprocessing": to_plain(postprocessing or {}),
         "labels": {str(k): str(v) for k, v in labels.items()},
         "metrics": to_plain(metrics or {}),
         "training": to_plain(training or {}),
@@ -93,6 +97,31 @@ def build_net(payload: Mapping[str, Any]) -> UNet:
     return net.eval()
 
 
+def keep_largest_component(labels: np.ndarray) -> np.ndarray:
+    """Keep only the largest 26-connected 3D component of the foreground (all labels > 0).
+
+    The hippocampus is one connected structure in each crop; small islands elsewhere are false
+    positives. Anterior and posterior labels inside the kept component are left as they are.
+
+    Args:
+        labels: ``(D, H, W)`` integer labels.
+
+    Returns:
+        A copy with every foreground voxel outside the largest component set to 0.
+    """
+    from scipy import ndimage
+
+    fg = labels > 0
+    components, n = ndimage.label(fg, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return labels.copy()
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    out = labels.copy()
+    out[components != int(sizes.argmax())] = 0
+    return out
+
+
 @torch.inference_mode()
 def segment_slices(
     net: torch.nn.Module,
@@ -103,17 +132,22 @@ def segment_slices(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     return_probabilities: bool = False,
+    context: int = 0,
+    largest_component: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Segment a preprocessed volume slice by slice along axis 0.
 
     Args:
-        net: network mapping ``(N, 1, H', W')`` to ``(N, C, H', W')`` logits.
+        net: network mapping ``(N, 2 * context + 1, H', W')`` to ``(N, C, H', W')`` logits.
         image: ``(D, H, W) float32`` in ``[0, 1]`` (already normalised and oriented).
         size_multiple: in-plane sizes are padded up to a multiple of this.
         min_size: in-plane sizes are padded up to at least this (the training patch size).
         batch_size: slices per forward pass.
         device: where to run the network.
         return_probabilities: also return the softmax probabilities.
+        context: neighbouring slices per side given as channels (2.5D models; 0 for 2D).
+        largest_component: keep only the largest connected foreground component
+            (:func:`keep_largest_component`; the probabilities are returned unchanged).
 
     Returns:
         ``(D, H, W) uint8`` labels, and with ``return_probabilities`` also ``(C, D, H, W) float32``.
@@ -124,15 +158,18 @@ def segment_slices(
     target = [max(int(m), -(-s // size_multiple) * size_multiple) for s, m in zip((h, w), min_size)]
     target = [-(-t // size_multiple) * size_multiple for t in target]
     padded, record = pad_or_crop(image.astype(np.float32, copy=False), target)
+    stacked = with_neighbours(padded, int(context))
     labels_out, probs_out = [], []
     device = torch.device(device)
-    for start in range(0, padded.shape[0], batch_size):
-        x = torch.from_numpy(padded[start:start + batch_size, None]).to(device)
+    for start in range(0, stacked.shape[0], batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(stacked[start:start + batch_size])).to(device)
         logits = net(x).float()
         labels_out.append(logits.argmax(1).to(torch.uint8).cpu().numpy())
         if return_probabilities:
             probs_out.append(torch.softmax(logits, 1).cpu().numpy())
     labels = undo_pad_or_crop(np.concatenate(labels_out), record)
+    if largest_component:
+        labels = keep_largest_component(labels)
     if not return_probabilities:
         return labels
     probs = undo_pad_or_crop(np.concatenate(probs_out).transpose(1, 0, 2, 3), record)
@@ -149,6 +186,7 @@ class InferenceAgent:
         device: ``"cpu"``, ``"cuda"``...
         batch_size: slices per forward pass.
         metadata: the rest of the model file (version, metrics, training summary).
+        postprocessing: the model file's postprocessing block (``largest_component``).
     """
 
     def __init__(
@@ -160,6 +198,7 @@ class InferenceAgent:
         device: str = "cpu",
         batch_size: int = 64,
         metadata: Mapping[str, Any] | None = None,
+        postprocessing: Mapping[str, Any] | None = None,
     ):
         if preprocessing.get("normalization", "minmax_per_volume") != "minmax_per_volume":
             raise ValueError(f"unsupported normalization {preprocessing.get('normalization')!r}")
@@ -169,6 +208,12 @@ class InferenceAgent:
         self.labels = {int(k): v for k, v in labels.items()}
         self.batch_size = batch_size
         self.metadata = dict(metadata or {})
+        self.postprocessing = dict(postprocessing or {})
+        expected = 2 * self.context_slices + 1
+        in_channels = getattr(net, "config", {}).get("in_channels", expected)
+        if in_channels != expected:
+            raise ValueError(f"the network takes {in_channels} input channels but context_slices="
+                             f"{self.context_slices} gives {expected}")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64) -> "InferenceAgent":
@@ -177,11 +222,16 @@ class InferenceAgent:
         meta = {k: v for k, v in payload.items() if k not in ("state_dict",)}
         meta["path"] = str(path)
         return cls(build_net(payload), payload["preprocessing"], payload["labels"],
-                   device=device, batch_size=batch_size, metadata=meta)
+                   device=device, batch_size=batch_size, metadata=meta,
+                   postprocessing=payload.get("postprocessing"))
 
     @property
     def slice_axis(self) -> int:
         return int(self.preprocessing.get("slice_axis", 0))
+
+    @property
+    def context_slices(self) -> int:
+        return int(self.preprocessing.get("context_slices", 0))
 
     def segment(self, volume: np.ndarray, return_probabilities: bool = False):
         """Segment one raw volume.
@@ -206,6 +256,7 @@ class InferenceAgent:
             self.net, np.ascontiguousarray(image), size_multiple=self.net.size_multiple,
             min_size=self.preprocessing.get("patch_size", (64, 64)), batch_size=self.batch_size,
             device=self.device, return_probabilities=return_probabilities,
+            context=self.context_slices, largest_component=bool(self.postprocessing.get("largest_component", False)),
         )
         if not return_probabilities:
             return np.ascontiguousarray(np.moveaxis(result, 0, axis))

@@ -365,16 +365,3 @@ def build_processor(
     pacs_cfg = PacsConfig.from_mapping(pacs) if pacs is not None else None
     outbox = Outbox(outbox_dir) if pacs_cfg is not None else None
     return StudyProcessor(agent, out_root, pacs=pacs_cfg, outbox=outbox, **options)
-
-
-def find_default_model(search_root: str | os.PathLike) -> Path:
-    """The newest ``model.pt`` below ``search_root`` (the runs of ``python -m hippo.train``).
-
-    Raises:
-        FileNotFoundError: none there, with how to get one.
-    """
-    candidates = sorted(Path(search_root).glob("**/model.pt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"no model.pt under {search_root}: train one (make demo, or python -m hippo.train) "
-                                "or pass model_path=/path/to/model.pt")
-    return candidates[-1]

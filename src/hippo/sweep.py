@@ -2,7 +2,8 @@
 
 Each training run writes ``metrics.json`` (its final logged metrics) into its own directory; on
 ``on_multirun_end`` this callback reads them, writes ``sweep_summary.json`` into the sweep
-directory and prints a table that names the best run.
+directory and prints a table that names the best run. When the runs are cross-validation folds
+(``data.fold=0,1,2,3,4``), it also pools their ``val_results.json`` into ``cv_summary.json``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -40,6 +42,39 @@ def summarize_sweep(sweep_dir: str | Path, metric: str = "val/dice_mean_best", m
     return {"metric": metric, "mode": mode, "best": best, "runs": runs}
 
 
+CV_KEYS = ("dice_anterior", "dice_posterior", "dice_mean", "dice_foreground",
+           "jaccard_anterior", "jaccard_posterior", "jaccard_mean", "jaccard_foreground")
+
+
+def summarize_cross_validation(sweep_dir: str | Path) -> dict[str, Any] | None:
+    """Pool the 3D per-volume validation metrics of cross-validation folds.
+
+    Reads ``*/val_results.json`` written with a ``fold`` (see :mod:`hippo.training`). Each
+    development case is validated by exactly one fold, so the pooled mean is over every case once
+    (nnU-Net reports its cross-validation the same way).
+
+    Returns:
+        ``{"n_folds", "folds": {fold: {metric: mean}}, "pooled": {metric: {"mean", "std"}},
+        "n_volumes"}``, or None when no fold results are there.
+    """
+    folds: dict[int, list[dict[str, Any]]] = {}
+    for path in sorted(Path(sweep_dir).glob("*/val_results.json")):
+        data = json.loads(path.read_text())
+        if data.get("fold") is None:
+            continue
+        folds[int(data["fold"])] = data["per_volume"]
+    if not folds:
+        return None
+    rows = [r for fold_rows in folds.values() for r in fold_rows]
+    names = [r["name"] for r in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{sweep_dir}: a case was validated by more than one fold (mixed sweeps?)")
+    per_fold = {f: {k: float(np.mean([r[k] for r in fr])) for k in CV_KEYS} for f, fr in sorted(folds.items())}
+    pooled = {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
+              for k in CV_KEYS}
+    return {"n_folds": len(folds), "n_volumes": len(rows), "folds": per_fold, "pooled": pooled}
+
+
 class SweepSummary(Callback):
     """Hydra callback: after a multirun, write ``sweep_summary.json`` and log the ranking."""
 
@@ -56,4 +91,11 @@ class SweepSummary(Callback):
             v = "failed/none" if r["value"] is None else f"{r['value']:.4f}"
             mark = "  <- best" if summary["best"] is r else ""
             lines.append(f"  {v:>11}  {' '.join(r['overrides']) or '(no overrides)'}  [{Path(r['dir']).name}]{mark}")
+        cv = summarize_cross_validation(sweep_dir)
+        if cv is not None:
+            write_json_atomic(sweep_dir / "cv_summary.json", cv)
+            p = cv["pooled"]
+            lines.append(f"cross-validation ({cv['n_folds']} folds, {cv['n_volumes']} volumes, 3D per volume): "
+                         f"Dice anterior {p['dice_anterior']['mean']:.4f}, posterior {p['dice_posterior']['mean']:.4f}, "
+                         f"mean {p['dice_mean']['mean']:.4f} -> cv_summary.json")
         print("\n".join(lines))

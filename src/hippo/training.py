@@ -22,8 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hippo.fileio import write_json_atomic
-from hippo.infer import save_model_file
-from hippo.metrics import write_results
+from hippo.infer import save_model_file, segment_slices
+from hippo.metrics import summarize, volume_metrics, write_results
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,39 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [hydra.utils.instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def _check_input_channels(model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+    """Fail before training when the network's input channels do not match the 2.5D context."""
+    context = int(getattr(datamodule, "context_slices", 0))
+    net_config = getattr(getattr(model, "net", None), "config", {})
+    if "in_channels" in net_config and net_config["in_channels"] != 2 * context + 1:
+        raise ValueError(f"model.net.in_channels={net_config['in_channels']} but data.context_slices={context} "
+                         f"feeds {2 * context + 1} channels: set model.net.in_channels={2 * context + 1}")
+
+
+def _write_val_volumes(path: Path, model: L.LightningModule, datamodule: Any, cfg: DictConfig,
+                       training_summary: dict[str, Any]) -> None:
+    """3D per-volume metrics of the (best) model on the validation cases -> ``val_results.json``.
+
+    With ``data.fold`` set these are the cross-validation figures of that fold
+    (:func:`hippo.sweep.summarize_cross_validation` pools the folds).
+    """
+    net = model.net.eval()
+    rows = []
+    for name in datamodule.split["val"]:
+        case = datamodule.cases[name]
+        pred = segment_slices(net, case.image, size_multiple=getattr(net, "size_multiple", 1),
+                              min_size=datamodule.patch_size, batch_size=model.hparams.test_batch_size,
+                              device=model.device, context=getattr(datamodule, "context_slices", 0),
+                              largest_component=bool(model.hparams.get("largest_component", False)))
+        rows.append({"name": name, **volume_metrics(pred, case.label, case.spacing)})
+    write_results(path, rows, OmegaConf.to_container(cfg, resolve=True), part="val",
+                  fold=getattr(datamodule, "fold", None), num_folds=getattr(datamodule, "num_folds", None),
+                  training=training_summary)
+    s = summarize(rows)
+    log.info("val (%d volumes, 3D): Dice anterior %.4f, posterior %.4f", len(rows),
+             s["dice_anterior"]["mean"], s["dice_posterior"]["mean"])
 
 
 def run_training(cfg: DictConfig) -> dict[str, Any]:
@@ -56,6 +89,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    _check_input_channels(model, datamodule)
 
     t0 = time.perf_counter()
     metrics: dict[str, Any] = {}
@@ -87,6 +121,8 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": best,
         "val_dice_mean_best": metrics.get("val/dice_mean_best"),
     }
+    if cfg.get("val_volumes", True) and split.get("val"):
+        _write_val_volumes(out / "val_results.json", model, datamodule, cfg, training_summary)
     results = None
     if cfg.get("test", True):
         results = write_results(out / "results.json", model.test_results, OmegaConf.to_container(cfg, resolve=True), split=split,
@@ -99,7 +135,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         test_metrics = {k: v["mean"] for k, v in (results or {}).get("summary", {}).items() if "mean" in v}
         path = save_model_file(out / "model.pt", model.net, preprocessing=datamodule.preprocessing,
                                labels=dict(enumerate(model.class_names)), metrics=test_metrics,
-                               training=training_summary)
+                               training=training_summary, postprocessing=getattr(model, "postprocessing", None))
         metrics["model_path"] = str(path)
         log.info("exported model file %s", path)
     metrics["output_dir"] = str(out)

@@ -31,20 +31,28 @@ log = logging.getLogger(__name__)
 
 
 class SlicesDataset(Dataset):
-    """2D slices along axis 0 of a list of volumes.
+    """2D slices along axis 0 of a list of volumes, optionally with neighbouring slices (2.5D).
 
     Args:
         images: ``(D_i, H, W) float32`` volumes already padded to the patch size.
         labels: matching ``(D_i, H, W) uint8`` label volumes.
+        context: neighbouring slices per side given as extra channels (0: plain 2D).
 
-    Items: ``{"image": (1, H, W) float32, "label": (H, W) int64, "volume": int, "slice": int}``.
+    Items: ``{"image": (2 * context + 1, H, W) float32, "label": (H, W) int64, "volume": int,
+    "slice": int}``; the middle channel is the labelled slice, edge slices repeat beyond the ends
+    (as :func:`hippo.data.nifti.with_neighbours`).
     """
 
-    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray]):
+    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], context: int = 0):
         if len(images) != len(labels):
             raise ValueError("images and labels differ in number")
-        self.images, self.labels = list(images), list(labels)
-        self.index = [(v, s) for v, img in enumerate(self.images) for s in range(img.shape[0])]
+        if context < 0:
+            raise ValueError(f"context must be >= 0, got {context}")
+        self.context = int(context)
+        pad = ((self.context, self.context), (0, 0), (0, 0))
+        self.images = [np.pad(img, pad, mode="edge") if self.context else img for img in images]
+        self.labels = list(labels)
+        self.index = [(v, s) for v, lbl in enumerate(self.labels) for s in range(lbl.shape[0])]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -52,7 +60,7 @@ class SlicesDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         v, s = self.index[i]
         return {
-            "image": torch.from_numpy(self.images[v][s][None]),
+            "image": torch.from_numpy(np.ascontiguousarray(self.images[v][s:s + 2 * self.context + 1])),
             "label": torch.from_numpy(self.labels[v][s].astype(np.int64)),
             "volume": v,
             "slice": s,
@@ -138,6 +146,25 @@ def split_by_volume(names: Sequence[str], fractions: Sequence[float], seed: int)
     }
 
 
+def cross_validation_fold(split: dict[str, list[str]], num_folds: int, fold: int, seed: int) -> dict[str, list[str]]:
+    """Re-cut the train+val cases of ``split`` into ``num_folds`` folds; fold ``fold`` becomes val.
+
+    The test cases stay untouched (held out from every fold), so a cross-validation never sees
+    the test split and its folds partition the same development cases for any ``fold``.
+    """
+    if num_folds < 2:
+        raise ValueError(f"num_folds must be >= 2, got {num_folds}")
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in 0..{num_folds - 1}, got {fold}")
+    pool = sorted(split["train"] + split["val"])
+    if len(pool) < num_folds:
+        raise ValueError(f"{len(pool)} development cases are too few for {num_folds} folds")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    parts = np.array_split(order, num_folds)
+    val = sorted(pool[i] for i in parts[fold])
+    return {"train": sorted(set(pool) - set(val)), "val": val, "test": list(split["test"])}
+
+
 class HippocampusDataModule(L.LightningDataModule):
     """Decathlon-layout hippocampus data for slice-wise training.
 
@@ -146,9 +173,14 @@ class HippocampusDataModule(L.LightningDataModule):
         manifest: optional curation ``manifest.json``; when given, only its cases are used.
         patch_size: in-plane training size ``(H, W)`` (centre pad/crop).
         slice_axis: voxel axis to slice along.
+        context_slices: neighbouring slices per side fed as extra channels (2.5D); the network
+            then needs ``in_channels = 2 * context_slices + 1``.
         split: fractions ``[train, val, test]`` by volume.
         split_seed: seed of the split.
         split_file: a saved ``split.json`` to reuse instead of drawing a split.
+        fold: cross-validation fold (``0..num_folds-1``) or None: the train+val cases are cut
+            into ``num_folds`` folds and this one is validated on; the test split is unchanged.
+        num_folds: number of cross-validation folds.
         output_dir: where ``split.json`` and ``skipped_cases.json`` are written (None: nowhere).
         batch_size: slices per batch.
         num_workers: DataLoader workers.
@@ -165,9 +197,12 @@ class HippocampusDataModule(L.LightningDataModule):
         manifest: str | None = None,
         patch_size: Sequence[int] = (64, 64),
         slice_axis: int = 0,
+        context_slices: int = 0,
         split: Sequence[float] = (0.7, 0.1, 0.2),
         split_seed: int = 42,
         split_file: str | None = None,
+        fold: int | None = None,
+        num_folds: int = 5,
         output_dir: str | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -184,9 +219,14 @@ class HippocampusDataModule(L.LightningDataModule):
         self.manifest = manifest
         self.patch_size = tuple(int(s) for s in patch_size)
         self.slice_axis = int(slice_axis)
+        self.context_slices = int(context_slices)
+        if self.context_slices < 0:
+            raise ValueError(f"context_slices must be >= 0, got {context_slices}")
         self.split_fractions = tuple(float(f) for f in split)
         self.split_seed = int(split_seed)
         self.split_file = split_file
+        self.fold = None if fold is None else int(fold)
+        self.num_folds = int(num_folds)
         self.output_dir = Path(output_dir) if output_dir else None
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -204,7 +244,7 @@ class HippocampusDataModule(L.LightningDataModule):
     def preprocessing(self) -> dict[str, Any]:
         """What inference must repeat; stored in the exported model file."""
         return {"normalization": "minmax_per_volume", "slice_axis": self.slice_axis,
-                "patch_size": list(self.patch_size)}
+                "patch_size": list(self.patch_size), "context_slices": self.context_slices}
 
     def prepare_data(self) -> None:
         """Generate the synthetic data set when configured and ``root`` holds no data set yet.
@@ -255,6 +295,7 @@ class HippocampusDataModule(L.LightningDataModule):
         log.info("loaded %d cases from %s (%d skipped)", len(cases), self.manifest or self.root, len(self.skipped))
         self.split = self._make_split()
         self._save_json("split.json", {"seed": self.split_seed, "fractions": list(self.split_fractions),
+                                       "fold": self.fold, "num_folds": self.num_folds if self.fold is not None else None,
                                        "root": str(self.root), **self.split})
         self._save_json("skipped_cases.json", self.skipped)
         self._datasets = {}
@@ -264,10 +305,16 @@ class HippocampusDataModule(L.LightningDataModule):
                 c = self.cases[name]
                 imgs.append(pad_or_crop(c.image, self.patch_size)[0])
                 lbls.append(pad_or_crop(c.label, self.patch_size)[0])
-            self._datasets[part] = SlicesDataset(imgs, lbls)
+            self._datasets[part] = SlicesDataset(imgs, lbls, self.context_slices)
         self._datasets["test"] = VolumesDataset([self.cases[n] for n in self.split["test"]])
 
     def _make_split(self) -> dict[str, list[str]]:
+        split = self._base_split()
+        if self.fold is not None:
+            split = cross_validation_fold(split, self.num_folds, self.fold, self.split_seed)
+        return split
+
+    def _base_split(self) -> dict[str, list[str]]:
         if self.split_file:
             data = json.loads(Path(self.split_file).read_text())
             split = {k: [n for n in data.get(k, []) if n in self.cases] for k in ("train", "val", "test")}

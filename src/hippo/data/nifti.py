@@ -261,6 +261,27 @@ def _shift_borders(array: np.ndarray, before: Sequence[int], after: Sequence[int
     return np.ascontiguousarray(out)
 
 
+def with_neighbours(volume: np.ndarray, context: int) -> np.ndarray:
+    """Stack each slice with its ``context`` neighbours on each side as channels (2.5D input).
+
+    Args:
+        volume: ``(D, H, W)``, slices along axis 0.
+        context: neighbours per side; 0 gives ``(D, 1, H, W)``.
+
+    Returns:
+        ``(D, 2 * context + 1, H, W)``; channel ``context`` is the slice itself, channel
+        ``context - j`` / ``context + j`` its neighbour ``j`` slices before / after. Beyond the
+        first and last slice the edge slice is repeated.
+    """
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    if context == 0:
+        return volume[:, None]
+    padded = np.pad(volume, ((context, context), (0, 0), (0, 0)), mode="edge")
+    index = np.arange(volume.shape[0])[:, None] + np.arange(2 * context + 1)[None, :]
+    return padded[index]
+
+
 def voxel_volume_mm3(spacing: Sequence[float]) -> float:
     """Volume of one voxel in mm³ from its spacing in mm."""
     return float(np.prod([float(s) for s in spacing]))

@@ -54,6 +54,10 @@ class SegmentationModule(L.LightningModule):
         class_names: names of the classes, background first.
         log_images_every_n_epochs: 0 disables the image grids.
         test_batch_size: slices per forward pass when segmenting test volumes.
+        augmentation: an optional batch augmentation ``(image, label) -> (image, label)`` run on
+            training batches only (e.g. :class:`hippo.data.augment.SliceAugmentation`).
+        largest_component: post-process whole-volume predictions (test stage and the exported
+            model) by keeping the largest connected foreground component.
     """
 
     def __init__(
@@ -67,12 +71,15 @@ class SegmentationModule(L.LightningModule):
         class_names: Sequence[str] = ("background", "anterior", "posterior"),
         log_images_every_n_epochs: int = 1,
         test_batch_size: int = 64,
+        augmentation: nn.Module | None = None,
+        largest_component: bool = False,
     ):
         super().__init__()
         if loss not in ("ce", "ce_dice"):
             raise ValueError(f"loss must be 'ce' or 'ce_dice', got {loss!r}")
-        self.save_hyperparameters(ignore=["net"], logger=False)
+        self.save_hyperparameters(ignore=["net", "augmentation"], logger=False)
         self.net = net
+        self.augmentation = augmentation
         self.class_names = list(class_names)
         n = len(self.class_names)
         metrics = MetricCollection({
@@ -97,7 +104,15 @@ class SegmentationModule(L.LightningModule):
             loss = loss + self.hparams.dice_weight * soft_dice_loss(logits, y)
         return loss, logits, logits.argmax(1)
 
+    @property
+    def postprocessing(self) -> dict[str, Any]:
+        """What inference applies after the network (stored in the exported model file)."""
+        return {"largest_component": bool(self.hparams.largest_component)}
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.augmentation is not None:
+            image, label = self.augmentation(batch["image"], batch["label"])
+            batch = {**batch, "image": image, "label": label}
         loss, _, pred = self.model_step(batch)
         self.train_metrics.update(pred, batch["label"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(pred))
@@ -159,11 +174,14 @@ class SegmentationModule(L.LightningModule):
         self.test_results = []
 
     def test_step(self, case: dict[str, Any], batch_idx: int) -> None:
-        patch = getattr(getattr(self.trainer, "datamodule", None), "patch_size", (64, 64))
+        datamodule = getattr(self.trainer, "datamodule", None)
+        patch = getattr(datamodule, "patch_size", (64, 64))
+        context = getattr(datamodule, "context_slices", 0)
         # Full precision, as the exported model runs in deployment: test metrics == deploy metrics.
         with torch.autocast(device_type=self.device.type, enabled=False):
             pred = segment_slices(self.net, case["image"], size_multiple=getattr(self.net, "size_multiple", 1),
-                                  min_size=patch, batch_size=self.hparams.test_batch_size, device=self.device)
+                                  min_size=patch, batch_size=self.hparams.test_batch_size, device=self.device,
+                                  context=context, largest_component=bool(self.hparams.largest_component))
         row = {"name": case["name"], **volume_metrics(pred, case["label"], case["spacing"])}
         self.test_results.append(row)
 

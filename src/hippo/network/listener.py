@@ -735,14 +735,14 @@ class Listener:
     # ------------------------------------------------------------------------------ config
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> "Listener":
-        """From ``conf/listen.yaml`` resolved to a plain dict. ``model_path: null`` takes the newest
-        ``<paths.log_dir>/train/**/model.pt``."""
+        """From ``conf/listen.yaml`` resolved to a plain dict. ``model_path: null`` takes the shipped
+        default model, ``latest`` the newest ``<paths.log_dir>/**/model.pt`` (:mod:`hippo.models`)."""
         lc = dict(cfg.get("listener") or {})
         model_path = cfg.get("model_path")
-        if not model_path and "processor_factory" not in overrides:
-            from hippo.pipeline import find_default_model
+        if "processor_factory" not in overrides:
+            from hippo.models import resolve_model_path
 
-            model_path = find_default_model(Path(cfg["paths"]["log_dir"]) / "train")
+            model_path = resolve_model_path(model_path, cfg["paths"]["log_dir"])
         report = dict(cfg.get("report") or {})
         options = {
             "rules": dict(cfg.get("series") or {}),
