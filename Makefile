@@ -14,7 +14,7 @@ BIN         := $(VENV)/bin
 DEB_PACKAGES ?= orthanc orthanc-dicomweb dcmtk chromium
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps demo test test-fast clean-outputs
+.PHONY: setup system-deps demo test test-fast bench clean-outputs
 
 $(BIN)/.hippo-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ test: setup system-deps
 # without the slow real-data training, the wheel build and the service-backed tests
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not service"
+
+# model (loading, training, inference vs compute bound) and deployment (stages, 1/2/4 workers,
+# peak memory) benchmarks; figures printed and written to outputs/benchmarks/*.json
+bench: setup
+	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_deploy.py
 
 clean-outputs:
 	rm -rf outputs/train outputs/eval outputs/curate outputs/debug outputs/data

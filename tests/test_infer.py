@@ -277,3 +277,17 @@ def test_context_model_round_trip_applies_context_and_postprocessing(tmp_path: P
     np.testing.assert_array_equal(labels, expected)
     with pytest.raises(ValueError, match="3 input channels but context_slices=0"):
         InferenceAgent(net, PREPROCESSING)
+
+
+def test_agent_applies_the_model_files_normalisation(tmp_path: Path) -> None:
+    from hippo.data.nifti import normalize_percentile
+
+    net = _net()
+    path = save_model_file(tmp_path / "p.pt", net, preprocessing={**PREPROCESSING, "normalization": "percentile_per_volume"})
+    volume = _volume((12, 30, 30))
+    volume[0, 0, 0] = 1e7                                    # one bright voxel: min-max would differ
+    expected = segment_slices(net, normalize_percentile(volume), size_multiple=net.size_multiple)
+    np.testing.assert_array_equal(InferenceAgent.from_file(path).segment(volume), expected)
+    bad = save_model_file(tmp_path / "bad.pt", net, preprocessing={**PREPROCESSING, "normalization": "zscore"})
+    with pytest.raises(ValueError, match="unsupported normalization 'zscore'"):
+        InferenceAgent.from_file(bad)

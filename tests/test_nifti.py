@@ -405,3 +405,20 @@ def test_with_neighbours_stacks_context_and_repeats_edges() -> None:
     np.testing.assert_array_equal(stacked[3, 2], volume[3])
     with pytest.raises(ValueError, match="context"):
         with_neighbours(volume, -1)
+
+
+def test_percentile_normalisation_ignores_a_few_bright_voxels() -> None:
+    from hippo.data.nifti import normalize, normalize_percentile
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 100, size=(20, 20, 20)).astype(np.float32)
+    spiked = image.copy()
+    spiked[0, 0, :5] = 1e6                                   # five very bright voxels
+    robust, naive = normalize_percentile(spiked), normalize(spiked, "minmax_per_volume")
+    assert robust.dtype == np.float32 and robust.min() == 0.0 and robust.max() == 1.0
+    # the tissue keeps its contrast with percentiles, and is crushed to ~0 by min-max
+    np.testing.assert_allclose(robust[1:], normalize_percentile(image)[1:], atol=0.01)
+    assert naive[1:].max() < 1e-3
+    np.testing.assert_array_equal(normalize_percentile(np.full((3, 3, 3), 7.0)), 0.0)
+    with pytest.raises(ValueError, match="unknown normalization 'zscore'"):
+        normalize(image, "zscore")

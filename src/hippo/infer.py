@@ -10,7 +10,8 @@ Model file (``torch.save`` of a plain dict, loaded with ``weights_only=True``)::
     created        ISO-8601 UTC time
     net            {"class": "hippo.model.unet.UNet", "config": {UNet keyword arguments}}
     state_dict     the network weights
-    preprocessing  {"normalization": "minmax_per_volume", "slice_axis": int, "patch_size": [H, W],
+    preprocessing  {"normalization": "minmax_per_volume" | "percentile_per_volume", "slice_axis": int,
+                    "patch_size": [H, W],
                     "context_slices": int (neighbours per side as channels, 2.5D; absent = 0)}
     postprocessing {"largest_component": bool} (absent = none)
     labels         {"0": "background", "1": "anterior", "2": "posterior"}
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from hippo import __version__
-from hippo.data.nifti import LABEL_NAMES, normalize_minmax, pad_or_crop, undo_pad_or_crop, with_neighbours
+from hippo.data.nifti import NORMALIZATIONS, LABEL_NAMES, normalize, pad_or_crop, undo_pad_or_crop, with_neighbours
 from hippo.fileio import to_plain, write_bytes_atomic
 from hippo.model.unet import UNet
 
@@ -200,7 +201,7 @@ class InferenceAgent:
         metadata: Mapping[str, Any] | None = None,
         postprocessing: Mapping[str, Any] | None = None,
     ):
-        if preprocessing.get("normalization", "minmax_per_volume") != "minmax_per_volume":
+        if preprocessing.get("normalization", "minmax_per_volume") not in NORMALIZATIONS:
             raise ValueError(f"unsupported normalization {preprocessing.get('normalization')!r}")
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
@@ -251,7 +252,7 @@ class InferenceAgent:
         if not np.isfinite(volume).all():
             raise ValueError("volume holds NaN or infinite values")
         axis = self.slice_axis
-        image = np.moveaxis(normalize_minmax(volume), axis, 0)
+        image = np.moveaxis(normalize(volume, self.preprocessing.get("normalization", "minmax_per_volume")), axis, 0)
         result = segment_slices(
             self.net, np.ascontiguousarray(image), size_multiple=self.net.size_multiple,
             min_size=self.preprocessing.get("patch_size", (64, 64)), batch_size=self.batch_size,

@@ -3,7 +3,7 @@
 Stages (``setup``):
 1. find the pairs (Decathlon layout, or a curation ``manifest.json``), listing unpaired files;
 2. load every pair with a process pool (``num_load_workers``), normalising each image to
-   ``[0, 1]`` on its own; bad cases are skipped and listed (or raise, ``on_bad_case="error"``);
+   ``[0, 1]`` on its own (min-max or robust percentiles); bad cases are skipped and listed (or raise, ``on_bad_case="error"``);
 3. split by volume with a fixed seed (no slice of a volume crosses splits), or reuse a saved split;
 4. save the split (and the skipped cases) as JSON in ``output_dir``.
 
@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hippo.fileio import write_json_atomic
-from hippo.data.nifti import Case, CaseError, CasePaths, find_pairs, is_nifti, load_case, pad_or_crop
+from hippo.data.nifti import (NORMALIZATIONS, Case, CaseError, CasePaths, find_pairs, is_nifti, load_case,
+                              pad_or_crop)
 
 log = logging.getLogger(__name__)
 
@@ -94,21 +95,22 @@ def _identity(x: Any) -> Any:
     return x
 
 
-def _load_one(args: tuple[CasePaths, int]) -> Case | CaseError:
-    paths, axis = args
+def _load_one(args: tuple[CasePaths, int, str]) -> Case | CaseError:
+    paths, axis, normalization = args
     try:
-        return load_case(paths, slice_axis=axis)
+        return load_case(paths, slice_axis=axis, normalization=normalization)
     except CaseError as exc:
         return exc
 
 
-def load_cases(pairs: Sequence[CasePaths], workers: int = 2, slice_axis: int = 0) -> tuple[list[Case], list[CaseError]]:
+def load_cases(pairs: Sequence[CasePaths], workers: int = 2, slice_axis: int = 0,
+               normalization: str = "minmax_per_volume") -> tuple[list[Case], list[CaseError]]:
     """Load pairs with a process pool (``workers <= 1``: serially in this process).
 
     Returns:
         ``(cases, errors)`` in the order of ``pairs``; each error names its file and problem.
     """
-    jobs = [(p, slice_axis) for p in pairs]
+    jobs = [(p, slice_axis, normalization) for p in pairs]
     if workers <= 1 or len(jobs) < 2:
         results = [_load_one(j) for j in jobs]
     else:
@@ -173,6 +175,8 @@ class HippocampusDataModule(L.LightningDataModule):
         manifest: optional curation ``manifest.json``; when given, only its cases are used.
         patch_size: in-plane training size ``(H, W)`` (centre pad/crop).
         slice_axis: voxel axis to slice along.
+        normalization: per-volume intensity normalisation (``minmax_per_volume`` or
+            ``percentile_per_volume``, see :mod:`hippo.data.nifti`).
         context_slices: neighbouring slices per side fed as extra channels (2.5D); the network
             then needs ``in_channels = 2 * context_slices + 1``.
         split: fractions ``[train, val, test]`` by volume.
@@ -197,6 +201,7 @@ class HippocampusDataModule(L.LightningDataModule):
         manifest: str | None = None,
         patch_size: Sequence[int] = (64, 64),
         slice_axis: int = 0,
+        normalization: str = "minmax_per_volume",
         context_slices: int = 0,
         split: Sequence[float] = (0.7, 0.1, 0.2),
         split_seed: int = 42,
@@ -220,6 +225,9 @@ class HippocampusDataModule(L.LightningDataModule):
         self.patch_size = tuple(int(s) for s in patch_size)
         self.slice_axis = int(slice_axis)
         self.context_slices = int(context_slices)
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}; known: {sorted(NORMALIZATIONS)}")
+        self.normalization = normalization
         if self.context_slices < 0:
             raise ValueError(f"context_slices must be >= 0, got {context_slices}")
         self.split_fractions = tuple(float(f) for f in split)
@@ -243,7 +251,7 @@ class HippocampusDataModule(L.LightningDataModule):
     @property
     def preprocessing(self) -> dict[str, Any]:
         """What inference must repeat; stored in the exported model file."""
-        return {"normalization": "minmax_per_volume", "slice_axis": self.slice_axis,
+        return {"normalization": self.normalization, "slice_axis": self.slice_axis,
                 "patch_size": list(self.patch_size), "context_slices": self.context_slices}
 
     def prepare_data(self) -> None:
@@ -283,7 +291,7 @@ class HippocampusDataModule(L.LightningDataModule):
             return
         self.skipped = []
         pairs = self._pairs()
-        cases, errors = load_cases(pairs, self.num_load_workers, self.slice_axis)
+        cases, errors = load_cases(pairs, self.num_load_workers, self.slice_axis, self.normalization)
         for err in errors:
             self.skipped.append({"file": err.path, "problem": err.problem})
             log.warning("skipping bad case: %s", err)
