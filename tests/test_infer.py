@@ -291,3 +291,36 @@ def test_agent_applies_the_model_files_normalisation(tmp_path: Path) -> None:
     bad = save_model_file(tmp_path / "bad.pt", net, preprocessing={**PREPROCESSING, "normalization": "zscore"})
     with pytest.raises(ValueError, match="unsupported normalization 'zscore'"):
         InferenceAgent.from_file(bad)
+
+
+def test_ensemble_file_averages_members_across_slicing_axes(tmp_path: Path) -> None:
+    from hippo.infer import save_ensemble_file
+
+    a, b = _net(seed=1), _net(seed=2)
+    pre_a = PREPROCESSING
+    pre_b = {**PREPROCESSING, "slice_axis": 2, "normalization": "percentile_per_volume"}
+    path = save_ensemble_file(tmp_path / "ens.pt", [(a, pre_a), (b, pre_b)], half_precision=True,
+                              postprocessing={"largest_component": False}, metrics={"dice_mean": 0.9})
+    stored = load_model_file(path)["members"]
+    assert all(v.dtype == torch.float16 for m in stored for v in m["state_dict"].values() if v.is_floating_point())
+    agent = InferenceAgent.from_file(path)
+    assert agent.metadata["n_members"] == 2 and len(agent.members) == 2
+    volume = _volume((14, 22, 18))
+    labels, probs = agent.segment(volume, return_probabilities=True)
+    # the same members rebuilt in float32 from float16 weights, run one by one, averaged by hand
+    members = [InferenceAgent(net, pre) for net, pre in agent.members]
+    by_hand = sum(m.segment(volume, return_probabilities=True)[1] for m in members) / 2
+    np.testing.assert_allclose(probs, by_hand, atol=1e-6)
+    np.testing.assert_array_equal(labels, by_hand.argmax(0))
+    assert probs.shape == (3, *volume.shape)
+    # float16 storage changes the weights by at most fp16 rounding
+    for (k, v) in a.state_dict().items():
+        if v.is_floating_point():
+            np.testing.assert_allclose(agent.members[0][0].state_dict()[k].numpy(), v.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_model_file_without_weights_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "empty.pt"
+    torch.save({"format": MODEL_FORMAT, "members": []}, path)
+    with pytest.raises(ValueError, match="members list"):
+        load_model_file(path)

@@ -164,9 +164,9 @@ def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root
     from hippo.models.publish import publish
 
     dest = tmp_path / "shipped"
-    out = publish(sweep / "0", dest, cv_dir=sweep)
+    out = publish([sweep / "0"], dest, cv_dir=sweep)
     card = out["card"].read_text()
-    assert "2-fold cross-validation" in card and "CC-BY-SA 4.0" in card and "| test (held out) |" in card
+    assert "2-fold cross-validation" in card and "CC-BY-SA 4.0" in card and "fold 0 model alone, test (held out)" in card
     agent = InferenceAgent.from_file(out["model"])
     assert agent.context_slices == 2 and agent.postprocessing == {"largest_component": True}
     eval_dir = tmp_path / "eval"
@@ -178,6 +178,15 @@ def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root
     trained = json.loads((sweep / "0" / "results.json").read_text())["summary"]
     for key in ("dice_anterior", "dice_posterior"):
         assert evaluated[key]["mean"] == pytest.approx(trained[key]["mean"], abs=1e-6)
+
+    # the two folds as one ensemble: float16 members, evaluated on the common test split at publication
+    ens = publish([sweep / "0", sweep / "1"], tmp_path / "ensemble", cv_dir=sweep)
+    agent = InferenceAgent.from_file(ens["model"])
+    assert agent.metadata["n_members"] == 2
+    shipped_split = json.loads(ens["split"].read_text())
+    assert shipped_split["test"] == splits[0]["test"] and set(shipped_split["train"]) == development
+    assert agent.metadata["metrics"]["dice_anterior"] >= 0.0
+    assert "**shipped ensemble, test (held out)**" in ens["card"].read_text()
 
 
 @pytest.mark.slow

@@ -17,6 +17,13 @@ Model file (``torch.save`` of a plain dict, loaded with ``weights_only=True``)::
     labels         {"0": "background", "1": "anterior", "2": "posterior"}
     metrics        test metrics of the training run (may be empty)
     training       a summary of how it was trained (data, split sizes, epochs, precision...)
+
+An **ensemble** file (:func:`save_ensemble_file`, e.g. the five cross-validation fold models)
+holds ``members`` — a list of ``{"net", "state_dict", "preprocessing"}`` (weights may be stored as
+float16 to halve the size; they run in float32) — instead of the top-level ``net``,
+``state_dict`` and ``preprocessing``. The agent averages the members' softmax probabilities in
+the volume's own voxel order (so members may slice along different axes), then takes the argmax
+and applies the post-processing.
 """
 
 from __future__ import annotations
@@ -67,6 +74,43 @@ def save_model_file(
     return write_bytes_atomic(path, buffer.getvalue())
 
 
+def save_ensemble_file(
+    path: str | os.PathLike,
+    members: Sequence[tuple[UNet, Mapping[str, Any]]],
+    *,
+    labels: Mapping[int, str] = LABEL_NAMES,
+    metrics: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    postprocessing: Mapping[str, Any] | None = None,
+    half_precision: bool = True,
+) -> Path:
+    """Write an ensemble model file: ``members`` are ``(net, preprocessing)`` pairs.
+
+    ``half_precision`` stores floating-point weights as float16 (the agent runs them in float32).
+    """
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+
+    def weights(net: UNet) -> dict[str, torch.Tensor]:
+        return {k: (v.detach().cpu().half() if half_precision and v.is_floating_point() else v.detach().cpu()).clone()
+                for k, v in net.state_dict().items()}
+
+    payload = {
+        "format": MODEL_FORMAT,
+        "hippo_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "members": [{"net": {"class": "hippo.model.unet.UNet", "config": dict(net.config)},
+                     "state_dict": weights(net), "preprocessing": to_plain(pre)} for net, pre in members],
+        "postprocessing": to_plain(postprocessing or {}),
+        "labels": {str(k): str(v) for k, v in labels.items()},
+        "metrics": to_plain(metrics or {}),
+        "training": to_plain(training or {}),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
 def load_model_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a model file (weights-only unpickling: no code runs from the file).
 
@@ -85,17 +129,29 @@ def load_model_file(path: str | os.PathLike) -> dict[str, Any]:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path}: expected model format {MODEL_FORMAT!r}, found {found!r} "
                          "(a Lightning .ckpt is not a model file: use the exported model.pt)")
+    single = all(k in payload for k in ("net", "state_dict", "preprocessing"))
+    members = payload.get("members")
+    if not single and not (isinstance(members, list) and members):
+        raise ValueError(f"{path}: a model file needs net/state_dict/preprocessing or a non-empty members list")
     return payload
 
 
 def build_net(payload: Mapping[str, Any]) -> UNet:
-    """Rebuild the network of a loaded model file and load its weights (eval mode)."""
+    """Rebuild the network of a loaded model file (or of one ensemble member) and load its
+    weights in float32 (eval mode)."""
     cls = _NETS.get(payload["net"]["class"])
     if cls is None:
         raise ValueError(f"unknown network class {payload['net']['class']!r}")
     net = cls(**payload["net"]["config"])
-    net.load_state_dict(payload["state_dict"])
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
     return net.eval()
+
+
+def build_members(payload: Mapping[str, Any]) -> list[tuple[UNet, dict[str, Any]]]:
+    """``(net, preprocessing)`` of every member of a loaded model file (one for a single model)."""
+    if "members" in payload:
+        return [(build_net(m), dict(m["preprocessing"])) for m in payload["members"]]
+    return [(build_net(payload), dict(payload["preprocessing"]))]
 
 
 def keep_largest_component(labels: np.ndarray) -> np.ndarray:
@@ -188,6 +244,8 @@ class InferenceAgent:
         batch_size: slices per forward pass.
         metadata: the rest of the model file (version, metrics, training summary).
         postprocessing: the model file's postprocessing block (``largest_component``).
+        more_members: further ``(net, preprocessing)`` pairs: an ensemble whose softmax
+            probabilities are averaged (``net``/``preprocessing`` are the first member).
     """
 
     def __init__(
@@ -200,31 +258,37 @@ class InferenceAgent:
         batch_size: int = 64,
         metadata: Mapping[str, Any] | None = None,
         postprocessing: Mapping[str, Any] | None = None,
+        more_members: Sequence[tuple[UNet, Mapping[str, Any]]] = (),
     ):
-        if preprocessing.get("normalization", "minmax_per_volume") not in NORMALIZATIONS:
-            raise ValueError(f"unsupported normalization {preprocessing.get('normalization')!r}")
         self.device = torch.device(device)
-        self.net = net.to(self.device).eval()
-        self.preprocessing = dict(preprocessing)
+        self.members: list[tuple[UNet, dict[str, Any]]] = []
+        for member_net, pre in [(net, preprocessing), *more_members]:
+            pre = dict(pre)
+            if pre.get("normalization", "minmax_per_volume") not in NORMALIZATIONS:
+                raise ValueError(f"unsupported normalization {pre.get('normalization')!r}")
+            expected = 2 * int(pre.get("context_slices", 0)) + 1
+            in_channels = getattr(member_net, "config", {}).get("in_channels", expected)
+            if in_channels != expected:
+                raise ValueError(f"the network takes {in_channels} input channels but context_slices="
+                                 f"{pre.get('context_slices', 0)} gives {expected}")
+            self.members.append((member_net.to(self.device).eval(), pre))
+        self.net, self.preprocessing = self.members[0]
         self.labels = {int(k): v for k, v in labels.items()}
         self.batch_size = batch_size
         self.metadata = dict(metadata or {})
         self.postprocessing = dict(postprocessing or {})
-        expected = 2 * self.context_slices + 1
-        in_channels = getattr(net, "config", {}).get("in_channels", expected)
-        if in_channels != expected:
-            raise ValueError(f"the network takes {in_channels} input channels but context_slices="
-                             f"{self.context_slices} gives {expected}")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64) -> "InferenceAgent":
         """Load an exported model file (see the module docstring)."""
         payload = load_model_file(path)
-        meta = {k: v for k, v in payload.items() if k not in ("state_dict",)}
+        members = build_members(payload)
+        meta = {k: v for k, v in payload.items() if k not in ("state_dict", "members")}
         meta["path"] = str(path)
-        return cls(build_net(payload), payload["preprocessing"], payload["labels"],
-                   device=device, batch_size=batch_size, metadata=meta,
-                   postprocessing=payload.get("postprocessing"))
+        meta["n_members"] = len(members)
+        meta.setdefault("preprocessing", members[0][1])
+        return cls(*members[0], payload["labels"], device=device, batch_size=batch_size, metadata=meta,
+                   postprocessing=payload.get("postprocessing"), more_members=members[1:])
 
     @property
     def slice_axis(self) -> int:
@@ -251,16 +315,33 @@ class InferenceAgent:
             raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
         if not np.isfinite(volume).all():
             raise ValueError("volume holds NaN or infinite values")
-        axis = self.slice_axis
-        image = np.moveaxis(normalize(volume, self.preprocessing.get("normalization", "minmax_per_volume")), axis, 0)
+        largest = bool(self.postprocessing.get("largest_component", False))
+        if len(self.members) == 1:
+            labels, probs = self._segment_member(self.net, self.preprocessing, volume, return_probabilities,
+                                                 largest_component=largest)
+            return (labels, probs) if return_probabilities else labels
+        probs = None
+        for net, pre in self.members:
+            _, p = self._segment_member(net, pre, volume, True, largest_component=False)
+            probs = p if probs is None else probs + p
+        probs /= len(self.members)
+        labels = probs.argmax(0).astype(np.uint8)
+        if largest:
+            labels = keep_largest_component(labels)
+        return (labels, probs) if return_probabilities else labels
+
+    def _segment_member(self, net: UNet, pre: Mapping[str, Any], volume: np.ndarray, return_probabilities: bool,
+                        largest_component: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """One network on one raw volume: ``(X, Y, Z)`` labels and optionally ``(C, X, Y, Z)`` probabilities."""
+        axis = int(pre.get("slice_axis", 0))
+        image = np.moveaxis(normalize(volume, pre.get("normalization", "minmax_per_volume")), axis, 0)
         result = segment_slices(
-            self.net, np.ascontiguousarray(image), size_multiple=self.net.size_multiple,
-            min_size=self.preprocessing.get("patch_size", (64, 64)), batch_size=self.batch_size,
+            net, np.ascontiguousarray(image), size_multiple=net.size_multiple,
+            min_size=pre.get("patch_size", (64, 64)), batch_size=self.batch_size,
             device=self.device, return_probabilities=return_probabilities,
-            context=self.context_slices, largest_component=bool(self.postprocessing.get("largest_component", False)),
+            context=int(pre.get("context_slices", 0)), largest_component=largest_component,
         )
         if not return_probabilities:
-            return np.ascontiguousarray(np.moveaxis(result, 0, axis))
+            return np.ascontiguousarray(np.moveaxis(result, 0, axis)), None
         labels, probs = result
         return np.ascontiguousarray(np.moveaxis(labels, 0, axis)), np.ascontiguousarray(np.moveaxis(probs, 1, axis + 1))
-

@@ -1,13 +1,15 @@
-"""Make a training run the shipped default model: copy its weights and split, write the model card.
+"""Make training runs the shipped default model: weights, split and model card.
 
-    python -m hippo.models.publish RUN_DIR [--cv SWEEP_DIR] [--ablations DIR ...] [--dest DIR]
+    python -m hippo.models.publish RUN_DIR [RUN_DIR ...] [--cv SWEEP_DIR] [--ablations DIR ...] [--dest DIR]
 
-``RUN_DIR`` is a finished ``python -m hippo.train`` run (``model.pt``, ``split.json``,
-``results.json``, ``val_results.json``); ``--cv`` the cross-validation multirun whose
-``cv_summary.json`` (or fold ``val_results.json``) gives the CV figures; ``--ablations`` further
-runs on the same fold whose test and validation figures go into the card's ablation table. Writes
-``hippocampus_25d.pt``, ``hippocampus_25d.split.json`` and ``MODEL_CARD.md`` into ``--dest``
-(default: this package's directory, so the next install ships them).
+Each ``RUN_DIR`` is a finished ``python -m hippo.train`` run (``model.pt``, ``split.json``,
+``results.json``, ``val_results.json``). One run is shipped as it is; several — the folds of one
+cross-validation — become one ensemble file (float16 weights, probabilities averaged), evaluated
+here on their common held-out test split. ``--cv`` is the cross-validation multirun whose fold
+``val_results.json`` give the CV figures; ``--ablations`` are runs on the same fold whose figures go
+into the card's ablation table. Writes ``hippocampus_25d.pt``, ``hippocampus_25d.split.json``,
+``hippocampus_25d.cv.json`` and ``MODEL_CARD.md`` into ``--dest`` (default: this package's
+directory, so the next install ships them).
 """
 
 from __future__ import annotations
@@ -45,35 +47,47 @@ def _overrides(run: Path) -> list[str]:
     return [line[2:].strip() for line in f.read_text().splitlines() if line.startswith("- ")]
 
 
-def render_card(run: Path, cv: dict[str, Any] | None, ablations: Sequence[Path]) -> str:
-    """The model card (Markdown) of the run in ``run``."""
-    results, val = _read(run / "results.json"), _read(run / "val_results.json")
+def _metrics_row(label: str, summary: dict[str, Any]) -> str:
+    return (f"| {label} | {summary['n_volumes']['count']} | {_fmt(summary, 'dice_anterior')} | "
+            f"{_fmt(summary, 'dice_posterior')} | {_fmt(summary, 'dice_mean')} | {_fmt(summary, 'dice_foreground')} | "
+            f"{_fmt(summary, 'jaccard_mean')} |")
+
+
+def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequence[Path],
+                ensemble_test: dict[str, Any] | None = None, size_mib: float | None = None) -> str:
+    """The model card (Markdown) of the model made from ``runs`` (one run, or the members of an
+    ensemble whose test summary is ``ensemble_test``)."""
+    run = runs[0]
+    results = _read(run / "results.json")
     config, training = results["config"], results.get("training", {})
     split = _read(run / "split.json")
-    s, vs = results["summary"], val["summary"]
     net = config["model"]["net"]
+    n = len(runs)
+    what = (f"an ensemble of the {n} cross-validation fold models (softmax probabilities averaged)" if n > 1
+            else "one network")
     lines = [
         f"# Model card: `{DEFAULT_MODEL_NAME}` (the shipped default model)",
         "",
-        "Segments the anterior (label 1) and posterior (label 2) hippocampus in a T1-weighted MRI crop "
-        "around one hippocampus, slice by slice along the left-right axis with the neighbouring slices as "
-        "extra channels (2.5D). Research use only: not a medical device, not validated for clinical decisions.",
+        f"Segments the anterior (label 1) and posterior (label 2) hippocampus in a T1-weighted MRI crop around one "
+        f"hippocampus: {what}, each slicing along the left-right axis with the neighbouring slices as extra "
+        "channels (2.5D). Research use only: not a medical device, not validated for clinical decisions."
+        + (f" File size {size_mib:.1f} MiB (weights stored as float16, run in float32)." if size_mib else ""),
         "",
         "## Data",
         "- Medical Segmentation Decathlon, Task04_Hippocampus (Vanderbilt University Medical Center; "
         "licence CC-BY-SA 4.0): the labelled pairs present in the copy used "
-        f"({sum(len(split[k]) for k in ('train', 'val', 'test'))} cases), 1 mm isotropic crops, "
-        "each image min-max normalised on its own.",
+        f"({sum(len(split[k]) for k in ('train', 'val', 'test'))} cases), 1 mm isotropic crops.",
         f"- Split by volume, seed {split['seed']}: {len(split['test'])} test cases held out from training "
-        f"and model selection (listed in `{DEFAULT_MODEL_NAME}.split.json`); the other cases cut into "
-        f"{split.get('num_folds')} cross-validation folds, fold {split.get('fold')} used for validation "
-        f"({len(split['train'])} train / {len(split['val'])} val).",
+        f"and model selection of every member (listed in `{DEFAULT_MODEL_NAME}.split.json`); the other "
+        f"{len(split['train']) + len(split['val'])} cases cut into {split.get('num_folds')} cross-validation folds "
+        f"(each fold model: {len(split['train'])} train / {len(split['val'])} val).",
         "",
         "## Configuration",
-        f"- `python -m hippo.train {' '.join(_overrides(run)) or 'experiment=hippocampus_25d'}`",
+        f"- `python -m hippo.train {' '.join(o for o in _overrides(run) if not o.startswith('hydra.')) or 'experiment=hippocampus_25d'}`",
         f"- Recursive 2D UNet, {net['initial_filters']} filters at the top, depth {net['num_downs']}, "
         f"{net['norm']} norm, {net['in_channels']} input channels "
-        f"({config['data']['context_slices']} neighbouring slices per side); loss {config['model']['loss']}; "
+        f"({config['data']['context_slices']} neighbouring slices per side); "
+        f"{config['data'].get('normalization', 'minmax_per_volume')} intensity normalisation; loss {config['model']['loss']}; "
         f"{config['model']['optimizer']['_target_'].rsplit('.', 1)[-1]} lr {config['model']['optimizer']['lr']}, "
         f"cosine schedule, {config['trainer']['max_epochs']} epochs, batch {config['data']['batch_size']}, "
         f"precision {training.get('precision', config['trainer']['precision'])}.",
@@ -81,50 +95,50 @@ def render_card(run: Path, cv: dict[str, Any] | None, ablations: Sequence[Path])
                                         if k != "_target_") or "none") + ".",
         f"- Post-processing: largest connected foreground component "
         f"{'kept' if config['model'].get('largest_component') else 'not applied'}.",
-        "- Best checkpoint by validation Dice (2D, per epoch).",
+        "- Each member: best checkpoint by its fold's validation Dice (2D, per epoch).",
         "",
         "## Metrics (3D Dice per volume, mean ± sd)",
         "",
-        "| split | volumes | Dice anterior | Dice posterior | Dice mean | Dice foreground | Jaccard mean |",
+        "| model, cases | volumes | Dice anterior | Dice posterior | Dice mean | Dice foreground | Jaccard mean |",
         "|---|---|---|---|---|---|---|",
-        f"| test (held out) | {s['n_volumes']['count']} | {_fmt(s, 'dice_anterior')} | {_fmt(s, 'dice_posterior')} | "
-        f"{_fmt(s, 'dice_mean')} | {_fmt(s, 'dice_foreground')} | {_fmt(s, 'jaccard_mean')} |",
-        f"| val (fold {val.get('fold')}) | {vs['n_volumes']['count']} | {_fmt(vs, 'dice_anterior')} | "
-        f"{_fmt(vs, 'dice_posterior')} | {_fmt(vs, 'dice_mean')} | {_fmt(vs, 'dice_foreground')} | "
-        f"{_fmt(vs, 'jaccard_mean')} |",
     ]
+    if ensemble_test:
+        lines.append(_metrics_row("**shipped ensemble, test (held out)**", ensemble_test))
+    for r in runs:
+        rs = _read(r / "results.json")["summary"]
+        fold = _read(r / "split.json").get("fold")
+        lines.append(_metrics_row(f"fold {fold} model alone, test (held out)", rs))
     if cv:
-        p = cv["pooled"]
-        lines.append(f"| {cv['n_folds']}-fold cross-validation (pooled) | {cv['n_volumes']} | "
-                     f"{_fmt(p, 'dice_anterior')} | {_fmt(p, 'dice_posterior')} | {_fmt(p, 'dice_mean')} | "
-                     f"{_fmt(p, 'dice_foreground')} | {_fmt(p, 'jaccard_mean')} |")
+        lines.append(_metrics_row(f"{cv['n_folds']}-fold cross-validation, pooled validation cases",
+                                  {**cv["pooled"], "n_volumes": {"count": cv["n_volumes"]}}))
         lines += ["", "Cross-validation per fold (mean Dice over that fold's validation volumes):", "",
                   "| fold | Dice anterior | Dice posterior | Dice mean |", "|---|---|---|---|"]
         for fold, m in cv["folds"].items():
             lines.append(f"| {fold} | {m['dice_anterior']:.4f} | {m['dice_posterior']:.4f} | {m['dice_mean']:.4f} |")
     if ablations:
-        lines += ["", "## Ablations (same fold, same epochs; one lever removed at a time)", "",
-                  "| run | overrides | test Dice anterior | test Dice posterior | val Dice mean |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "## Ablations (fold 0, same epochs; one lever changed at a time)", "",
+                  "| run | change against the shipped configuration | test Dice anterior | test Dice posterior | "
+                  "val Dice anterior | val Dice posterior |",
+                  "|---|---|---|---|---|---|"]
         for a in [run, *ablations]:
             r, v = _read(a / "results.json")["summary"], _read(a / "val_results.json")["summary"]
             extra = [o for o in _overrides(a) if not o.startswith(("data.root", "hydra.", "experiment", "data.fold"))]
-            lines.append(f"| {a.name} | {' '.join(extra) or '(the shipped configuration)'} | "
+            lines.append(f"| {a.parent.name}/{a.name} | {' '.join(extra) or '(none: the shipped configuration)'} | "
                          f"{r['dice_anterior']['mean']:.4f} | {r['dice_posterior']['mean']:.4f} | "
-                         f"{v['dice_mean']['mean']:.4f} |")
+                         f"{v['dice_anterior']['mean']:.4f} | {v['dice_posterior']['mean']:.4f} |")
+    fit = [_read(r / "results.json").get("training", {}).get("fit_seconds", 0) for r in runs]
     lines += [
         "",
         "## Training",
-        f"- {training.get('fit_seconds', 0) / 60:.1f} min of fitting on {platform.processor() or platform.machine()} "
-        f"CPU ({training.get('accelerator', '?')}), {config['trainer'].get('devices', 1)} device; "
-        f"{training.get('epochs', '?')} epochs run; hippo {results.get('hippo_version')}.",
+        f"- {sum(fit) / 60:.0f} min of fitting in all ({', '.join(f'{f / 60:.1f}' for f in fit)} min per member) on a "
+        f"{platform.machine()} CPU with 2 cores ({training.get('accelerator', '?')}, bf16 autocast), "
+        f"{training.get('epochs', '?')} epochs per member; hippo {results.get('hippo_version')}.",
         "",
         "## Reproduce",
         "```",
-        "python -m hippo.train experiment=hippocampus_25d data.root=../shared/data/Task04_Hippocampus",
         "python -m hippo.train experiment=hippocampus_25d data.root=../shared/data/Task04_Hippocampus \\",
-        "    'data.fold=0,1,2,3,4' --multirun            # cross-validation -> cv_summary.json",
-        "python -m hippo.models.publish outputs/hippocampus_25d/runs/<run> --cv outputs/hippocampus_25d/multiruns/<sweep>",
+        "    'data.fold=0,1,2,3,4' --multirun hydra.sweep.dir=outputs/experiments/cv_25d   # ~1 h on 2 CPU cores",
+        "python -m hippo.models.publish outputs/experiments/cv_25d/{0,1,2,3,4} --cv outputs/experiments/cv_25d",
         "python -m hippo.eval data.root=../shared/data/Task04_Hippocampus   # the shipped model on its test split",
         "```",
         "",
@@ -135,17 +149,36 @@ def render_card(run: Path, cv: dict[str, Any] | None, ablations: Sequence[Path])
         "## Limits",
         "- Trained on 1 mm crops around one hippocampus (about 35 x 50 x 35 voxels); deployment expects the same "
         "kind of series (the HippoCrop series rule). Whole-brain scans need cropping first.",
-        "- Adult research cohort of one site; other scanners, field strengths and ages are untested.",
+        "- One site's research cohort; other scanners, field strengths and ages are untested.",
         "",
     ]
     return "\n".join(lines)
 
 
-def publish(run: Path, dest: Path, cv_dir: Path | None = None, ablations: Sequence[Path] = ()) -> dict[str, Path]:
-    """Copy the run's model and split into ``dest`` and write the model card there."""
-    model = run / "model.pt"
-    if not model.is_file():
-        raise SystemExit(f"error: {model}: no exported model in this run")
+def _ensemble_split(runs: Sequence[Path]) -> dict[str, Any]:
+    splits = [_read(r / "split.json") for r in runs]
+    tests = {tuple(s["test"]) for s in splits}
+    if len(tests) != 1:
+        raise SystemExit("error: the runs do not share one test split (not folds of one cross-validation)")
+    development = sorted(set().union(*(set(s["train"]) | set(s["val"]) for s in splits)))
+    return {"seed": splits[0]["seed"], "root": splits[0].get("root"), "num_folds": splits[0].get("num_folds"),
+            "train": development, "val": [], "test": list(splits[0]["test"]),
+            "folds": {str(s.get("fold")): s["val"] for s in splits}}
+
+
+def publish(runs: Sequence[Path], dest: Path, cv_dir: Path | None = None, ablations: Sequence[Path] = (),
+            data_root: Path | None = None) -> dict[str, Path]:
+    """Make ``runs`` the shipped model in ``dest``: one run is copied as it is; several (the folds
+    of one cross-validation) become a float16 ensemble file, evaluated on their common test split
+    (under ``data_root``, default the runs' ``data.root``). Writes the split and the model card."""
+    from hippo.evaluation import evaluate_model, select_pairs
+    from hippo.infer import InferenceAgent, build_members, load_model_file, save_ensemble_file
+    from hippo.metrics import summarize
+
+    runs = [Path(r) for r in runs]
+    for r in runs:
+        if not (r / "model.pt").is_file():
+            raise SystemExit(f"error: {r / 'model.pt'}: no exported model in this run")
     cv = None
     if cv_dir is not None:
         cv = summarize_cross_validation(cv_dir)
@@ -154,9 +187,31 @@ def publish(run: Path, dest: Path, cv_dir: Path | None = None, ablations: Sequen
     dest.mkdir(parents=True, exist_ok=True)
     out = {"model": dest / f"{DEFAULT_MODEL_NAME}.pt", "split": dest / f"{DEFAULT_MODEL_NAME}.split.json",
            "card": dest / "MODEL_CARD.md"}
-    write_bytes_atomic(out["model"], model.read_bytes())
-    write_json_atomic(out["split"], _read(run / "split.json"))
-    write_bytes_atomic(out["card"], render_card(run, cv, ablations).encode())
+    ensemble_test = None
+    if len(runs) == 1:
+        write_bytes_atomic(out["model"], (runs[0] / "model.pt").read_bytes())
+        split = _read(runs[0] / "split.json")
+    else:
+        split = _ensemble_split(runs)
+        payloads = [load_model_file(r / "model.pt") for r in runs]
+        members = [m for p in payloads for m in build_members(p)]
+        root = Path(data_root or _read(runs[0] / "results.json")["config"]["data"]["root"])
+        training = {"members": [p.get("training", {}) for p in payloads],
+                    "split_sizes": {k: len(split[k]) for k in ("train", "val", "test")},
+                    "data_root": str(root), "split_seed": split["seed"]}
+        post = payloads[0].get("postprocessing")
+        save_ensemble_file(out["model"], members, postprocessing=post, training=training)
+        write_json_atomic(out["split"], split)
+        pairs, _ = select_pairs(str(root), split_file=str(out["split"]), split_part="test")
+        rows, skipped = evaluate_model(InferenceAgent.from_file(out["model"]), pairs)
+        if skipped or len(rows) != len(split["test"]):
+            raise SystemExit(f"error: could not evaluate every test case under {root}: {skipped}")
+        ensemble_test = summarize(rows)
+        metrics = {k: v["mean"] for k, v in ensemble_test.items() if "mean" in v}
+        save_ensemble_file(out["model"], members, postprocessing=post, training=training, metrics=metrics)
+    write_json_atomic(out["split"], split)
+    size = out["model"].stat().st_size / 2 ** 20
+    write_bytes_atomic(out["card"], render_card(runs, cv, ablations, ensemble_test, size).encode())
     if cv is not None:
         write_json_atomic(dest / f"{DEFAULT_MODEL_NAME}.cv.json", cv)
     return out
@@ -164,12 +219,13 @@ def publish(run: Path, dest: Path, cv_dir: Path | None = None, ablations: Sequen
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Make a training run the shipped default model (weights, split, card).")
-    p.add_argument("run", type=Path, help="a finished hippo.train run directory")
+    p.add_argument("runs", type=Path, nargs="+", help="finished hippo.train run directories (several: an ensemble)")
     p.add_argument("--cv", type=Path, default=None, help="the cross-validation multirun directory")
     p.add_argument("--ablations", type=Path, nargs="*", default=[], help="ablation run directories (same fold)")
     p.add_argument("--dest", type=Path, default=Path(__file__).resolve().parent)
+    p.add_argument("--data-root", type=Path, default=None, help="where the test cases are (default: the runs' data.root)")
     args = p.parse_args(argv)
-    out = publish(args.run, args.dest, args.cv, args.ablations)
+    out = publish(args.runs, args.dest, args.cv, args.ablations, args.data_root)
     for k, v in out.items():
         print(f"{k}: {v}")
     return 0
