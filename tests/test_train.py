@@ -166,7 +166,7 @@ def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root
     dest = tmp_path / "shipped"
     out = publish([sweep / "0"], dest, cv_dir=sweep)
     card = out["card"].read_text()
-    assert "2-fold cross-validation" in card and "CC-BY-SA 4.0" in card and "fold 0 model alone, test (held out)" in card
+    assert "2-fold cross-validation" in card and "CC-BY-SA 4.0" in card and "member: fold 0, slicing axis 0, alone, test (held out)" in card
     agent = InferenceAgent.from_file(out["model"])
     assert agent.context_slices == 2 and agent.postprocessing == {"largest_component": True}
     eval_dir = tmp_path / "eval"

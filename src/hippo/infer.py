@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -246,6 +247,10 @@ class InferenceAgent:
         postprocessing: the model file's postprocessing block (``largest_component``).
         more_members: further ``(net, preprocessing)`` pairs: an ensemble whose softmax
             probabilities are averaged (``net``/``preprocessing`` are the first member).
+        member_threads: run up to this many ensemble members at once, each on one intra-op
+            thread (None: one per CPU core when there are several members; 1: one after another
+            with torch's intra-op threads). Small 2D convolutions use one core better than two,
+            so members side by side beat members one after another (``benchmarks/bench_model.py``).
     """
 
     def __init__(
@@ -259,6 +264,7 @@ class InferenceAgent:
         metadata: Mapping[str, Any] | None = None,
         postprocessing: Mapping[str, Any] | None = None,
         more_members: Sequence[tuple[UNet, Mapping[str, Any]]] = (),
+        member_threads: int | None = None,
     ):
         self.device = torch.device(device)
         self.members: list[tuple[UNet, dict[str, Any]]] = []
@@ -277,9 +283,13 @@ class InferenceAgent:
         self.batch_size = batch_size
         self.metadata = dict(metadata or {})
         self.postprocessing = dict(postprocessing or {})
+        if member_threads is None:
+            member_threads = min(len(self.members), os.cpu_count() or 1) if self.device.type == "cpu" else 1
+        self.member_threads = max(1, int(member_threads))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64) -> "InferenceAgent":
+    def from_file(cls, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64,
+                  member_threads: int | None = None) -> "InferenceAgent":
         """Load an exported model file (see the module docstring)."""
         payload = load_model_file(path)
         members = build_members(payload)
@@ -288,7 +298,8 @@ class InferenceAgent:
         meta["n_members"] = len(members)
         meta.setdefault("preprocessing", members[0][1])
         return cls(*members[0], payload["labels"], device=device, batch_size=batch_size, metadata=meta,
-                   postprocessing=payload.get("postprocessing"), more_members=members[1:])
+                   postprocessing=payload.get("postprocessing"), more_members=members[1:],
+                   member_threads=member_threads)
 
     @property
     def slice_axis(self) -> int:
@@ -320,11 +331,20 @@ class InferenceAgent:
             labels, probs = self._segment_member(self.net, self.preprocessing, volume, return_probabilities,
                                                  largest_component=largest)
             return (labels, probs) if return_probabilities else labels
-        probs = None
-        for net, pre in self.members:
-            _, p = self._segment_member(net, pre, volume, True, largest_component=False)
-            probs = p if probs is None else probs + p
-        probs /= len(self.members)
+        def member_probs(member: tuple[UNet, dict[str, Any]]) -> np.ndarray:
+            return self._segment_member(member[0], member[1], volume, True, largest_component=False)[1]
+
+        if self.member_threads > 1 and torch.get_num_threads() > 1:
+            intra = torch.get_num_threads()
+            torch.set_num_threads(1)        # process-wide: members side by side, one core each
+            try:
+                with ThreadPoolExecutor(self.member_threads) as pool:
+                    parts = list(pool.map(member_probs, self.members))
+            finally:
+                torch.set_num_threads(intra)
+        else:
+            parts = [member_probs(m) for m in self.members]
+        probs = np.sum(parts, axis=0) / len(self.members)
         labels = probs.argmax(0).astype(np.uint8)
         if largest:
             labels = keep_largest_component(labels)

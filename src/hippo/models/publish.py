@@ -63,14 +63,14 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
     split = _read(run / "split.json")
     net = config["model"]["net"]
     n = len(runs)
-    what = (f"an ensemble of the {n} cross-validation fold models (softmax probabilities averaged)" if n > 1
-            else "one network")
+    axes = sorted({_read(r / "results.json")["config"]["data"].get("slice_axis", 0) for r in runs})
+    what = (f"an ensemble of {n} networks (softmax probabilities averaged; slicing axes {axes}, voxel axis 0 = "
+            "left-right, 2 = inferior-superior)" if n > 1 else "one network")
     lines = [
         f"# Model card: `{DEFAULT_MODEL_NAME}` (the shipped default model)",
         "",
         f"Segments the anterior (label 1) and posterior (label 2) hippocampus in a T1-weighted MRI crop around one "
-        f"hippocampus: {what}, each slicing along the left-right axis with the neighbouring slices as extra "
-        "channels (2.5D). Research use only: not a medical device, not validated for clinical decisions."
+        f"hippocampus: {what}, each fed a slice with its neighbouring slices as extra channels (2.5D). Research use only: not a medical device, not validated for clinical decisions."
         + (f" File size {size_mib:.1f} MiB (weights stored as float16, run in float32)." if size_mib else ""),
         "",
         "## Data",
@@ -84,6 +84,9 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
         "",
         "## Configuration",
         f"- `python -m hippo.train {' '.join(o for o in _overrides(run) if not o.startswith('hydra.')) or 'experiment=hippocampus_25d'}`",
+        *([f"- Members (overrides of each run): " + "; ".join(
+            f"`{' '.join(o for o in _overrides(r) if not o.startswith(('hydra.', 'data.root'))) or '(defaults)'}`"
+            for r in runs)] if n > 1 else []),
         f"- Recursive 2D UNet, {net['initial_filters']} filters at the top, depth {net['num_downs']}, "
         f"{net['norm']} norm, {net['in_channels']} input channels "
         f"({config['data']['context_slices']} neighbouring slices per side); "
@@ -105,9 +108,9 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
     if ensemble_test:
         lines.append(_metrics_row("**shipped ensemble, test (held out)**", ensemble_test))
     for r in runs:
-        rs = _read(r / "results.json")["summary"]
-        fold = _read(r / "split.json").get("fold")
-        lines.append(_metrics_row(f"fold {fold} model alone, test (held out)", rs))
+        rr = _read(r / "results.json")
+        fold, axis = _read(r / "split.json").get("fold"), rr["config"]["data"].get("slice_axis", 0)
+        lines.append(_metrics_row(f"member: fold {fold}, slicing axis {axis}, alone, test (held out)", rr["summary"]))
     if cv:
         lines.append(_metrics_row(f"{cv['n_folds']}-fold cross-validation, pooled validation cases",
                                   {**cv["pooled"], "n_volumes": {"count": cv["n_volumes"]}}))
