@@ -208,10 +208,14 @@ def test_serial_and_parallel_batches_agree(studies, model_file, tmp_path):
 
 
 def test_missing_model_and_bad_arguments_are_clear(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "hippo.deploy", f"study={tmp_path}",
+    proc = subprocess.run([sys.executable, "-m", "hippo.deploy", f"study={tmp_path}", "model_path=latest",
                            f"paths.log_dir={tmp_path / 'nothing'}", f"hydra.run.dir={tmp_path / 'r'}", "send=false"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no model.pt under" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "hippo.deploy", f"study={tmp_path}",
+                           f"model_path={tmp_path / 'gone.pt'}", f"hydra.run.dir={tmp_path / 'r1'}", "send=false"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "gone.pt: model file not found" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "hippo.deploy", f"hydra.run.dir={tmp_path / 'r2'}", "send=false"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "exactly one of study=DIR" in proc.stderr

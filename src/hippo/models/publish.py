@@ -26,6 +26,8 @@ from hippo.models import DEFAULT_MODEL_NAME
 from hippo.sweep import summarize_cross_validation
 
 CLASSES = ("anterior", "posterior")
+# the model-quality targets (per-volume 3D Dice on held-out cases)
+TARGETS = {"dice_anterior": 0.89, "dice_posterior": 0.88, "dice_foreground": 0.90}
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -45,6 +47,30 @@ def _overrides(run: Path) -> list[str]:
     if not f.is_file():
         return []
     return [line[2:].strip() for line in f.read_text().splitlines() if line.startswith("- ")]
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _config_diff(reference: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """``key=value`` of the data/model settings where ``other`` differs from ``reference``."""
+    a = {**_DEFAULTS, **{k: v for k, v in _flatten(reference).items() if k.startswith(("data.", "model."))}}
+    b = {**_DEFAULTS, **{k: v for k, v in _flatten(other).items() if k.startswith(("data.", "model."))}}
+    if "model.augmentation" in b and b["model.augmentation"] is None:     # augmentation off: one entry
+        a = {k: v for k, v in a.items() if not k.startswith("model.augmentation.")}
+    skip = ("data.root", "data.output_dir", "data.fold")
+    keys = sorted(k for k in set(a) | set(b) if not k.startswith(skip) and a.get(k) != b.get(k))
+    return [f"{k}={b.get(k)}" for k in keys]
+
+
+# settings added after some runs were made: a run without the key ran with this value
+_DEFAULTS = {"data.normalization": "minmax_per_volume", "data.context_slices": 0, "model.largest_component": False}
 
 
 def _metrics_row(label: str, summary: dict[str, Any]) -> str:
@@ -84,7 +110,7 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
         "",
         "## Configuration",
         f"- `python -m hippo.train {' '.join(o for o in _overrides(run) if not o.startswith('hydra.')) or 'experiment=hippocampus_25d'}`",
-        *([f"- Members (overrides of each run): " + "; ".join(
+        *(["- Members (overrides of each run): " + "; ".join(
             f"`{' '.join(o for o in _overrides(r) if not o.startswith(('hydra.', 'data.root'))) or '(defaults)'}`"
             for r in runs)] if n > 1 else []),
         f"- Recursive 2D UNet, {net['initial_filters']} filters at the top, depth {net['num_downs']}, "
@@ -114,6 +140,13 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
     if cv:
         lines.append(_metrics_row(f"{cv['n_folds']}-fold cross-validation, pooled validation cases",
                                   {**cv["pooled"], "n_volumes": {"count": cv["n_volumes"]}}))
+    shipped = ensemble_test or _read(run / "results.json")["summary"]
+    verdicts = []
+    for key, name in (("dice_anterior", "anterior"), ("dice_posterior", "posterior"), ("dice_foreground", "foreground")):
+        value, target = shipped[key]["mean"], TARGETS[key]
+        verdicts.append(f"{name} {value:.4f} (target ≥ {target:.2f}: {'met' if value >= target else 'not met'})")
+    lines += ["", "Against the project's targets on the held-out test split: " + ", ".join(verdicts) + "."]
+    if cv:
         lines += ["", "Cross-validation per fold (mean Dice over that fold's validation volumes):", "",
                   "| fold | Dice anterior | Dice posterior | Dice mean |", "|---|---|---|---|"]
         for fold, m in cv["folds"].items():
@@ -125,8 +158,8 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
                   "|---|---|---|---|---|---|"]
         for a in [run, *ablations]:
             r, v = _read(a / "results.json")["summary"], _read(a / "val_results.json")["summary"]
-            extra = [o for o in _overrides(a) if not o.startswith(("data.root", "hydra.", "experiment", "data.fold"))]
-            lines.append(f"| {a.parent.name}/{a.name} | {' '.join(extra) or '(none: the shipped configuration)'} | "
+            diff = _config_diff(config, _read(a / "results.json")["config"])
+            lines.append(f"| {a.parent.name}/{a.name} | {', '.join(diff) or '(none: the shipped configuration)'} | "
                          f"{r['dice_anterior']['mean']:.4f} | {r['dice_posterior']['mean']:.4f} | "
                          f"{v['dice_anterior']['mean']:.4f} | {v['dice_posterior']['mean']:.4f} |")
     fit = [_read(r / "results.json").get("training", {}).get("fit_seconds", 0) for r in runs]
@@ -135,13 +168,17 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
         "## Training",
         f"- {sum(fit) / 60:.0f} min of fitting in all ({', '.join(f'{f / 60:.1f}' for f in fit)} min per member) on a "
         f"{platform.machine()} CPU with 2 cores ({training.get('accelerator', '?')}, bf16 autocast), "
-        f"{training.get('epochs', '?')} epochs per member; hippo {results.get('hippo_version')}.",
+        f"{training.get('epochs', '?')} epochs per member; hippo {results.get('hippo_version')}. A member alone on "
+        "the idle machine takes about 12.5 min (25 s per epoch); longer times above ran beside other jobs.",
         "",
         "## Reproduce",
         "```",
         "python -m hippo.train experiment=hippocampus_25d data.root=../shared/data/Task04_Hippocampus \\",
         "    'data.fold=0,1,2,3,4' --multirun hydra.sweep.dir=outputs/experiments/cv_25d   # ~1 h on 2 CPU cores",
-        "python -m hippo.models.publish outputs/experiments/cv_25d/{0,1,2,3,4} --cv outputs/experiments/cv_25d",
+        "python -m hippo.train experiment=hippocampus_25d data.root=../shared/data/Task04_Hippocampus data.fold=0 \\",
+        "    data.slice_axis=2 model.augmentation.p_mirror_slices=0 hydra.run.dir=outputs/experiments/view_axis2",
+        "python -m hippo.models.publish outputs/experiments/cv_25d/{0,1,2,3} outputs/experiments/view_axis2 \\",
+        "    --cv outputs/experiments/cv_25d --ablations outputs/experiments/cv_25d_minmax/0 outputs/experiments/ablate_2d_plain",
         "python -m hippo.eval data.root=../shared/data/Task04_Hippocampus   # the shipped model on its test split",
         "```",
         "",
