@@ -63,7 +63,9 @@ def _config_diff(reference: dict[str, Any], other: dict[str, Any]) -> list[str]:
     a = {**_DEFAULTS, **{k: v for k, v in _flatten(reference).items() if k.startswith(("data.", "model."))}}
     b = {**_DEFAULTS, **{k: v for k, v in _flatten(other).items() if k.startswith(("data.", "model."))}}
     if "model.augmentation" in b and b["model.augmentation"] is None:     # augmentation off: one entry
-        a = {k: v for k, v in a.items() if not k.startswith("model.augmentation.")}
+        if any(k.startswith("model.augmentation.") for k in a):
+            a = {k: v for k, v in a.items() if not k.startswith("model.augmentation.")}
+            a["model.augmentation"] = "on"
     skip = ("data.root", "data.output_dir", "data.fold")
     keys = sorted(k for k in set(a) | set(b) if not k.startswith(skip) and a.get(k) != b.get(k))
     return [f"{k}={b.get(k)}" for k in keys]
@@ -178,7 +180,7 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
         "python -m hippo.train experiment=hippocampus_25d data.root=../shared/data/Task04_Hippocampus data.fold=0 \\",
         "    data.slice_axis=2 model.augmentation.p_mirror_slices=0 hydra.run.dir=outputs/experiments/view_axis2",
         "python -m hippo.models.publish outputs/experiments/cv_25d/{0,1,2,3} outputs/experiments/view_axis2 \\",
-        "    --cv outputs/experiments/cv_25d --ablations outputs/experiments/cv_25d_minmax/0 outputs/experiments/ablate_2d_plain",
+        "    --cv outputs/experiments/cv_25d",
         "python -m hippo.eval data.root=../shared/data/Task04_Hippocampus   # the shipped model on its test split",
         "```",
         "",
