@@ -29,4 +29,4 @@ def test_bench_model_smoke(tmp_path: Path) -> None:
     inference = figures["inference"]
     assert inference["flops_per_slice"] > 1e6 and inference["bound_slices_per_s"] > 0
     assert inference["variants"]["no_grad (before)"]["ratio_vs_before"] == pytest.approx(1.0)
-    assert inference["agent_study_ms"]["members one after another (before)"]["studies"] >= 1
+    assert inference["agent_study_ms"]["members one after another (default)"]["studies"] >= 1

@@ -248,9 +248,9 @@ class InferenceAgent:
         more_members: further ``(net, preprocessing)`` pairs: an ensemble whose softmax
             probabilities are averaged (``net``/``preprocessing`` are the first member).
         member_threads: run up to this many ensemble members at once, each on one intra-op
-            thread (None: one per CPU core when there are several members; 1: one after another
-            with torch's intra-op threads). Small 2D convolutions use one core better than two,
-            so members side by side beat members one after another (``benchmarks/bench_model.py``).
+            thread (None: one per CPU core; 1, the default: one after another with torch's
+            intra-op threads). On the 2-core development machine both ran at the same speed
+            (``benchmarks/bench_model.py``: 1.02x), so the simpler one is the default.
     """
 
     def __init__(
@@ -264,7 +264,7 @@ class InferenceAgent:
         metadata: Mapping[str, Any] | None = None,
         postprocessing: Mapping[str, Any] | None = None,
         more_members: Sequence[tuple[UNet, Mapping[str, Any]]] = (),
-        member_threads: int | None = None,
+        member_threads: int | None = 1,
     ):
         self.device = torch.device(device)
         self.members: list[tuple[UNet, dict[str, Any]]] = []
@@ -289,7 +289,7 @@ class InferenceAgent:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64,
-                  member_threads: int | None = None) -> "InferenceAgent":
+                  member_threads: int | None = 1) -> "InferenceAgent":
         """Load an exported model file (see the module docstring)."""
         payload = load_model_file(path)
         members = build_members(payload)
