@@ -58,21 +58,10 @@ def save_model_file(
     postprocessing: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the model file atomically (temporary name, then rename). Returns its path."""
-    payload = {
-        "format": MODEL_FORMAT,
-        "hippo_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "net": {"class": "hippo.model.unet.UNet", "config": dict(net.config)},
-        "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
-        "preprocessing": to_plain(preprocessing),
-        "postprocessing": to_plain(postprocessing or {}),
-        "labels": {str(k): str(v) for k, v in labels.items()},
-        "metrics": to_plain(metrics or {}),
-        "training": to_plain(training or {}),
-    }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return write_bytes_atomic(path, buffer.getvalue())
+    body = {"net": _net_entry(net), "state_dict": _weights(net, half_precision=False),
+            "preprocessing": to_plain(preprocessing)}
+    return _write_model_file(path, body, labels=labels, metrics=metrics, training=training,
+                             postprocessing=postprocessing)
 
 
 def save_ensemble_file(
@@ -91,17 +80,30 @@ def save_ensemble_file(
     """
     if not members:
         raise ValueError("an ensemble needs at least one member")
+    body = {"members": [{"net": _net_entry(net), "state_dict": _weights(net, half_precision),
+                         "preprocessing": to_plain(pre)} for net, pre in members]}
+    return _write_model_file(path, body, labels=labels, metrics=metrics, training=training,
+                             postprocessing=postprocessing)
 
-    def weights(net: UNet) -> dict[str, torch.Tensor]:
-        return {k: (v.detach().cpu().half() if half_precision and v.is_floating_point() else v.detach().cpu()).clone()
-                for k, v in net.state_dict().items()}
 
+def _net_entry(net: UNet) -> dict[str, Any]:
+    return {"class": "hippo.model.unet.UNet", "config": dict(net.config)}
+
+
+def _weights(net: UNet, half_precision: bool) -> dict[str, torch.Tensor]:
+    return {k: (v.detach().cpu().half() if half_precision and v.is_floating_point() else v.detach().cpu()).clone()
+            for k, v in net.state_dict().items()}
+
+
+def _write_model_file(path: str | os.PathLike, body: Mapping[str, Any], *, labels: Mapping[int, str],
+                      metrics: Mapping[str, Any] | None, training: Mapping[str, Any] | None,
+                      postprocessing: Mapping[str, Any] | None) -> Path:
+    """The fields every model file has around ``body`` (the network(s)), saved atomically."""
     payload = {
         "format": MODEL_FORMAT,
         "hippo_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "members": [{"net": {"class": "hippo.model.unet.UNet", "config": dict(net.config)},
-                     "state_dict": weights(net), "preprocessing": to_plain(pre)} for net, pre in members],
+        **body,
         "postprocessing": to_plain(postprocessing or {}),
         "labels": {str(k): str(v) for k, v in labels.items()},
         "metrics": to_plain(metrics or {}),
