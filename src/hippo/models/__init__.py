@@ -6,6 +6,7 @@ Files in this package (installed with the wheel):
   trained by ``python -m hippo.train experiment=hippocampus_25d`` on the Decathlon hippocampus data;
 - ``hippocampus_25d.split.json``: the train/val/test split it was trained with (the test cases
   were held out from training and model selection);
+- ``hippocampus_25d.cv.json``: the pooled cross-validation figures of its configuration;
 - ``MODEL_CARD.md``: data, configuration, metrics, training time and hardware, licence.
 
 ``model_path`` values accepted by deploy, listen and eval:
