@@ -164,8 +164,19 @@ def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root
     from hippo.models.publish import publish
 
     dest = tmp_path / "shipped"
-    out = publish([sweep / "0"], dest, cv_dir=sweep)
+    out = publish([sweep / "0"], dest, cv_dirs=[sweep])
     card = out["card"].read_text()
+    # the folds given one by one pool to the same figures; one fold twice is refused
+    from hippo.sweep import summarize_cross_validation
+
+    assert summarize_cross_validation(sweep / "0", sweep / "1")["pooled"] == cv["pooled"]
+    with pytest.raises(ValueError, match="fold 0 twice"):
+        summarize_cross_validation(sweep, sweep / "0")
+    # the card re-trains each run it names (fold overrides included) and re-publishes them
+    trains = [line for line in card.splitlines() if line.startswith("python -m hippo.train ")]
+    assert len(trains) == 2 and all(f"data.fold={f} " in trains[f] and trains[f].endswith(f"hydra.run.dir={sweep / str(f)}")
+                                    for f in (0, 1))
+    assert f"python -m hippo.models.publish {sweep / '0'} --cv {sweep / '0'} {sweep / '1'}" in card
     assert "2-fold cross-validation" in card and "CC-BY-SA 4.0" in card and "member: fold 0, slicing axis 0, alone, test (held out)" in card
     agent = InferenceAgent.from_file(out["model"])
     assert agent.context_slices == 2 and agent.postprocessing == {"largest_component": True}
@@ -180,7 +191,7 @@ def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root
         assert evaluated[key]["mean"] == pytest.approx(trained[key]["mean"], abs=1e-6)
 
     # the two folds as one ensemble: float16 members, evaluated on the common test split at publication
-    ens = publish([sweep / "0", sweep / "1"], tmp_path / "ensemble", cv_dir=sweep)
+    ens = publish([sweep / "0", sweep / "1"], tmp_path / "ensemble", cv_dirs=[sweep])
     agent = InferenceAgent.from_file(ens["model"])
     assert agent.metadata["n_members"] == 2
     shipped_split = json.loads(ens["split"].read_text())

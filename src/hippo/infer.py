@@ -19,9 +19,11 @@ Model file (``torch.save`` of a plain dict, loaded with ``weights_only=True``)::
     training       a summary of how it was trained (data, split sizes, epochs, precision...)
 
 An **ensemble** file (:func:`save_ensemble_file`, e.g. the five cross-validation fold models)
-holds ``members`` — a list of ``{"net", "state_dict", "preprocessing"}`` (weights may be stored as
-float16 to halve the size; they run in float32) — instead of the top-level ``net``,
-``state_dict`` and ``preprocessing``. The agent averages the members' softmax probabilities in
+holds ``members`` — a list of ``{"net", "state_dict", "preprocessing"[, "weight_scales"]}`` —
+instead of the top-level ``net``, ``state_dict`` and ``preprocessing``. Its weights may be stored
+as float16 (half the size) or, for the convolution kernels, as int8 with one float32 scale per
+output channel in ``weight_scales`` (a quarter; biases and norms stay float16); they always run
+in float32. The agent averages the members' softmax probabilities in
 the volume's own voxel order (so members may slice along different axes), then takes the argmax
 and applies the post-processing.
 """
@@ -44,6 +46,7 @@ from hippo.fileio import to_plain, write_bytes_atomic
 from hippo.model.unet import UNet
 
 MODEL_FORMAT = "hippo-model/1"
+WEIGHT_FORMATS = ("float32", "float16", "int8")
 _NETS = {"hippo.model.unet.UNet": UNet}
 
 
@@ -58,7 +61,7 @@ def save_model_file(
     postprocessing: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the model file atomically (temporary name, then rename). Returns its path."""
-    body = {"net": _net_entry(net), "state_dict": _weights(net, half_precision=False),
+    body = {"net": _net_entry(net), **_stored_weights(net, "float32"),
             "preprocessing": to_plain(preprocessing)}
     return _write_model_file(path, body, labels=labels, metrics=metrics, training=training,
                              postprocessing=postprocessing)
@@ -72,15 +75,19 @@ def save_ensemble_file(
     metrics: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
     postprocessing: Mapping[str, Any] | None = None,
-    half_precision: bool = True,
+    weight_format: str = "float16",
 ) -> Path:
     """Write an ensemble model file: ``members`` are ``(net, preprocessing)`` pairs.
 
-    ``half_precision`` stores floating-point weights as float16 (the agent runs them in float32).
+    ``weight_format``: how the weights are stored (the agent runs them in float32): ``"float32"``,
+    ``"float16"`` (half the size) or ``"int8"`` (convolution kernels as int8 with a float32 scale
+    per output channel, the rest float16: about a quarter).
     """
     if not members:
         raise ValueError("an ensemble needs at least one member")
-    body = {"members": [{"net": _net_entry(net), "state_dict": _weights(net, half_precision),
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    body = {"members": [{"net": _net_entry(net), **_stored_weights(net, weight_format),
                          "preprocessing": to_plain(pre)} for net, pre in members]}
     return _write_model_file(path, body, labels=labels, metrics=metrics, training=training,
                              postprocessing=postprocessing)
@@ -90,9 +97,21 @@ def _net_entry(net: UNet) -> dict[str, Any]:
     return {"class": "hippo.model.unet.UNet", "config": dict(net.config)}
 
 
-def _weights(net: UNet, half_precision: bool) -> dict[str, torch.Tensor]:
-    return {k: (v.detach().cpu().half() if half_precision and v.is_floating_point() else v.detach().cpu()).clone()
-            for k, v in net.state_dict().items()}
+def _stored_weights(net: UNet, weight_format: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"state_dict": ...}`` in ``weight_format``, plus ``"weight_scales"`` for int8 kernels."""
+    state, scales = {}, {}
+    for k, v in net.state_dict().items():
+        v = v.detach().cpu()
+        if not v.is_floating_point() or weight_format == "float32":
+            state[k] = v.clone()
+        elif weight_format == "int8" and v.ndim >= 2:
+            # symmetric, per output channel: w ~ q * scale with q in [-127, 127]
+            scale = v.abs().amax(dim=tuple(range(1, v.ndim))).float().clamp_min(1e-12) / 127.0
+            state[k] = torch.round(v / scale.view(-1, *[1] * (v.ndim - 1))).clamp(-127, 127).to(torch.int8)
+            scales[k] = scale
+        else:
+            state[k] = v.half()
+    return {"state_dict": state, **({"weight_scales": scales} if scales else {})}
 
 
 def _write_model_file(path: str | os.PathLike, body: Mapping[str, Any], *, labels: Mapping[int, str],
@@ -146,7 +165,13 @@ def build_net(payload: Mapping[str, Any]) -> UNet:
     if cls is None:
         raise ValueError(f"unknown network class {payload['net']['class']!r}")
     net = cls(**payload["net"]["config"])
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
+    scales = payload.get("weight_scales") or {}
+    state = {}
+    for k, v in payload["state_dict"].items():
+        if k in scales:
+            v = v.float() * scales[k].float().view(-1, *[1] * (v.ndim - 1))
+        state[k] = v.float() if v.is_floating_point() else v
+    net.load_state_dict(state)
     return net.eval()
 
 

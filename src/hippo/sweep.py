@@ -46,33 +46,46 @@ CV_KEYS = ("dice_anterior", "dice_posterior", "dice_mean", "dice_foreground",
            "jaccard_anterior", "jaccard_posterior", "jaccard_mean", "jaccard_foreground")
 
 
-def summarize_cross_validation(sweep_dir: str | Path) -> dict[str, Any] | None:
+def summarize_cross_validation(*dirs: str | Path) -> dict[str, Any] | None:
     """Pool the 3D per-volume validation metrics of cross-validation folds.
 
-    Reads ``*/val_results.json`` written with a ``fold`` (see :mod:`hippo.training`). Each
-    development case is validated by exactly one fold, so the pooled mean is over every case once
-    (nnU-Net reports its cross-validation the same way).
+    Each of ``dirs`` is a sweep directory (its ``*/val_results.json`` are read) or one fold's run
+    directory (its own ``val_results.json``), so folds trained in separate runs pool as well.
+    Results written without a ``fold`` are ignored. Each development case is validated by exactly
+    one fold, so the pooled mean is over every case once (nnU-Net reports its cross-validation the
+    same way).
 
     Returns:
         ``{"n_folds", "folds": {fold: {metric: mean}}, "pooled": {metric: {"mean", "std"}},
-        "n_volumes"}``, or None when no fold results are there.
+        "n_volumes", "sources": {fold: directory}}``, or None when no fold results are there.
+
+    Raises:
+        ValueError: two results claim the same fold, or one case is validated twice.
     """
     folds: dict[int, list[dict[str, Any]]] = {}
-    for path in sorted(Path(sweep_dir).glob("*/val_results.json")):
-        data = json.loads(path.read_text())
-        if data.get("fold") is None:
-            continue
-        folds[int(data["fold"])] = data["per_volume"]
+    sources: dict[int, str] = {}
+    for d in dirs:
+        d = Path(d)
+        files = [d / "val_results.json"] if (d / "val_results.json").is_file() else sorted(d.glob("*/val_results.json"))
+        for path in files:
+            data = json.loads(path.read_text())
+            if data.get("fold") is None:
+                continue
+            fold = int(data["fold"])
+            if fold in folds:
+                raise ValueError(f"fold {fold} twice: {sources[fold]} and {path.parent}")
+            folds[fold], sources[fold] = data["per_volume"], str(path.parent)
     if not folds:
         return None
     rows = [r for fold_rows in folds.values() for r in fold_rows]
     names = [r["name"] for r in rows]
     if len(set(names)) != len(names):
-        raise ValueError(f"{sweep_dir}: a case was validated by more than one fold (mixed sweeps?)")
+        raise ValueError(f"{', '.join(map(str, dirs))}: a case was validated by more than one fold (mixed sweeps?)")
     per_fold = {f: {k: float(np.mean([r[k] for r in fr])) for k in CV_KEYS} for f, fr in sorted(folds.items())}
     pooled = {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
               for k in CV_KEYS}
-    return {"n_folds": len(folds), "n_volumes": len(rows), "folds": per_fold, "pooled": pooled}
+    return {"n_folds": len(folds), "n_volumes": len(rows), "folds": per_fold, "pooled": pooled,
+            "sources": {str(f): sources[f] for f in sorted(sources)}}
 
 
 class SweepSummary(Callback):

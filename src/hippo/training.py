@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hippo.fileio import write_json_atomic
-from hippo.infer import save_model_file, segment_slices
+from hippo.infer import save_model_file
 from hippo.metrics import summarize, volume_metrics, write_results
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,11 @@ def _write_val_volumes(path: Path, model: L.LightningModule, datamodule: Any, cf
     With ``data.fold`` set these are the cross-validation figures of that fold
     (:func:`hippo.sweep.summarize_cross_validation` pools the folds).
     """
-    net = model.net.eval()
+    model.eval()
     rows = []
     for name in datamodule.split["val"]:
         case = datamodule.cases[name]
-        pred = segment_slices(net, case.image, size_multiple=getattr(net, "size_multiple", 1),
-                              min_size=datamodule.patch_size, batch_size=model.hparams.test_batch_size,
-                              device=model.device, context=getattr(datamodule, "context_slices", 0),
-                              largest_component=bool(model.hparams.get("largest_component", False)))
+        pred = model.segment_volume(case.image, datamodule.patch_size, getattr(datamodule, "context_slices", 0))
         rows.append({"name": name, **volume_metrics(pred, case.label, case.spacing)})
     write_results(path, rows, OmegaConf.to_container(cfg, resolve=True), part="val",
                   fold=getattr(datamodule, "fold", None), num_folds=getattr(datamodule, "num_folds", None),

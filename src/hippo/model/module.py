@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -173,15 +174,27 @@ class SegmentationModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_results = []
 
+    def segment_volume(self, image: np.ndarray, patch_size: Sequence[int] = (64, 64),
+                       context_slices: int = 0) -> np.ndarray:
+        """Segment one whole volume as the exported model will in deployment.
+
+        Args:
+            image: ``(S, H, W)`` normalised slices stacked along the slicing axis.
+            patch_size: the smallest ``(H, W)`` a slice is padded to (the training patch).
+            context_slices: neighbouring slices per side fed as extra channels (2.5D).
+
+        Returns:
+            ``(S, H, W) uint8`` labels, in full precision, with the model's post-processing.
+        """
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return segment_slices(self.net, image, size_multiple=getattr(self.net, "size_multiple", 1),
+                                  min_size=patch_size, batch_size=self.hparams.test_batch_size, device=self.device,
+                                  context=context_slices, largest_component=bool(self.hparams.largest_component))
+
     def test_step(self, case: dict[str, Any], batch_idx: int) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        patch = getattr(datamodule, "patch_size", (64, 64))
-        context = getattr(datamodule, "context_slices", 0)
-        # Full precision, as the exported model runs in deployment: test metrics == deploy metrics.
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            pred = segment_slices(self.net, case["image"], size_multiple=getattr(self.net, "size_multiple", 1),
-                                  min_size=patch, batch_size=self.hparams.test_batch_size, device=self.device,
-                                  context=context, largest_component=bool(self.hparams.largest_component))
+        pred = self.segment_volume(case["image"], getattr(datamodule, "patch_size", (64, 64)),
+                                   getattr(datamodule, "context_slices", 0))
         row = {"name": case["name"], **volume_metrics(pred, case["label"], case["spacing"])}
         self.test_results.append(row)
 

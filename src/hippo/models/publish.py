@@ -1,12 +1,13 @@
 """Make training runs the shipped default model: weights, split and model card.
 
-    python -m hippo.models.publish RUN_DIR [RUN_DIR ...] [--cv SWEEP_DIR] [--ablations DIR ...] [--dest DIR]
+    python -m hippo.models.publish RUN_DIR [RUN_DIR ...] [--cv DIR ...] [--ablations DIR ...] [--dest DIR]
 
 Each ``RUN_DIR`` is a finished ``python -m hippo.train`` run (``model.pt``, ``split.json``,
 ``results.json``, ``val_results.json``). One run is shipped as it is; several — the folds of one
-cross-validation — become one ensemble file (float16 weights, probabilities averaged), evaluated
-here on their common held-out test split. ``--cv`` is the cross-validation multirun whose fold
-``val_results.json`` give the CV figures; ``--ablations`` are runs on the same fold whose figures go
+cross-validation or several views — become one ensemble file (probabilities averaged; weights
+stored as int8 kernels with per-channel scales by default, ``--weights``), evaluated
+here on their common held-out test split. ``--cv`` names the cross-validation folds whose
+``val_results.json`` give the CV figures (multirun directories and/or single fold runs); ``--ablations`` are runs on the same fold whose figures go
 into the card's ablation table. Writes ``hippocampus_25d.pt``, ``hippocampus_25d.split.json``,
 ``hippocampus_25d.cv.json`` and ``MODEL_CARD.md`` into ``--dest`` (default: this package's
 directory, so the next install ships them).
@@ -22,12 +23,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hippo.fileio import write_bytes_atomic, write_json_atomic
+from hippo.infer import WEIGHT_FORMATS
 from hippo.models import DEFAULT_MODEL_NAME
 from hippo.sweep import summarize_cross_validation
 
 CLASSES = ("anterior", "posterior")
 # the model-quality targets (per-volume 3D Dice on held-out cases)
 TARGETS = {"dice_anterior": 0.89, "dice_posterior": 0.88, "dice_foreground": 0.90}
+WEIGHT_NOTES = {"float32": "float32", "float16": "float16",
+                "int8": "int8 convolution kernels with a float32 scale per output channel, the rest float16"}
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -81,8 +85,27 @@ def _metrics_row(label: str, summary: dict[str, Any]) -> str:
             f"{_fmt(summary, 'jaccard_mean')} |")
 
 
+def _reproduce(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequence[Path]) -> list[str]:
+    """Shell lines that re-train every run behind the card (members, CV folds, ablations) and publish them."""
+    lines, seen = [], set()
+    cv_runs = [Path(d) for d in (cv or {}).get("sources", {}).values()]
+    for r in [*runs, *cv_runs, *ablations]:
+        if r.resolve() in seen:
+            continue
+        seen.add(r.resolve())
+        overrides = [o for o in _overrides(r) if not o.startswith("hydra.")]
+        lines.append(f"python -m hippo.train {' '.join(overrides)} hydra.run.dir={r}")
+    publish = "python -m hippo.models.publish " + " ".join(map(str, runs))
+    if cv_runs:
+        publish += " --cv " + " ".join(map(str, cv_runs))
+    if ablations:
+        publish += " --ablations " + " ".join(map(str, ablations))
+    return [*lines, publish, "python -m hippo.eval data.root=DATA_ROOT   # the shipped model on its test split"]
+
+
 def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequence[Path],
-                ensemble_test: dict[str, Any] | None = None, size_mib: float | None = None) -> str:
+                ensemble_test: dict[str, Any] | None = None, size_mib: float | None = None,
+                weight_format: str = "float32") -> str:
     """The model card (Markdown) of the model made from ``runs`` (one run, or the members of an
     ensemble whose test summary is ``ensemble_test``)."""
     run = runs[0]
@@ -93,13 +116,14 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
     n = len(runs)
     axes = sorted({_read(r / "results.json")["config"]["data"].get("slice_axis", 0) for r in runs})
     what = (f"an ensemble of {n} networks (softmax probabilities averaged; slicing axes {axes}, voxel axis 0 = "
-            "left-right, 2 = inferior-superior)" if n > 1 else "one network")
+            "left-right, 1 = anterior-posterior, 2 = inferior-superior)" if n > 1 else "one network")
     lines = [
         f"# Model card: `{DEFAULT_MODEL_NAME}` (the shipped default model)",
         "",
         f"Segments the anterior (label 1) and posterior (label 2) hippocampus in a T1-weighted MRI crop around one "
         f"hippocampus: {what}, each fed a slice with its neighbouring slices as extra channels (2.5D). Research use only: not a medical device, not validated for clinical decisions."
-        + (f" File size {size_mib:.1f} MiB (weights stored as float16, run in float32)." if size_mib else ""),
+        + (f" File size {size_mib:.1f} MiB (weights stored as {WEIGHT_NOTES[weight_format]}, run in float32)."
+           if size_mib else ""),
         "",
         "## Data",
         "- Medical Segmentation Decathlon, Task04_Hippocampus (Vanderbilt University Medical Center; "
@@ -170,18 +194,13 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
         "## Training",
         f"- {sum(fit) / 60:.0f} min of fitting in all ({', '.join(f'{f / 60:.1f}' for f in fit)} min per member) on a "
         f"{platform.machine()} CPU with 2 cores ({training.get('accelerator', '?')}, bf16 autocast), "
-        f"{training.get('epochs', '?')} epochs per member; hippo {results.get('hippo_version')}. A member alone on "
-        "the idle machine takes about 12.5 min (25 s per epoch); longer times above ran beside other jobs.",
+        f"{training.get('epochs', '?')} epochs per member; hippo {results.get('hippo_version')}. Wall-clock "
+        "times: a member that shared the cores with another job shows a longer time.",
         "",
         "## Reproduce",
+        "Each run, then the publication and the check (`DATA_ROOT`: the Decathlon `Task04_Hippocampus` folder):",
         "```",
-        "python -m hippo.train experiment=hippocampus_25d data.root=../shared/data/Task04_Hippocampus \\",
-        "    'data.fold=0,1,2,3,4' --multirun hydra.sweep.dir=outputs/experiments/cv_25d   # ~1 h on 2 CPU cores",
-        "python -m hippo.train experiment=hippocampus_25d data.root=../shared/data/Task04_Hippocampus data.fold=0 \\",
-        "    data.slice_axis=2 model.augmentation.p_mirror_slices=0 hydra.run.dir=outputs/experiments/view_axis2",
-        "python -m hippo.models.publish outputs/experiments/cv_25d/{0,1,2,3} outputs/experiments/view_axis2 \\",
-        "    --cv outputs/experiments/cv_25d",
-        "python -m hippo.eval data.root=../shared/data/Task04_Hippocampus   # the shipped model on its test split",
+        *_reproduce(runs, cv, ablations),
         "```",
         "",
         "## Licence",
@@ -208,10 +227,11 @@ def _ensemble_split(runs: Sequence[Path]) -> dict[str, Any]:
             "folds": {str(s.get("fold")): s["val"] for s in splits}}
 
 
-def publish(runs: Sequence[Path], dest: Path, cv_dir: Path | None = None, ablations: Sequence[Path] = (),
-            data_root: Path | None = None) -> dict[str, Path]:
+def publish(runs: Sequence[Path], dest: Path, cv_dirs: Sequence[Path] = (), ablations: Sequence[Path] = (),
+            data_root: Path | None = None, weight_format: str = "int8") -> dict[str, Path]:
     """Make ``runs`` the shipped model in ``dest``: one run is copied as it is; several (the folds
-    of one cross-validation) become a float16 ensemble file, evaluated on their common test split
+    of one cross-validation, or views) become one ensemble file with weights stored as
+    ``weight_format`` (see :func:`hippo.infer.save_ensemble_file`), evaluated on their common test split
     (under ``data_root``, default the runs' ``data.root``). Writes the split and the model card."""
     from hippo.evaluation import evaluate_model, select_pairs
     from hippo.infer import InferenceAgent, build_members, load_model_file, save_ensemble_file
@@ -222,10 +242,11 @@ def publish(runs: Sequence[Path], dest: Path, cv_dir: Path | None = None, ablati
         if not (r / "model.pt").is_file():
             raise SystemExit(f"error: {r / 'model.pt'}: no exported model in this run")
     cv = None
-    if cv_dir is not None:
-        cv = summarize_cross_validation(cv_dir)
+    if cv_dirs:
+        cv = summarize_cross_validation(*cv_dirs)
         if cv is None:
-            raise SystemExit(f"error: {cv_dir}: no fold val_results.json (run with data.fold=0,1,2,3,4 --multirun)")
+            raise SystemExit(f"error: {', '.join(map(str, cv_dirs))}: no fold val_results.json "
+                             "(run with --multirun data.fold=0,1,2,3,4)")
     dest.mkdir(parents=True, exist_ok=True)
     out = {"model": dest / f"{DEFAULT_MODEL_NAME}.pt", "split": dest / f"{DEFAULT_MODEL_NAME}.split.json",
            "card": dest / "MODEL_CARD.md"}
@@ -242,7 +263,7 @@ def publish(runs: Sequence[Path], dest: Path, cv_dir: Path | None = None, ablati
                     "split_sizes": {k: len(split[k]) for k in ("train", "val", "test")},
                     "data_root": str(root), "split_seed": split["seed"]}
         post = payloads[0].get("postprocessing")
-        save_ensemble_file(out["model"], members, postprocessing=post, training=training)
+        save_ensemble_file(out["model"], members, postprocessing=post, training=training, weight_format=weight_format)
         write_json_atomic(out["split"], split)
         pairs, _ = select_pairs(str(root), split_file=str(out["split"]), split_part="test")
         rows, skipped = evaluate_model(InferenceAgent.from_file(out["model"]), pairs)
@@ -250,10 +271,12 @@ def publish(runs: Sequence[Path], dest: Path, cv_dir: Path | None = None, ablati
             raise SystemExit(f"error: could not evaluate every test case under {root}: {skipped}")
         ensemble_test = summarize(rows)
         metrics = {k: v["mean"] for k, v in ensemble_test.items() if "mean" in v}
-        save_ensemble_file(out["model"], members, postprocessing=post, training=training, metrics=metrics)
+        save_ensemble_file(out["model"], members, postprocessing=post, training=training, metrics=metrics,
+                           weight_format=weight_format)
     write_json_atomic(out["split"], split)
     size = out["model"].stat().st_size / 2 ** 20
-    write_bytes_atomic(out["card"], render_card(runs, cv, ablations, ensemble_test, size).encode())
+    card = render_card(runs, cv, ablations, ensemble_test, size, weight_format if len(runs) > 1 else "float32")
+    write_bytes_atomic(out["card"], card.encode())
     if cv is not None:
         write_json_atomic(dest / f"{DEFAULT_MODEL_NAME}.cv.json", cv)
     return out
@@ -262,12 +285,15 @@ def publish(runs: Sequence[Path], dest: Path, cv_dir: Path | None = None, ablati
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Make a training run the shipped default model (weights, split, card).")
     p.add_argument("runs", type=Path, nargs="+", help="finished hippo.train run directories (several: an ensemble)")
-    p.add_argument("--cv", type=Path, default=None, help="the cross-validation multirun directory")
+    p.add_argument("--cv", type=Path, nargs="*", default=[],
+                   help="the cross-validation folds: multirun directories and/or single fold runs")
     p.add_argument("--ablations", type=Path, nargs="*", default=[], help="ablation run directories (same fold)")
     p.add_argument("--dest", type=Path, default=Path(__file__).resolve().parent)
     p.add_argument("--data-root", type=Path, default=None, help="where the test cases are (default: the runs' data.root)")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="int8",
+                   help="how an ensemble's weights are stored (int8: per-channel-scaled kernels, the smallest)")
     args = p.parse_args(argv)
-    out = publish(args.runs, args.dest, args.cv, args.ablations, args.data_root)
+    out = publish(args.runs, args.dest, args.cv, args.ablations, args.data_root, args.weights)
     for k, v in out.items():
         print(f"{k}: {v}")
     return 0
