@@ -72,7 +72,18 @@ def _config_diff(reference: dict[str, Any], other: dict[str, Any]) -> list[str]:
             a["model.augmentation"] = "on"
     skip = ("data.root", "data.output_dir", "data.fold")
     keys = sorted(k for k in set(a) | set(b) if not k.startswith(skip) and a.get(k) != b.get(k))
-    return [f"{k}={b.get(k)}" for k in keys]
+    return [f"{k}={_hydra_value(b.get(k))}" for k in keys]
+
+
+def _hydra_value(v: Any) -> str:
+    """``v`` written as a Hydra command-line override value."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
 
 
 # settings added after some runs were made: a run without the key ran with this value
@@ -86,14 +97,26 @@ def _metrics_row(label: str, summary: dict[str, Any]) -> str:
 
 
 def _reproduce(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequence[Path]) -> list[str]:
-    """Shell lines that re-train every run behind the card (members, CV folds, ablations) and publish them."""
+    """Shell lines that re-train every run behind the card (members, CV folds, ablations) and publish them.
+
+    Each run is written as the first run's command plus its settings that differ from the first
+    run's (:func:`_config_diff`) and its fold, so a run made before a default changed still
+    reproduces with today's configuration files."""
+    reference = _read(runs[0] / "results.json")["config"]
+    base = [o for o in _overrides(runs[0]) if not o.startswith(("hydra.", "data.fold="))]
     lines, seen = [], set()
     cv_runs = [Path(d) for d in (cv or {}).get("sources", {}).values()]
     for r in [*runs, *cv_runs, *ablations]:
         if r.resolve() in seen:
             continue
         seen.add(r.resolve())
-        overrides = [o for o in _overrides(r) if not o.startswith("hydra.")]
+        config = _read(r / "results.json")["config"]
+        diff = _config_diff(reference, config)
+        changed = {d.split("=", 1)[0] for d in diff}
+        fold = config["data"].get("fold")
+        overrides = [o for o in base if not any(o.split("=", 1)[0] == c or o.startswith(c + ".") for c in changed)]
+        overrides += diff
+        overrides += [f"data.fold={fold}"] if fold is not None else []
         lines.append(f"python -m hippo.train {' '.join(overrides)} hydra.run.dir={r}")
     publish = "python -m hippo.models.publish " + " ".join(map(str, runs))
     if cv_runs:
