@@ -276,8 +276,8 @@ class InferenceAgent:
             probabilities are averaged (``net``/``preprocessing`` are the first member).
         member_threads: run up to this many ensemble members at once, each on one intra-op
             thread (None: one per CPU core; 1, the default: one after another with torch's
-            intra-op threads). On the 2-core development machine both ran at the same speed
-            (``benchmarks/bench_model.py``: 1.02x), so the simpler one is the default.
+            intra-op threads). On the 2-core development machine side by side measured 0.97x to
+            1.18x across runs of ``benchmarks/bench_model.py``, so the simpler one is the default.
     """
 
     def __init__(

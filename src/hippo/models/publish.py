@@ -277,6 +277,7 @@ def publish(runs: Sequence[Path], dest: Path, cv_dirs: Sequence[Path] = (), abla
     if len(runs) == 1:
         write_bytes_atomic(out["model"], (runs[0] / "model.pt").read_bytes())
         split = _read(runs[0] / "split.json")
+        write_json_atomic(out["split"], split)
     else:
         split = _ensemble_split(runs)
         payloads = [load_model_file(r / "model.pt") for r in runs]
@@ -296,7 +297,6 @@ def publish(runs: Sequence[Path], dest: Path, cv_dirs: Sequence[Path] = (), abla
         metrics = {k: v["mean"] for k, v in ensemble_test.items() if "mean" in v}
         save_ensemble_file(out["model"], members, postprocessing=post, training=training, metrics=metrics,
                            weight_format=weight_format)
-    write_json_atomic(out["split"], split)
     size = out["model"].stat().st_size / 2 ** 20
     card = render_card(runs, cv, ablations, ensemble_test, size, weight_format if len(runs) > 1 else "float32")
     write_bytes_atomic(out["card"], card.encode())
