@@ -1,6 +1,7 @@
 """Model benchmark: data loading, training throughput, and inference against the compute bound.
 
     .venv/bin/python benchmarks/bench_model.py [--model PATH] [--data-root DIR] [--steps 30] [--out FILE]
+    python benchmarks/bench_model.py --device cuda --sections training     # the training table on a GPU
 
 1. **Data loading** of the real set (``hippo.data.datamodule.load_cases``): serial against a process
    pool of ``os.cpu_count()`` workers -> cases/s and the ratio.
@@ -8,7 +9,9 @@
    augmentation, for ``32-true``, ``16-mixed`` and ``bf16-mixed`` through Lightning, and the same
    model, data, loss and optimiser in a bare PyTorch loop -> Lightning's overhead as a ratio.
    On a CPU Lightning runs ``16-mixed`` as bfloat16 (float16 autocast is emulated there and very
-   slow); the bare loop also times true float16 autocast to show why.
+   slow); the bare loop also times true float16 autocast to show why. ``--device cuda`` runs this
+   section on the GPU (Lightning ``accelerator="gpu"``; the bare loop with float16 autocast and a
+   ``GradScaler`` for ``16-mixed``, as Lightning does there), timed between CUDA synchronisations.
 3. **Inference**: the network's FLOPs per slice (``torch.utils.flop_counter``) and this machine's
    float32 matmul peak (a timed 1024x1024 matmul) give a compute bound in slices/s; the measured
    slices/s of each variant (``no_grad`` eager = before, ``inference_mode``, channels-last, 1 vs all
@@ -43,6 +46,7 @@ from bench_deploy import CpuMeter, log, rss_mib  # noqa: E402  (benchmarks/ is n
 DEFAULT_MODEL = REPO / "src/hippo/models/hippocampus_25d.pt"
 DEFAULT_DATA = REPO.parent / "shared/data/Task04_Hippocampus"
 DEFAULT_OUT = REPO / "outputs/benchmarks/model.json"
+SECTIONS = ("loading", "training", "inference")
 
 
 def timed(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> list[float]:
@@ -107,39 +111,52 @@ def _augmentation():
     return SliceAugmentation()
 
 
-def bench_bare_loop(make_net, loader, steps: int, warmup: int, autocast_dtype) -> float:
-    """Slices/s of a plain PyTorch loop: augmentation, forward, CE + soft Dice, backward, Adam."""
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_bare_loop(make_net, loader, steps: int, warmup: int, autocast_dtype, device: str = "cpu") -> float:
+    """Slices/s of a plain PyTorch loop: augmentation, forward, CE + soft Dice, backward, Adam
+    (on ``device``; float16 on a GPU goes through a ``GradScaler`` as Lightning's 16-mixed does)."""
     import torch
     import torch.nn.functional as F
 
     from hippo.model.module import soft_dice_loss
 
     torch.manual_seed(0)
-    net, aug = make_net(), _augmentation()
+    net, aug = make_net().to(device), _augmentation().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler(device, enabled=device == "cuda" and autocast_dtype == torch.float16)
     n, t0 = 0, None
     it = iter(loader)
     for step in range(warmup + steps):
         if step == warmup:
+            _sync(device)
             t0 = time.perf_counter()
         try:
             batch = next(it)
         except StopIteration:
             it = iter(loader)
             batch = next(it)
-        x, y = aug(batch["image"], batch["label"])
-        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        x, y = aug(batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True))
+        with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             logits = net(x)
         loss = F.cross_entropy(logits.float(), y) + soft_dice_loss(logits, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         if step >= warmup:
             n += len(y)
+    _sync(device)
     return n / (time.perf_counter() - t0)
 
 
-def bench_lightning(make_net, loader, steps: int, warmup: int, precision: str) -> tuple[float, str]:
+def bench_lightning(make_net, loader, steps: int, warmup: int, precision: str,
+                    device: str = "cpu") -> tuple[float, str]:
     """Slices/s of ``Trainer.fit`` on ``SegmentationModule`` (the project's training path) for
     ``steps`` batches after ``warmup``; returns the precision Lightning actually ran."""
     import functools
@@ -156,11 +173,14 @@ def bench_lightning(make_net, loader, steps: int, warmup: int, precision: str) -
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
             if batch_idx == warmup:
+                _sync(device)
                 self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
             if batch_idx >= warmup:
                 self.n += len(batch["label"])
+                if batch_idx == warmup + steps - 1:
+                    _sync(device)
                 self.t1 = time.perf_counter()
 
     for name in ("lightning.pytorch", "lightning.fabric"):
@@ -169,7 +189,7 @@ def bench_lightning(make_net, loader, steps: int, warmup: int, precision: str) -
     module = SegmentationModule(make_net(), optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
                                 scheduler=None, log_images_every_n_epochs=0, augmentation=_augmentation())
     clock = Clock()
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_epochs=1,
+    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision, max_epochs=1,
                         limit_train_batches=warmup + steps, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[clock])
@@ -177,29 +197,35 @@ def bench_lightning(make_net, loader, steps: int, warmup: int, precision: str) -
     return clock.n / (clock.t1 - clock.t0), str(trainer.precision)
 
 
-def bench_training(payload: dict[str, Any], cases: list, steps: int, batch_size: int) -> dict[str, Any]:
+def bench_training(payload: dict[str, Any], cases: list, steps: int, batch_size: int,
+                   device: str = "cpu") -> dict[str, Any]:
     import torch
 
     make_net, loader, n_slices = _net_and_data(payload, cases, batch_size)
-    warmup = 10   # oneDNN picks and caches kernels per precision in the first steps
-    res: dict[str, Any] = {"batch_size": batch_size, "steps": steps, "warmup": warmup, "train_slices": n_slices,
-                           "lightning": {}, "bare": {}}
-    log(f"{'precision':<12} {'Lightning':>14} {'bare loop':>14} {'Lightning/bare':>15}   (slices/s, batch {batch_size})")
-    bare_dtype = {"32-true": None, "16-mixed": torch.bfloat16, "bf16-mixed": torch.bfloat16}
+    warmup = 10   # oneDNN / cuDNN pick and cache kernels per precision in the first steps
+    res: dict[str, Any] = {"device": device, "batch_size": batch_size, "steps": steps, "warmup": warmup,
+                           "train_slices": n_slices, "lightning": {}, "bare": {}}
+    if device == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(0)
+    log(f"{'precision':<12} {'Lightning':>14} {'bare loop':>14} {'Lightning/bare':>15}   (slices/s, batch {batch_size}, {device})")
+    # on a CPU Lightning runs 16-mixed as bfloat16; on a GPU as float16 with a GradScaler
+    half = torch.float16 if device == "cuda" else torch.bfloat16
+    bare_dtype = {"32-true": None, "16-mixed": half, "bf16-mixed": torch.bfloat16}
     bare_cache: dict[Any, float] = {}
     for precision in ("32-true", "16-mixed", "bf16-mixed"):
         dtype = bare_dtype[precision]
         if dtype not in bare_cache:
-            bench_bare_loop(make_net, loader, 1, warmup, dtype)          # warm this precision's kernels
-            bare_cache[dtype] = bench_bare_loop(make_net, loader, steps, warmup, dtype)
-        lit, ran = bench_lightning(make_net, loader, steps, warmup, precision)
+            bench_bare_loop(make_net, loader, 1, warmup, dtype, device)          # warm this precision's kernels
+            bare_cache[dtype] = bench_bare_loop(make_net, loader, steps, warmup, dtype, device)
+        lit, ran = bench_lightning(make_net, loader, steps, warmup, precision, device)
         bare = bare_cache[dtype]
         res["lightning"][precision] = {"slices_per_s": lit, "ran_as": ran}
         res["bare"][precision] = {"slices_per_s": bare, "autocast": str(dtype)}
         log(f"{precision:<12} {lit:>14.1f} {bare:>14.1f} {lit / bare:>14.2f}x   (Lightning ran {ran})")
-    fp16 = bench_bare_loop(make_net, loader, max(2, steps // 10), 1, torch.float16)
-    res["bare"]["float16_autocast"] = {"slices_per_s": fp16}
-    log(f"{'fp16 autocast':<12} {'':>14} {fp16:>14.1f}   (bare loop: why Lightning runs 16-mixed as bf16 on a CPU)")
+    if device == "cpu":
+        fp16 = bench_bare_loop(make_net, loader, max(2, steps // 10), 1, torch.float16)
+        res["bare"]["float16_autocast"] = {"slices_per_s": fp16}
+        log(f"{'fp16 autocast':<12} {'':>14} {fp16:>14.1f}   (bare loop: why Lightning runs 16-mixed as bf16 on a CPU)")
     return res
 
 
@@ -347,7 +373,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=10, help="timed inference repetitions (default 10)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile variant (~40 s to compile)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the training section runs (default cpu; the others always run on the CPU)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default all; training and inference need loading)")
     args = p.parse_args(argv)
+    args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown or not args.sections:
+        p.error(f"--sections: unknown {unknown}; choose from {','.join(SECTIONS)}")
     if args.steps < 1 or args.repeat < 1 or args.batch_size < 1:
         p.error("--steps, --repeat and --batch-size must be >= 1")
     return args
@@ -360,6 +394,9 @@ def main(argv=None) -> int:
     from hippo.infer import load_model_file
 
     cpus = os.cpu_count() or 1
+    if args.device == "cuda" and not torch.cuda.is_available():
+        log("ERROR: --device cuda, but torch sees no CUDA device")
+        return 2
     result: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": {k: str(v) for k, v in vars(args).items()},
         "machine": {"cpu_count": cpus, "platform": platform.platform(), "torch": torch.__version__,
@@ -383,12 +420,21 @@ def main(argv=None) -> int:
             result["data"] = "synthetic"
         else:
             result["data"] = str(data_root)
-        log(f"\n== 1. data loading ({data_root})")
-        result["loading"], cases = bench_loading(data_root, cpus)
-    log("\n== 2. training throughput (the shipped model's network, its augmentation, CE + soft Dice, Adam)")
-    result["training"] = bench_training(payload, cases, args.steps, args.batch_size)
-    log("\n== 3. inference against the compute bound")
-    result["inference"] = bench_inference(args.model, payload, cases, args.repeat, not args.skip_compile)
+        if "loading" in args.sections:
+            log(f"\n== 1. data loading ({data_root})")
+            result["loading"], cases = bench_loading(data_root, cpus)
+        else:
+            from hippo.data.datamodule import load_cases
+            from hippo.data.nifti import find_pairs
+
+            cases, _ = load_cases(find_pairs(data_root)[0], workers=max(2, cpus))
+    if "training" in args.sections:
+        log(f"\n== 2. training throughput on {args.device} (the shipped model's network, its augmentation, "
+            "CE + soft Dice, Adam)")
+        result["training"] = bench_training(payload, cases, args.steps, args.batch_size, args.device)
+    if "inference" in args.sections:
+        log("\n== 3. inference against the compute bound")
+        result["inference"] = bench_inference(args.model, payload, cases, args.repeat, not args.skip_compile)
     result["cpu_use"] = meter.read()
     result["peak_rss"] = rss_mib()
     log(f"\npeak RSS {result['peak_rss']['self_mib']:.0f} MiB (this process), largest child "

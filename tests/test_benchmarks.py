@@ -30,3 +30,27 @@ def test_bench_model_smoke(tmp_path: Path) -> None:
     assert inference["flops_per_slice"] > 1e6 and inference["bound_slices_per_s"] > 0
     assert inference["variants"]["no_grad (before)"]["ratio_vs_before"] == pytest.approx(1.0)
     assert inference["agent_study_ms"]["members one after another (default)"]["studies"] >= 1
+
+
+@pytest.mark.slow
+def test_bench_model_runs_only_the_sections_asked_for(tmp_path: Path) -> None:
+    """``--sections training`` (how the GPU table is made) times training alone; ``--device cuda``
+    on a machine without CUDA stops with a clear message instead of timing the CPU."""
+    script = str(REPO / "benchmarks/bench_model.py")
+    out = tmp_path / "model.json"
+    proc = subprocess.run([sys.executable, script, "--data-root", str(tmp_path / "absent"), "--sections", "training",
+                           "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert "training" in figures and "loading" not in figures and "inference" not in figures
+    assert figures["training"]["device"] == "cpu"
+    bad = subprocess.run([sys.executable, script, "--sections", "loading,speed"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "speed" in bad.stderr
+    import torch
+
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, script, "--device", "cuda", "--out", str(tmp_path / "gpu.json")],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 2 and "no CUDA device" in proc.stdout + proc.stderr
+        assert not (tmp_path / "gpu.json").exists()
