@@ -63,8 +63,8 @@ def save_model_file(
     """Write the model file atomically (temporary name, then rename). Returns its path."""
     body = {"net": _net_entry(net), **_stored_weights(net, "float32"),
             "preprocessing": to_plain(preprocessing)}
-    return _write_model_file(path, body, labels=labels, metrics=metrics, training=training,
-                             postprocessing=postprocessing)
+    return write_model_payload(path, _model_payload(body, labels=labels, metrics=metrics, training=training,
+                                                    postprocessing=postprocessing))
 
 
 def save_ensemble_file(
@@ -83,14 +83,30 @@ def save_ensemble_file(
     ``"float16"`` (half the size) or ``"int8"`` (convolution kernels as int8 with a float32 scale
     per output channel, the rest float16: about a quarter).
     """
+    payload = ensemble_payload(members, labels=labels, metrics=metrics, training=training,
+                               postprocessing=postprocessing, weight_format=weight_format)
+    return write_model_payload(path, payload)
+
+
+def ensemble_payload(
+    members: Sequence[tuple[UNet, Mapping[str, Any]]],
+    *,
+    labels: Mapping[int, str] = LABEL_NAMES,
+    metrics: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    postprocessing: Mapping[str, Any] | None = None,
+    weight_format: str = "float16",
+) -> dict[str, Any]:
+    """The in-memory model file of an ensemble (what :func:`save_ensemble_file` writes), so that a
+    caller can evaluate the stored weights (:meth:`InferenceAgent.from_payload`) and add their
+    ``metrics`` before writing it once with :func:`write_model_payload`."""
     if not members:
         raise ValueError("an ensemble needs at least one member")
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     body = {"members": [{"net": _net_entry(net), **_stored_weights(net, weight_format),
                          "preprocessing": to_plain(pre)} for net, pre in members]}
-    return _write_model_file(path, body, labels=labels, metrics=metrics, training=training,
-                             postprocessing=postprocessing)
+    return _model_payload(body, labels=labels, metrics=metrics, training=training, postprocessing=postprocessing)
 
 
 def _net_entry(net: UNet) -> dict[str, Any]:
@@ -114,11 +130,10 @@ def _stored_weights(net: UNet, weight_format: str) -> dict[str, dict[str, torch.
     return {"state_dict": state, **({"weight_scales": scales} if scales else {})}
 
 
-def _write_model_file(path: str | os.PathLike, body: Mapping[str, Any], *, labels: Mapping[int, str],
-                      metrics: Mapping[str, Any] | None, training: Mapping[str, Any] | None,
-                      postprocessing: Mapping[str, Any] | None) -> Path:
-    """The fields every model file has around ``body`` (the network(s)), saved atomically."""
-    payload = {
+def _model_payload(body: Mapping[str, Any], *, labels: Mapping[int, str], metrics: Mapping[str, Any] | None,
+                   training: Mapping[str, Any] | None, postprocessing: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fields every model file has around ``body`` (the network(s))."""
+    return {
         "format": MODEL_FORMAT,
         "hippo_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -128,8 +143,12 @@ def _write_model_file(path: str | os.PathLike, body: Mapping[str, Any], *, label
         "metrics": to_plain(metrics or {}),
         "training": to_plain(training or {}),
     }
+
+
+def write_model_payload(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
+    """Save a model file's payload atomically (temporary name, then rename). Returns its path."""
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save(dict(payload), buffer)
     return write_bytes_atomic(path, buffer.getvalue())
 
 
@@ -318,10 +337,17 @@ class InferenceAgent:
     def from_file(cls, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64,
                   member_threads: int | None = 1) -> "InferenceAgent":
         """Load an exported model file (see the module docstring)."""
-        payload = load_model_file(path)
+        return cls.from_payload(load_model_file(path), path=path, device=device, batch_size=batch_size,
+                                member_threads=member_threads)
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any], *, path: str | os.PathLike | None = None, device: str = "cpu",
+                     batch_size: int = 64, member_threads: int | None = 1) -> "InferenceAgent":
+        """An agent for a model file's payload already in memory (a loaded file, or one about to be
+        written: :func:`ensemble_payload`), with its weights as stored (int8/float16 included)."""
         members = build_members(payload)
         meta = {k: v for k, v in payload.items() if k not in ("state_dict", "members")}
-        meta["path"] = str(path)
+        meta["path"] = str(path) if path is not None else None
         meta["n_members"] = len(members)
         meta.setdefault("preprocessing", members[0][1])
         return cls(*members[0], payload["labels"], device=device, batch_size=batch_size, metadata=meta,

@@ -257,7 +257,7 @@ def publish(runs: Sequence[Path], dest: Path, cv_dirs: Sequence[Path] = (), abla
     ``weight_format`` (see :func:`hippo.infer.save_ensemble_file`), evaluated on their common test split
     (under ``data_root``, default the runs' ``data.root``). Writes the split and the model card."""
     from hippo.evaluation import evaluate_model, select_pairs
-    from hippo.infer import InferenceAgent, build_members, load_model_file, save_ensemble_file
+    from hippo.infer import InferenceAgent, build_members, ensemble_payload, load_model_file, write_model_payload
     from hippo.metrics import summarize
 
     runs = [Path(r) for r in runs]
@@ -287,16 +287,16 @@ def publish(runs: Sequence[Path], dest: Path, cv_dirs: Sequence[Path] = (), abla
                     "split_sizes": {k: len(split[k]) for k in ("train", "val", "test")},
                     "data_root": str(root), "split_seed": split["seed"]}
         post = payloads[0].get("postprocessing")
-        save_ensemble_file(out["model"], members, postprocessing=post, training=training, weight_format=weight_format)
+        # evaluate the weights as they will be stored (int8 by default), then write the file once
+        payload = ensemble_payload(members, postprocessing=post, training=training, weight_format=weight_format)
         write_json_atomic(out["split"], split)
         pairs, _ = select_pairs(str(root), split_file=str(out["split"]), split_part="test")
-        rows, skipped = evaluate_model(InferenceAgent.from_file(out["model"]), pairs)
+        rows, skipped = evaluate_model(InferenceAgent.from_payload(payload), pairs)
         if skipped or len(rows) != len(split["test"]):
             raise SystemExit(f"error: could not evaluate every test case under {root}: {skipped}")
         ensemble_test = summarize(rows)
-        metrics = {k: v["mean"] for k, v in ensemble_test.items() if "mean" in v}
-        save_ensemble_file(out["model"], members, postprocessing=post, training=training, metrics=metrics,
-                           weight_format=weight_format)
+        payload["metrics"] = {k: v["mean"] for k, v in ensemble_test.items() if "mean" in v}
+        write_model_payload(out["model"], payload)
     size = out["model"].stat().st_size / 2 ** 20
     card = render_card(runs, cv, ablations, ensemble_test, size, weight_format if len(runs) > 1 else "float32")
     write_bytes_atomic(out["card"], card.encode())
