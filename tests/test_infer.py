@@ -346,6 +346,16 @@ def test_int8_ensemble_file_is_smaller_and_runs_close_to_float32(tmp_path: Path)
     l_q8, p_q8 = agent.segment(volume, return_probabilities=True)
     l_f32, p_f32 = InferenceAgent.from_file(f32).segment(volume, return_probabilities=True)
     assert np.abs(p_q8 - p_f32).mean() < 0.01 and (l_q8 == l_f32).mean() > 0.95
+    # the payload in memory (publish evaluates it before writing) runs exactly as the file written from it
+    from hippo.infer import ensemble_payload, write_model_payload
+
+    payload = ensemble_payload([(net, PREPROCESSING)], weight_format="int8")
+    l_mem, p_mem = InferenceAgent.from_payload(payload).segment(volume, return_probabilities=True)
+    np.testing.assert_array_equal(p_mem, p_q8)
+    payload["metrics"] = {"dice_mean": 0.5}
+    written = write_model_payload(tmp_path / "once.pt", payload)
+    assert load_model_file(written)["metrics"] == {"dice_mean": 0.5}
+    np.testing.assert_array_equal(InferenceAgent.from_file(written).segment(volume, return_probabilities=True)[1], p_q8)
     with pytest.raises(ValueError, match="weight_format"):
         save_ensemble_file(tmp_path / "x.pt", [(net, PREPROCESSING)], weight_format="int4")
 
