@@ -178,6 +178,9 @@ def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root
                                     for f in (0, 1))
     assert f"python -m hippo.models.publish {sweep / '0'} --cv {sweep / '0'} {sweep / '1'}" in card
     assert "2-fold cross-validation" in card and "CC-BY-SA 4.0" in card and "member: fold 0, slicing axis 0, alone, test (held out)" in card
+    # where and how long each member was fitted, as recorded by the run
+    device = json.loads((sweep / "0" / "results.json").read_text())["training"]["device"]
+    assert "CPU" in device and f"- fold 0, slicing axis 0, 8 filters: " in card and device in card
     agent = InferenceAgent.from_file(out["model"])
     assert agent.context_slices == 2 and agent.postprocessing == {"largest_component": True}
     eval_dir = tmp_path / "eval"
@@ -198,6 +201,24 @@ def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root
     assert shipped_split["test"] == splits[0]["test"] and set(shipped_split["train"]) == development
     assert agent.metadata["metrics"]["dice_anterior"] >= 0.0
     assert "**shipped ensemble, test (held out)**" in ens["card"].read_text()
+
+
+def test_model_card_reproduces_trainer_settings_of_a_member():
+    """A member fitted elsewhere (a GPU, a time limit) is re-trained with those settings: the card's
+    command carries the trainer keys that differ, ``+key`` where today's configuration lacks the key,
+    and never the per-run paths."""
+    from hippo.models.publish import _config_diff, _where
+
+    reference = {"data": {"fold": 1, "root": "a"}, "model": {"net": {"initial_filters": 16}},
+                 "trainer": {"accelerator": "cpu", "max_epochs": 30, "default_root_dir": "runs/1"}}
+    gpu_member = {"data": {"fold": 0, "root": "b"}, "model": {"net": {"initial_filters": 24}},
+                  "trainer": {"accelerator": "gpu", "max_epochs": 30, "default_root_dir": "runs/0",
+                              "max_time": "00:00:02:05"}}
+    assert _config_diff(reference, gpu_member) == ["model.net.initial_filters=24", "trainer.accelerator=gpu",
+                                                   "+trainer.max_time=00:00:02:05"]
+    assert _config_diff(reference, reference) == []
+    assert _where({"device": "NVIDIA H200 x1", "accelerator": "CUDAAccelerator"}) == "NVIDIA H200 x1"
+    assert "GPU" in _where({"accelerator": "CUDAAccelerator"}) and "CPU" in _where({"accelerator": "CPUAccelerator"})
 
 
 @pytest.mark.slow

@@ -65,6 +65,17 @@ def _write_val_volumes(path: Path, model: L.LightningModule, datamodule: Any, cf
              s["dice_anterior"]["mean"], s["dice_posterior"]["mean"])
 
 
+def _device_description(trainer: L.Trainer) -> str:
+    """What the fit ran on, for the results and the model card: the GPU's name, or the CPU's cores."""
+    import os
+    import platform
+
+    root = getattr(trainer.strategy, "root_device", None)
+    if root is not None and root.type == "cuda":
+        return f"{torch.cuda.get_device_name(root)} x{trainer.num_devices}"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
 def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Train, test and export as ``cfg`` says.
 
@@ -114,6 +125,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "precision": str(trainer.precision),
         "accelerator": type(trainer.accelerator).__name__,
+        "device": _device_description(trainer),
         "fit_seconds": round(fit_seconds, 1),
         "best_checkpoint": best,
         "val_dice_mean_best": metrics.get("val/dice_mean_best"),

@@ -63,16 +63,17 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _config_diff(reference: dict[str, Any], other: dict[str, Any]) -> list[str]:
-    """``key=value`` of the data/model settings where ``other`` differs from ``reference``."""
-    a = {**_DEFAULTS, **{k: v for k, v in _flatten(reference).items() if k.startswith(("data.", "model."))}}
-    b = {**_DEFAULTS, **{k: v for k, v in _flatten(other).items() if k.startswith(("data.", "model."))}}
+    """``key=value`` of the data/model/trainer settings where ``other`` differs from ``reference``
+    (``+key=value`` for a key the reference's configuration does not have, as Hydra wants it)."""
+    a = {**_DEFAULTS, **{k: v for k, v in _flatten(reference).items() if k.startswith(_COMPARED)}}
+    b = {**_DEFAULTS, **{k: v for k, v in _flatten(other).items() if k.startswith(_COMPARED)}}
     if "model.augmentation" in b and b["model.augmentation"] is None:     # augmentation off: one entry
         if any(k.startswith("model.augmentation.") for k in a):
             a = {k: v for k, v in a.items() if not k.startswith("model.augmentation.")}
             a["model.augmentation"] = "on"
     skip = ("data.root", "data.output_dir", "data.fold")
     keys = sorted(k for k in set(a) | set(b) if not k.startswith(skip) and a.get(k) != b.get(k))
-    return [f"{k}={_hydra_value(b.get(k))}" for k in keys]
+    return [f"{'' if k in a else '+'}{k}={_hydra_value(b.get(k))}" for k in keys]
 
 
 def _hydra_value(v: Any) -> str:
@@ -86,8 +87,21 @@ def _hydra_value(v: Any) -> str:
     return str(v)
 
 
+# the settings compared between runs (what a run's model depends on; not paths or logging)
+_COMPARED = ("data.", "model.", *(f"trainer.{k}" for k in ("accelerator", "devices", "num_nodes", "strategy",
+                                                             "precision", "max_epochs", "max_time")))
 # settings added after some runs were made: a run without the key ran with this value
 _DEFAULTS = {"data.normalization": "minmax_per_volume", "data.context_slices": 0, "model.largest_component": False}
+
+
+def _where(training: dict[str, Any]) -> str:
+    """The machine a run was fitted on (runs made before ``device`` was recorded: from the accelerator;
+    the CPU runs of that time were made on the project's 2-core development machine)."""
+    if training.get("device"):
+        return training["device"]
+    accelerator = training.get("accelerator", "?")
+    return {"CPUAccelerator": f"{platform.machine()} CPU, 2 cores",
+            "CUDAAccelerator": "one GPU (CUDA)"}.get(accelerator, accelerator)
 
 
 def _metrics_row(label: str, summary: dict[str, Any]) -> str:
@@ -114,7 +128,9 @@ def _reproduce(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Seque
         diff = _config_diff(reference, config)
         changed = {d.split("=", 1)[0] for d in diff}
         fold = config["data"].get("fold")
-        overrides = [o for o in base if not any(o.split("=", 1)[0] == c or o.startswith(c + ".") for c in changed)]
+        changed |= {c.lstrip("+") for c in changed}
+        overrides = [o for o in base if not any(o.split("=", 1)[0].lstrip("+") == c or o.startswith(c + ".")
+                                                for c in changed)]
         overrides += diff
         overrides += [f"data.fold={fold}"] if fold is not None else []
         lines.append(f"python -m hippo.train {' '.join(overrides)} hydra.run.dir={r}")
@@ -138,6 +154,7 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
     net = config["model"]["net"]
     n = len(runs)
     axes = sorted({_read(r / "results.json")["config"]["data"].get("slice_axis", 0) for r in runs})
+    filters = sorted({_read(r / "results.json")["config"]["model"]["net"]["initial_filters"] for r in runs})
     what = (f"an ensemble of {n} networks (softmax probabilities averaged; slicing axes {axes}, voxel axis 0 = "
             "left-right, 1 = anterior-posterior, 2 = inferior-superior)" if n > 1 else "one network")
     lines = [
@@ -162,7 +179,7 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
         *(["- Members (overrides of each run): " + "; ".join(
             f"`{' '.join(o for o in _overrides(r) if not o.startswith(('hydra.', 'data.root'))) or '(defaults)'}`"
             for r in runs)] if n > 1 else []),
-        f"- Recursive 2D UNet, {net['initial_filters']} filters at the top, depth {net['num_downs']}, "
+        f"- Recursive 2D UNet, {'/'.join(map(str, filters))} filters at the top, depth {net['num_downs']}, "
         f"{net['norm']} norm, {net['in_channels']} input channels "
         f"({config['data']['context_slices']} neighbouring slices per side); "
         f"{config['data'].get('normalization', 'minmax_per_volume')} intensity normalisation; loss {config['model']['loss']}; "
@@ -211,14 +228,15 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
             lines.append(f"| {a.parent.name}/{a.name} | {', '.join(diff) or '(none: the shipped configuration)'} | "
                          f"{r['dice_anterior']['mean']:.4f} | {r['dice_posterior']['mean']:.4f} | "
                          f"{v['dice_anterior']['mean']:.4f} | {v['dice_posterior']['mean']:.4f} |")
-    fit = [_read(r / "results.json").get("training", {}).get("fit_seconds", 0) for r in runs]
+    lines += ["", "## Training", "Fitting time (wall clock; a member that shared its machine with another job shows a "
+              f"longer time), epochs run, and where; hippo {results.get('hippo_version')}:"]
+    for r in runs:
+        rr = _read(r / "results.json")
+        t, data = rr.get("training", {}), rr["config"]["data"]
+        lines.append(f"- fold {data.get('fold')}, slicing axis {data.get('slice_axis', 0)}, "
+                     f"{rr['config']['model']['net']['initial_filters']} filters: {t.get('fit_seconds', 0) / 60:.1f} min, "
+                     f"{t.get('epochs', '?')} epochs, {t.get('precision', '?')}, {_where(t)}")
     lines += [
-        "",
-        "## Training",
-        f"- {sum(fit) / 60:.0f} min of fitting in all ({', '.join(f'{f / 60:.1f}' for f in fit)} min per member) on a "
-        f"{platform.machine()} CPU with 2 cores ({training.get('accelerator', '?')}, bf16 autocast), "
-        f"{training.get('epochs', '?')} epochs per member; hippo {results.get('hippo_version')}. Wall-clock "
-        "times: a member that shared the cores with another job shows a longer time.",
         "",
         "## Reproduce",
         "Each run, then the publication and the check (`DATA_ROOT`: the Decathlon `Task04_Hippocampus` folder):",
