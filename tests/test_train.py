@@ -180,7 +180,7 @@ def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root
     assert "2-fold cross-validation" in card and "CC-BY-SA 4.0" in card and "member: fold 0, slicing axis 0, alone, test (held out)" in card
     # where and how long each member was fitted, as recorded by the run
     device = json.loads((sweep / "0" / "results.json").read_text())["training"]["device"]
-    assert "CPU" in device and f"- fold 0, slicing axis 0, 8 filters: " in card and device in card
+    assert "CPU" in device and "- fold 0, slicing axis 0, 8 filters: " in card and device in card
     agent = InferenceAgent.from_file(out["model"])
     assert agent.context_slices == 2 and agent.postprocessing == {"largest_component": True}
     eval_dir = tmp_path / "eval"
