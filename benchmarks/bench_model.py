@@ -351,11 +351,18 @@ def bench_inference(model_path: Path, payload: dict[str, Any], cases: list, repe
         res.setdefault("agent_study_ms", {})[label] = {
             "median": statistics.median(lat) * 1e3, "p90": float(np.percentile(lat, 90)) * 1e3,
             "studies": len(lat), "members": members, "member_threads": agent.member_threads}
-    # the bound of a whole study: every member's slices along its own axis (median over the volumes)
+    # the bound of a whole study: every member's slices along its own axis, each at that member's own
+    # FLOPs per slice (members may differ in width), at the matmul peak (median over the volumes)
+    member_flops = [flops_per_slice(m, 2 * int(p.get("context_slices", 0)) + 1, tuple(p.get("patch_size", size)))
+                    for m, p in agent.members]
+    res["member_mflops_per_slice"] = [f / 1e6 for f in member_flops]
     res["agent_bound_ms"] = statistics.median(
-        sum(v.shape[int(pre.get("slice_axis", 0))] for _, pre in agent.members) for v in volumes) / bound * 1e3
+        sum(v.shape[int(p.get("slice_axis", 0))] * f for (_, p), f in zip(agent.members, member_flops))
+        for v in volumes) / (peak * 1e9) * 1e3
     log(f"InferenceAgent.segment of the shipped file ({members} member(s)) on {len(volumes)} whole volumes "
-        f"(normalise, 2.5D stack, members, average, largest component); compute bound {res['agent_bound_ms']:.0f} ms:")
+        f"(normalise, 2.5D stack, members, average, largest component); members "
+        f"{'/'.join(f'{f:.0f}' for f in res['member_mflops_per_slice'])} MFLOP per slice; "
+        f"compute bound {res['agent_bound_ms']:.0f} ms:")
     base_ms = res["agent_study_ms"]["members one after another (default)"]["median"]
     for label, v in res["agent_study_ms"].items():
         log(f"  {label:<38} median {v['median']:7.1f} ms  p90 {v['p90']:7.1f} ms  {base_ms / v['median']:.2f}x "

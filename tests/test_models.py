@@ -18,7 +18,7 @@ from hippo.models import default_model_path, default_split_path, find_latest_mod
 # Floors under the shipped model's measured test figures (0.8968 / 0.8790 / 0.9037 when published):
 # a change that makes the shipped model or its inference path worse fails here. The targets
 # (0.89 / 0.88 / 0.90) are stated, with what was reached, in the README and the model card.
-FLOOR_ANTERIOR, FLOOR_POSTERIOR, FLOOR_FOREGROUND = 0.895, 0.877, 0.902
+FLOOR_ANTERIOR, FLOOR_POSTERIOR, FLOOR_FOREGROUND = 0.895, 0.879, 0.903
 
 def test_shipped_model_is_small_self_describing_and_held_out() -> None:
     path = default_model_path()

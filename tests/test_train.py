@@ -164,8 +164,10 @@ def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root
     from hippo.models.publish import publish
 
     dest = tmp_path / "shipped"
-    out = publish([sweep / "0"], dest, cv_dirs=[sweep])
+    out = publish([sweep / "0"], dest, cv_dirs=[sweep], ablations=[sweep / "0", sweep / "1"])
     card = out["card"].read_text()
+    assert "## Ablations (fold 0; each run against the first)" in card
+    assert "| cv/0 | (the reference) |" in card and "| cv/1 | (the same configuration) |" in card
     # the folds given one by one pool to the same figures; one fold twice is refused
     from hippo.sweep import summarize_cross_validation
 

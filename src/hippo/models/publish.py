@@ -7,8 +7,8 @@ Each ``RUN_DIR`` is a finished ``python -m hippo.train`` run (``model.pt``, ``sp
 cross-validation or several views — become one ensemble file (probabilities averaged; weights
 stored as int8 kernels with per-channel scales by default, ``--weights``), evaluated
 here on their common held-out test split. ``--cv`` names the cross-validation folds whose
-``val_results.json`` give the CV figures (multirun directories and/or single fold runs); ``--ablations`` are runs on the same fold whose figures go
-into the card's ablation table. Writes ``hippocampus_25d.pt``, ``hippocampus_25d.split.json``,
+``val_results.json`` give the CV figures (multirun directories and/or single fold runs); ``--ablations`` are runs on one fold
+whose figures go into the card's ablation table, each compared with the first of them. Writes ``hippocampus_25d.pt``, ``hippocampus_25d.split.json``,
 ``hippocampus_25d.cv.json`` and ``MODEL_CARD.md`` into ``--dest`` (default: this package's
 directory, so the next install ships them).
 """
@@ -71,7 +71,7 @@ def _config_diff(reference: dict[str, Any], other: dict[str, Any]) -> list[str]:
         if any(k.startswith("model.augmentation.") for k in a):
             a = {k: v for k, v in a.items() if not k.startswith("model.augmentation.")}
             a["model.augmentation"] = "on"
-    skip = ("data.root", "data.output_dir", "data.fold")
+    skip = ("data.root", "data.output_dir", "data.fold", "model.log_images_every_n_epochs")
     keys = sorted(k for k in set(a) | set(b) if not k.startswith(skip) and a.get(k) != b.get(k))
     return [f"{'' if k in a else '+'}{k}={_hydra_value(b.get(k))}" for k in keys]
 
@@ -213,19 +213,22 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
         verdicts.append(f"{name} {value:.4f} (target ≥ {target:.2f}: {'met' if value >= target else 'not met'})")
     lines += ["", "Against the project's targets on the held-out test split: " + ", ".join(verdicts) + "."]
     if cv:
-        lines += ["", "Cross-validation per fold (mean Dice over that fold's validation volumes):", "",
-                  "| fold | Dice anterior | Dice posterior | Dice mean |", "|---|---|---|---|"]
+        lines += ["", "Cross-validation per fold (mean Dice over that fold's validation volumes; the run of each fold):", "",
+                  "| fold | Dice anterior | Dice posterior | Dice mean | run |", "|---|---|---|---|---|"]
         for fold, m in cv["folds"].items():
-            lines.append(f"| {fold} | {m['dice_anterior']:.4f} | {m['dice_posterior']:.4f} | {m['dice_mean']:.4f} |")
+            lines.append(f"| {fold} | {m['dice_anterior']:.4f} | {m['dice_posterior']:.4f} | {m['dice_mean']:.4f} | "
+                         f"{cv.get('sources', {}).get(str(fold), '')} |")
     if ablations:
-        lines += ["", "## Ablations (fold 0, same epochs; one lever changed at a time)", "",
-                  "| run | change against the shipped configuration | test Dice anterior | test Dice posterior | "
-                  "val Dice anterior | val Dice posterior |",
+        reference = _read(ablations[0] / "results.json")["config"]
+        lines += ["", f"## Ablations (fold {reference['data'].get('fold')}; each run against the first)", "",
+                  f"| run | change against {ablations[0].parent.name}/{ablations[0].name} | test Dice anterior | "
+                  "test Dice posterior | val Dice anterior | val Dice posterior |",
                   "|---|---|---|---|---|---|"]
-        for a in [run, *ablations]:
+        for a in ablations:
             r, v = _read(a / "results.json")["summary"], _read(a / "val_results.json")["summary"]
-            diff = _config_diff(config, _read(a / "results.json")["config"])
-            lines.append(f"| {a.parent.name}/{a.name} | {', '.join(diff) or '(none: the shipped configuration)'} | "
+            diff = _config_diff(reference, _read(a / "results.json")["config"])
+            change = "(the reference)" if a == ablations[0] else ", ".join(diff) or "(the same configuration)"
+            lines.append(f"| {a.parent.name}/{a.name} | {change} | "
                          f"{r['dice_anterior']['mean']:.4f} | {r['dice_posterior']['mean']:.4f} | "
                          f"{v['dice_anterior']['mean']:.4f} | {v['dice_posterior']['mean']:.4f} |")
     lines += ["", "## Training", "Fitting time (wall clock; a member that shared its machine with another job shows a "
@@ -328,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("runs", type=Path, nargs="+", help="finished hippo.train run directories (several: an ensemble)")
     p.add_argument("--cv", type=Path, nargs="*", default=[],
                    help="the cross-validation folds: multirun directories and/or single fold runs")
-    p.add_argument("--ablations", type=Path, nargs="*", default=[], help="ablation run directories (same fold)")
+    p.add_argument("--ablations", type=Path, nargs="*", default=[], help="ablation run directories (one fold; the first is the reference the others are compared with)")
     p.add_argument("--dest", type=Path, default=Path(__file__).resolve().parent)
     p.add_argument("--data-root", type=Path, default=None, help="where the test cases are (default: the runs' data.root)")
     p.add_argument("--weights", choices=WEIGHT_FORMATS, default="int8",
