@@ -360,6 +360,25 @@ def test_int8_ensemble_file_is_smaller_and_runs_close_to_float32(tmp_path: Path)
         save_ensemble_file(tmp_path / "x.pt", [(net, PREPROCESSING)], weight_format="int4")
 
 
+def test_bfloat16_precision_runs_the_members_under_autocast_and_matches_float32(tmp_path: Path) -> None:
+    """precision="bfloat16" (deploy/eval/listen ``precision``) changes how the networks compute, not
+    what the agent returns: float32 probabilities close to float32's, the same labels almost everywhere."""
+    from hippo.infer import save_ensemble_file
+
+    path = save_ensemble_file(tmp_path / "m.pt", [(_net(seed=5), PREPROCESSING), (_net(seed=6), PREPROCESSING)],
+                              weight_format="float32")
+    volume = _volume((12, 24, 20))
+    l32, p32 = InferenceAgent.from_file(path).segment(volume, return_probabilities=True)
+    agent = InferenceAgent.from_file(path, precision="bfloat16")
+    assert agent.precision == "bfloat16"
+    l16, p16 = agent.segment(volume, return_probabilities=True)
+    assert p16.dtype == np.float32 and p16.shape == p32.shape
+    assert not np.array_equal(p16, p32)                       # it did run in bfloat16
+    assert np.abs(p16 - p32).mean() < 0.01 and (l16 == l32).mean() > 0.95
+    with pytest.raises(ValueError, match="precision"):
+        InferenceAgent.from_file(path, precision="float8")
+
+
 def test_model_file_without_weights_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "empty.pt"
     torch.save({"format": MODEL_FORMAT, "members": []}, path)

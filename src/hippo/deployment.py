@@ -66,6 +66,7 @@ def run_deploy(cfg: Mapping[str, Any]) -> int:
     factory = functools.partial(
         build_processor, model_path, results_dir,
         device=cfg.get("device", "cpu"), batch_size=int(cfg.get("batch_size", 64)),
+        precision=str(cfg.get("precision", "float32")),
         pacs=cfg["pacs"] if send else None, outbox_dir=cfg["outbox_dir"],
         rules=dict(cfg.get("series") or {}), io_threads=int(cfg.get("io_threads", 8)),
         normative_comparison=bool(report.get("normative_comparison", False)),

@@ -27,7 +27,8 @@ def main(cfg: DictConfig) -> None:
         split_file = None
     try:
         model_path = resolve_model_path(cfg.ckpt_path, cfg.paths.log_dir)
-        agent = InferenceAgent.from_file(model_path, device=cfg.device, batch_size=cfg.batch_size)
+        agent = InferenceAgent.from_file(model_path, device=cfg.device, batch_size=cfg.batch_size,
+                                         precision=cfg.get("precision", "float32"))
         if cfg.get("largest_component") is not None:
             agent.postprocessing["largest_component"] = bool(cfg.largest_component)
         pairs, unpaired = select_pairs(cfg.data.root, cfg.data.manifest, split_file, cfg.data.split_part)

@@ -354,6 +354,7 @@ def build_processor(
     *,
     device: str = "cpu",
     batch_size: int = 64,
+    precision: str = "float32",
     pacs: Mapping[str, Any] | None = None,
     outbox_dir: str | os.PathLike | None = None,
     **options: Any,
@@ -361,7 +362,7 @@ def build_processor(
     """Load the model file and build a :class:`StudyProcessor` (picklable via ``functools.partial``,
     so batch workers each build their own). ``pacs=None`` disables sending; ``options`` go to
     :class:`StudyProcessor` (rules, io_threads, normative_comparison, series_numbers, write_png)."""
-    agent = InferenceAgent.from_file(model_path, device=device, batch_size=batch_size)
+    agent = InferenceAgent.from_file(model_path, device=device, batch_size=batch_size, precision=precision)
     pacs_cfg = PacsConfig.from_mapping(pacs) if pacs is not None else None
     outbox = Outbox(outbox_dir) if pacs_cfg is not None else None
     return StudyProcessor(agent, out_root, pacs=pacs_cfg, outbox=outbox, **options)

@@ -199,7 +199,7 @@ class Listener:
         pacs: where results go (a :class:`hippo.pacs.PacsConfig` mapping); ``None`` only writes them.
         processor_options: passed to :func:`hippo.pipeline.build_processor` (``rules``,
             ``io_threads``, ``normative_comparison``, ``series_numbers``, ``write_png``,
-            ``device``, ``batch_size``).
+            ``device``, ``batch_size``, ``precision``).
         processor_factory: ``() -> StudyProcessor``-like object with ``process(dir)`` (tests; the
             default loads ``model_path``).
         preload_model: load the model in :meth:`start` (errors then surface at start).
@@ -689,6 +689,7 @@ class Listener:
                         self._processor = build_processor(
                             self.model_path, self.results_dir,
                             device=opts.pop("device", "cpu"), batch_size=int(opts.pop("batch_size", 64)),
+                            precision=str(opts.pop("precision", "float32")),
                             pacs=None if self.pacs is None else vars(self.pacs).copy(),
                             outbox_dir=self.outbox_dir, **opts)
                     self._model_error = None
@@ -749,6 +750,7 @@ class Listener:
             "io_threads": int(cfg.get("io_threads", 4)),
             "device": cfg.get("device", "cpu"),
             "batch_size": int(cfg.get("batch_size", 64)),
+            "precision": str(cfg.get("precision", "float32")),
             "normative_comparison": bool(report.get("normative_comparison", False)),
             "series_numbers": report.get("series_numbers"),
             "write_png": bool(report.get("write_png", True)),
