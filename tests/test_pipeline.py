@@ -183,11 +183,15 @@ def test_batch_continues_past_bad_studies_and_exits_nonzero(studies, model_file,
             f.unlink()
     proc = subprocess.run(
         [sys.executable, "-m", "hippo.deploy", f"studies={root}", f"model_path={model_file}", "send=false",
-         "workers=2", f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600)
+         "workers=2", "precision=bfloat16", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     status = {Path(s["study"]).name: s for s in summary["studies"]}
     assert status["good"]["status"] == "ok" and status["good"]["volumes"]["total_mm3"] > 0
+    # the precision setting reaches every batch worker and is recorded with the result
+    results = [json.loads(p.read_text()) for p in (tmp_path / "run").rglob("result.json")]
+    assert results and all(r["model"]["precision"] == "bfloat16" for r in results)
     for bad in ("empty", "junk", "no_crop"):
         assert status[bad]["status"] == "failed" and status[bad]["stage"] == "ingest"
     assert "HippoCrop" in status["no_crop"]["error"] and "T1 MPRAGE" in status["no_crop"]["error"]

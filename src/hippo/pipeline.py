@@ -126,7 +126,13 @@ class StudyProcessor:
             "trained_on": f"{Path(str(training.get('data_root', '?'))).name}, "
                           f"{(training.get('split_sizes') or {}).get('train', '?')} training volumes",
             "metrics": {k: metrics[k] for k in ("dice_anterior", "dice_posterior") if k in metrics},
+            "precision": self.precision,
         }
+
+    @property
+    def precision(self) -> str:
+        """How the agent runs its networks (``"float32"``, or ``"bfloat16"`` autocast)."""
+        return str(getattr(self.agent, "precision", "float32"))
 
     def process(self, study_dir: str | os.PathLike) -> StudyOutcome:
         """Run every stage on one study; never raises for a problem of the study itself."""
@@ -170,7 +176,8 @@ class StudyProcessor:
                                  volumes=volumes, norm=norm, model=self.model_info, timestamp=now)
             uid = result_uid_maker(scan, series.uid, self.agent.metadata,
                                    {"normative_comparison": self.normative_comparison,
-                                    "series_numbers": self.series_numbers})
+                                    "series_numbers": self.series_numbers,
+                                    **({"precision": self.precision} if self.precision != "float32" else {})})
             sc = secondary_capture(page, source, series_number=self.series_numbers["sc"], timestamp=now,
                                    series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"))
             version = str(self.agent.metadata.get("hippo_version", "0"))
