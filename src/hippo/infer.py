@@ -68,25 +68,12 @@ def save_model_file(
                                                     postprocessing=postprocessing))
 
 
-def save_ensemble_file(
-    path: str | os.PathLike,
-    members: Sequence[tuple[UNet, Mapping[str, Any]]],
-    *,
-    labels: Mapping[int, str] = LABEL_NAMES,
-    metrics: Mapping[str, Any] | None = None,
-    training: Mapping[str, Any] | None = None,
-    postprocessing: Mapping[str, Any] | None = None,
-    weight_format: str = "float16",
-) -> Path:
-    """Write an ensemble model file: ``members`` are ``(net, preprocessing)`` pairs.
-
-    ``weight_format``: how the weights are stored (the agent runs them in float32): ``"float32"``,
-    ``"float16"`` (half the size) or ``"int8"`` (convolution kernels as int8 with a float32 scale
-    per output channel, the rest float16: about a quarter).
-    """
-    payload = ensemble_payload(members, labels=labels, metrics=metrics, training=training,
-                               postprocessing=postprocessing, weight_format=weight_format)
-    return write_model_payload(path, payload)
+def save_ensemble_file(path: str | os.PathLike, members: Sequence[tuple[UNet, Mapping[str, Any]]],
+                       **fields: Any) -> Path:
+    """Write an ensemble model file atomically: ``members`` are ``(net, preprocessing)`` pairs;
+    ``fields`` are :func:`ensemble_payload`'s keywords (``labels``, ``metrics``, ``training``,
+    ``postprocessing``, ``weight_format``). Returns its path."""
+    return write_model_payload(path, ensemble_payload(members, **fields))
 
 
 def ensemble_payload(
@@ -100,7 +87,12 @@ def ensemble_payload(
 ) -> dict[str, Any]:
     """The in-memory model file of an ensemble (what :func:`save_ensemble_file` writes), so that a
     caller can evaluate the stored weights (:meth:`InferenceAgent.from_payload`) and add their
-    ``metrics`` before writing it once with :func:`write_model_payload`."""
+    ``metrics`` before writing it once with :func:`write_model_payload`.
+
+    ``weight_format``: how the weights are stored (the agent runs them in float32): ``"float32"``,
+    ``"float16"`` (half the size) or ``"int8"`` (convolution kernels as int8 with a float32 scale
+    per output channel, the rest float16: about a quarter).
+    """
     if not members:
         raise ValueError("an ensemble needs at least one member")
     if weight_format not in WEIGHT_FORMATS:
