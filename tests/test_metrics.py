@@ -121,10 +121,30 @@ def test_summarize_mean_std_min_max() -> None:
     s = summarize(rows)
     assert s["n_volumes"] == {"count": 3}
     assert "name" not in s
-    assert s["dice"] == pytest.approx({"mean": 3.0, "std": math.sqrt(8 / 3), "min": 1.0, "max": 5.0})
-    assert s["vol"] == pytest.approx({"mean": 2.0, "std": 0.0, "min": 2.0, "max": 2.0})
-    assert summarize(iter(rows)) == s                        # any iterable
+    stats = {k: s["dice"][k] for k in ("mean", "std", "min", "max")}
+    assert stats == pytest.approx({"mean": 3.0, "std": math.sqrt(8 / 3), "min": 1.0, "max": 5.0})
+    assert s["vol"] == pytest.approx({"mean": 2.0, "std": 0.0, "min": 2.0, "max": 2.0, "ci_low": 2.0, "ci_high": 2.0})
+    assert summarize(iter(rows)) == s                        # any iterable; the same interval every time
     assert summarize([]) == {"n_volumes": {"count": 0}}
+    assert "ci_low" not in summarize(rows[:1])["dice"]       # one volume: no interval
+
+
+def test_summarize_confidence_interval_of_the_mean() -> None:
+    """The 95 % bootstrap interval brackets the mean, matches the normal-theory interval on a large
+    sample, and narrows as volumes are added (what decides whether a model is above a target)."""
+    rng = np.random.default_rng(1)
+    values = rng.normal(0.88, 0.04, size=400)
+    s = summarize([{"dice": float(v)} for v in values])["dice"]
+    half = 1.96 * values.std() / math.sqrt(values.size)
+    assert s["ci_low"] < s["mean"] < s["ci_high"]
+    assert s["ci_low"] == pytest.approx(s["mean"] - half, abs=0.15 * half)
+    assert s["ci_high"] == pytest.approx(s["mean"] + half, abs=0.15 * half)
+    small = summarize([{"dice": float(v)} for v in values[:40]])["dice"]
+    assert small["ci_high"] - small["ci_low"] > 2.5 * (s["ci_high"] - s["ci_low"])
+    wider = summarize([{"dice": float(v)} for v in values[:40]], confidence=0.99)["dice"]
+    assert wider["ci_low"] < small["ci_low"] and wider["ci_high"] > small["ci_high"]
+    with pytest.raises(ValueError, match="confidence"):
+        summarize([{"dice": 1.0}], confidence=95)
 
 
 def test_summarize_of_volume_metrics() -> None:

@@ -66,4 +66,7 @@ def test_shipped_model_reproduces_its_figures_on_its_held_out_split(real_data_ro
         assert s[key]["mean"] == pytest.approx(stored[key], abs=1e-6), key
     assert s["dice_anterior"]["mean"] >= FLOOR_ANTERIOR and s["dice_posterior"]["mean"] >= FLOOR_POSTERIOR
     assert s["dice_foreground"]["mean"] >= FLOOR_FOREGROUND
-    assert "dice_anterior" in proc.stdout and "test cases of" in proc.stdout
+    assert "dice_anterior" in proc.stdout and "test cases of" in proc.stdout and "95% CI" in proc.stdout
+    lo, hi = s["dice_posterior"]["ci_low"], s["dice_posterior"]["ci_high"]   # the test split's uncertainty
+    assert lo < s["dice_posterior"]["mean"] < hi and 0.005 < hi - lo < 0.05
+    assert f"{lo:.4f}-{hi:.4f}" in proc.stdout

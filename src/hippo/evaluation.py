@@ -70,11 +70,14 @@ def evaluate_model(agent: InferenceAgent, pairs: list[CasePaths]) -> tuple[list[
 
 
 def format_summary(summary: dict[str, dict[str, float]]) -> str:
-    """A small text table of the Dice/Jaccard means (± sd)."""
-    lines = [f"{'metric':<20} {'mean':>8} {'sd':>8}   ({summary['n_volumes']['count']} volumes)"]
+    """A small text table of the Dice/Jaccard means (± sd, and the 95 % bootstrap interval of the
+    mean where the summary has one)."""
+    lines = [f"{'metric':<20} {'mean':>8} {'sd':>8}   {'95% CI of the mean':<18} "
+             f"({summary['n_volumes']['count']} volumes)"]
     for key in ("dice_anterior", "dice_posterior", "dice_mean", "dice_foreground",
                 "jaccard_anterior", "jaccard_posterior", "jaccard_mean", "jaccard_foreground"):
         if key in summary:
-            lines.append(f"{key:<20} {summary[key]['mean']:>8.4f} {summary[key]['std']:>8.4f}")
+            s = summary[key]
+            ci = f"{s['ci_low']:.4f}-{s['ci_high']:.4f}" if "ci_low" in s else ""
+            lines.append(f"{key:<20} {s['mean']:>8.4f} {s['std']:>8.4f}   {ci}".rstrip())
     return "\n".join(lines)
-

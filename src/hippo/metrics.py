@@ -64,22 +64,40 @@ def volume_metrics(
     return out
 
 
-def summarize(per_volume: Iterable[Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    """Mean, standard deviation, minimum and maximum of each metric over volumes.
+def summarize(per_volume: Iterable[Mapping[str, float]], confidence: float = 0.95,
+              resamples: int = 10_000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Mean, standard deviation, minimum and maximum of each metric over volumes, and a confidence
+    interval of the mean.
+
+    The interval is a percentile bootstrap over volumes (``resamples`` draws of the volumes with
+    replacement, fixed ``seed``, so a summary is reproducible): how far the mean Dice of this set of
+    cases could move on another set of the same size, which is what decides whether two models or a
+    model and a target differ. No interval for fewer than two volumes.
 
     Returns:
-        ``{metric: {"mean", "std", "min", "max"}}``, plus ``{"n_volumes": {"count": n}}``.
+        ``{metric: {"mean", "std", "min", "max", "ci_low", "ci_high"}}``, plus
+        ``{"n_volumes": {"count": n}}``.
     """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     rows = list(per_volume)
     out: dict[str, dict[str, float]] = {"n_volumes": {"count": len(rows)}}
     if not rows:
         return out
+    draws = None
     for key in rows[0]:
         values = np.array([float(r[key]) for r in rows if isinstance(r.get(key), (int, float, np.number))])
         if values.size == 0 or not all(math.isfinite(v) for v in values):
             continue
         out[key] = {"mean": float(values.mean()), "std": float(values.std()),
                     "min": float(values.min()), "max": float(values.max())}
+        if values.size >= 2 and resamples > 0:
+            if draws is None or draws.shape[1] != values.size:
+                draws = np.random.default_rng(seed).integers(0, values.size, size=(resamples, values.size))
+            means = values[draws].mean(axis=1)
+            tail = (1 - confidence) / 2 * 100
+            low, high = np.percentile(means, [tail, 100 - tail])
+            out[key].update(ci_low=float(low), ci_high=float(high))
     return out
 
 
