@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassJaccardIndex
 from torchmetrics.segmentation import DiceScore
 
-from hippo.metrics import dice, jaccard, summarize, volume_metrics
+from hippo.metrics import dice, jaccard, paired_difference, summarize, volume_metrics
 from hippo.model.module import SegmentationModule, soft_dice_loss
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -145,6 +145,30 @@ def test_summarize_confidence_interval_of_the_mean() -> None:
     assert wider["ci_low"] < small["ci_low"] and wider["ci_high"] > small["ci_high"]
     with pytest.raises(ValueError, match="confidence"):
         summarize([{"dice": 1.0}], confidence=95)
+
+
+def test_paired_difference_matches_cases_by_name() -> None:
+    """New model minus reference, case by case (whatever the order), with the count of cases each
+    side wins; the paired interval excludes 0 for a small but consistent gain that the two unpaired
+    intervals cannot separate."""
+    rng = np.random.default_rng(3)
+    base = rng.normal(0.88, 0.04, size=47)
+    gain = 0.003 + rng.normal(0, 0.002, size=47)
+    ref = [{"name": f"c{i}", "dice_posterior": float(b), "dice_anterior": 0.9} for i, b in enumerate(base)]
+    new = [{"name": f"c{i}", "dice_posterior": float(b + g), "dice_anterior": 0.9}
+           for i, b, g in reversed(list(zip(range(47), base, gain)))]
+    d = paired_difference(new, ref, keys=("dice_posterior", "dice_anterior"))
+    assert d["n_volumes"] == {"count": 47}
+    assert d["dice_posterior"]["mean"] == pytest.approx(gain.mean())
+    assert 0 < d["dice_posterior"]["ci_low"] < d["dice_posterior"]["mean"] < d["dice_posterior"]["ci_high"]
+    assert d["dice_posterior"]["better"] == int((gain > 0).sum()) and d["dice_posterior"]["worse"] == int((gain < 0).sum())
+    assert d["dice_anterior"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "better": 0, "worse": 0}
+    unpaired_new, unpaired_ref = summarize(new)["dice_posterior"], summarize(ref)["dice_posterior"]
+    assert unpaired_new["ci_low"] < unpaired_ref["ci_high"]          # unpaired: the intervals overlap
+    with pytest.raises(ValueError, match="c46"):
+        paired_difference(new, ref[:-1], keys=("dice_posterior",))
+    with pytest.raises(ValueError, match="dice_foreground"):
+        paired_difference(new, ref, keys=("dice_foreground",))
 
 
 def test_summarize_of_volume_metrics() -> None:

@@ -89,6 +89,26 @@ def test_short_16_mixed_run_writes_results_events_and_model(synthetic_root, tmp_
     for key in ("dice_anterior", "dice_posterior", "jaccard_mean"):
         assert evaluated["summary"][key]["mean"] == pytest.approx(results["summary"][key]["mean"], abs=1e-6)
     assert "dice_anterior" in proc.stdout
+    # compare_to: the same model against its training run's test figures differs by nothing, case by case
+    proc = subprocess.run(
+        [sys.executable, "-m", "hippo.eval", f"ckpt_path={out / 'model.pt'}", f"data.root={synthetic_root}",
+         f"data.split_file={out / 'split.json'}", f"compare_to={out / 'results.json'}",
+         f"hydra.run.dir={tmp_path / 'eval_compare'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    comparison = json.loads((tmp_path / "eval_compare" / "results.json").read_text())["comparison"]
+    assert comparison["n_volumes"]["count"] == len(split["test"])
+    for key in ("dice_anterior", "dice_posterior", "dice_foreground"):
+        assert abs(comparison[key]["mean"]) < 1e-6 and comparison[key]["better"] == comparison[key]["worse"] == 0
+    assert "paired" in proc.stdout
+    # a reference of other cases is refused before the evaluation, naming the file
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"per_volume": results["per_volume"][1:]}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "hippo.eval", f"ckpt_path={out / 'model.pt'}", f"data.root={synthetic_root}",
+         f"data.split_file={out / 'split.json'}", f"compare_to={other}", f"hydra.run.dir={tmp_path / 'eval_bad'}"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and str(other) in proc.stderr and results["per_volume"][0]["name"] in proc.stderr
+    assert not (tmp_path / "eval_bad" / "results.json").exists()
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])

@@ -81,3 +81,15 @@ def format_summary(summary: dict[str, dict[str, float]]) -> str:
             ci = f"{s['ci_low']:.4f}-{s['ci_high']:.4f}" if "ci_low" in s else ""
             lines.append(f"{key:<20} {s['mean']:>8.4f} {s['std']:>8.4f}   {ci}".rstrip())
     return "\n".join(lines)
+
+
+def format_comparison(difference: dict[str, dict[str, float]], reference: str) -> str:
+    """A small text table of :func:`hippo.metrics.paired_difference` against ``reference``."""
+    lines = [f"against {reference} (the same {difference['n_volumes']['count']} volumes, paired):",
+             f"{'metric':<20} {'difference':>10}   {'95% CI':<17} better/worse"]
+    for key, d in difference.items():
+        if key == "n_volumes":
+            continue
+        ci = f"{d['ci_low']:+.4f} {d['ci_high']:+.4f}" if "ci_low" in d else ""
+        lines.append(f"{key:<20} {d['mean']:>+10.4f}   {ci:<17} {d['better']}/{d['worse']}")
+    return "\n".join(lines)
