@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -116,6 +117,18 @@ def test_fast_dev_run(synthetic_root, tmp_path, precision):
     cfg = _compose(_fast(synthetic_root, tmp_path, "debug=fdr", f"trainer.precision={precision}"))
     metrics = run_training(cfg)
     assert (tmp_path / "model.pt").is_file() and "test/dice_mean" in metrics
+
+
+def test_deep_supervision_run_exports_a_plain_network(synthetic_root, tmp_path):
+    """``model.deep_supervision=2`` trains through the config; the exported file loads into the
+    deploy-side agent like any other (the training-only heads are not in it)."""
+    cfg = _compose(_fast(synthetic_root, tmp_path, "debug=fdr", "model.deep_supervision=2"))
+    metrics = run_training(cfg)
+    assert "test/dice_mean" in metrics
+    agent = InferenceAgent.from_file(tmp_path / "model.pt")
+    assert agent.metadata["training"]
+    labels = agent.segment(np.zeros((20, 24, 20), np.float32) + np.linspace(0, 1, 20)[:, None, None])
+    assert labels.shape == (20, 24, 20)
 
 
 def test_overfit_one_batch_learns(synthetic_root, tmp_path):

@@ -158,3 +158,70 @@ def test_make_grid_image_single_slice_and_extra_classes() -> None:
     grid = make_grid_image(torch.rand(1, 1, 4, 6), torch.zeros(1, 4, 6, dtype=torch.long), torch.randn(1, 5, 4, 6))
     assert grid.shape == (3, 16, 6)
     assert 0.0 <= grid.min() and grid.max() <= 1.0
+
+
+# ---- deep supervision (SegmentationModule) --------------------------------------------------------
+
+
+def _module(deep_supervision: int, num_downs: int = 3):
+    from hippo.model.module import SegmentationModule
+
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, num_classes=3, initial_filters=4, num_downs=num_downs)
+    return SegmentationModule(net, optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+                              deep_supervision=deep_supervision, log_images_every_n_epochs=0)
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    label = torch.zeros(2, 32, 32, dtype=torch.long)
+    label[:, 8:20, 6:18], label[:, 20:26, 10:22] = 1, 2
+    return {"image": label[:, None].float() / 2 + 0.1 * torch.randn(2, 1, 32, 32), "label": label}
+
+
+def test_deep_supervision_trains_coarse_heads_but_leaves_the_network_and_validation_alone() -> None:
+    """Two coarser levels get 1x1 heads that receive gradient in training; the exported network's
+    weights and output are those of a plain UNet, and the validation loss is the full-resolution one."""
+    plain, deep = _module(0), _module(2)
+    assert len(plain.deep_heads) == 0 and len(deep.deep_heads) == 2
+    assert [h.in_channels for h in deep.deep_heads] == [8, 16]        # the decoder filters at 1/2 and 1/4
+    assert set(deep.net.state_dict()) == set(plain.net.state_dict())  # nothing added to what is exported
+    batch = _batch()
+    deep.train()
+    loss, logits, _ = deep.model_step(batch)
+    assert logits.shape == (2, 3, 32, 32) and deep._decoder_features == []
+    loss.backward()
+    assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in deep.deep_heads)
+    plain.load_state_dict({k: v for k, v in deep.state_dict().items() if not k.startswith("deep_heads")})
+    plain.train()
+    full_only, _, _ = plain.model_step(batch)
+    assert not torch.isclose(loss, full_only)                         # the coarse levels count in training
+    deep.eval(), plain.eval()
+    with torch.no_grad():
+        v_deep, out_deep, _ = deep.model_step(batch)
+        v_plain, out_plain, _ = plain.model_step(batch)
+    assert torch.equal(out_deep, out_plain) and torch.isclose(v_deep, v_plain)
+
+
+def test_deep_supervision_loss_is_the_weighted_mean_of_the_levels() -> None:
+    """Level i weighs 2**-i; the weights are normalised, so the loss stays on the scale of one level."""
+    deep = _module(2)
+    deep.train()
+    batch = _batch()
+    loss, _, _ = deep.model_step(batch)
+    deep._decoder_features = []
+    with torch.no_grad():
+        full = deep._loss(deep(batch["image"]), batch["label"])
+        feats = deep._decoder_features[::-1]
+        deep._decoder_features = []
+        parts = [deep._loss(h(f), batch["label"][:, s // 2::s, s // 2::s])
+                 for h, f, s in zip(deep.deep_heads, feats, (2, 4))]
+    expected = (full + 0.5 * parts[0] + 0.25 * parts[1]) / 1.75
+    assert torch.isclose(loss.detach(), expected, rtol=1e-5)
+
+
+def test_deep_supervision_deeper_than_the_network_is_refused() -> None:
+    with pytest.raises(ValueError, match="num_downs > 3"):
+        _module(3, num_downs=3)
+    with pytest.raises(ValueError, match=">= 0"):
+        _module(-1)

@@ -1,6 +1,8 @@
 """``SegmentationModule``: the LightningModule that trains a 2D segmentation network on slices.
 
-Loss: cross-entropy, optionally plus soft Dice over the foreground classes. Metrics (torchmetrics,
+Loss: cross-entropy, optionally plus soft Dice over the foreground classes, optionally with deep
+supervision (the same loss on the decoder's coarser levels, through 1x1 heads that only training
+uses: the exported network is unchanged). Metrics (torchmetrics,
 accumulated over the epoch): Dice and Jaccard per class and their mean over the two hippocampus
 classes. TensorBoard gets scalars and, once per ``log_images_every_n_epochs``, an image grid of
 input / ground truth / prediction / foreground probability. The test stage segments every test
@@ -59,6 +61,12 @@ class SegmentationModule(L.LightningModule):
             training batches only (e.g. :class:`hippo.data.augment.SliceAugmentation`).
         largest_component: post-process whole-volume predictions (test stage and the exported
             model) by keeping the largest connected foreground component.
+        deep_supervision: number of coarser decoder levels (1/2, 1/4, ... resolution) that also get
+            the loss during training, each through its own 1x1 head to class logits, against the
+            label sub-sampled to that resolution; level ``i`` weighs ``2**-i`` of the full-resolution
+            loss, and the weights are normalised to sum to 1 (as in nnU-Net). 0 = off. Needs a
+            :class:`hippo.model.unet.UNet` with more than ``deep_supervision`` levels; the heads are
+            not part of ``net``, so the exported model and inference are unchanged.
     """
 
     def __init__(
@@ -74,10 +82,13 @@ class SegmentationModule(L.LightningModule):
         test_batch_size: int = 64,
         augmentation: nn.Module | None = None,
         largest_component: bool = False,
+        deep_supervision: int = 0,
     ):
         super().__init__()
         if loss not in ("ce", "ce_dice"):
             raise ValueError(f"loss must be 'ce' or 'ce_dice', got {loss!r}")
+        if deep_supervision < 0:
+            raise ValueError(f"deep_supervision must be >= 0, got {deep_supervision}")
         self.save_hyperparameters(ignore=["net", "augmentation"], logger=False)
         self.net = net
         self.augmentation = augmentation
@@ -92,6 +103,46 @@ class SegmentationModule(L.LightningModule):
         self.val_dice_best = MaxMetric()
         self.test_results: list[dict[str, Any]] = []
         self._image_batch: dict[str, Any] | None = None
+        self._decoder_features: list[torch.Tensor] = []
+        self.deep_heads = self._attach_deep_supervision(int(deep_supervision), n)
+
+    def _attach_deep_supervision(self, levels: int, num_classes: int) -> nn.ModuleList:
+        """1x1 heads for the decoder outputs of UNet levels ``1..levels`` (kept by forward hooks)."""
+        heads = nn.ModuleList()
+        if levels == 0:
+            return heads
+        block = getattr(getattr(self.net, "model", None), "submodule", None)
+        for level in range(1, levels + 1):
+            if block is None or getattr(block, "submodule", None) is None:
+                raise ValueError(f"deep_supervision={levels} needs a UNet with more than {levels} levels "
+                                 f"(model.net.num_downs > {levels})")
+            heads.append(nn.Conv2d(block.up.out_channels, num_classes, kernel_size=1))   # the level's filters
+            block.register_forward_hook(self._keep_decoder_output)
+            block = block.submodule
+        return heads
+
+    def _keep_decoder_output(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if self.training:
+            self._decoder_features.append(output)
+
+    def _deep_supervision_loss(self, loss: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Combine the full-resolution ``loss`` with the coarser levels' (hooks fill the features
+        deepest first, so they are reversed to level 1, 2, ...)."""
+        features, self._decoder_features = self._decoder_features[::-1], []
+        if not self.training or not len(self.deep_heads):
+            return loss
+        total, weights = loss, 1.0
+        for level, (head, feature) in enumerate(zip(self.deep_heads, features), start=1):
+            step = 2 ** level
+            total = total + 2.0 ** -level * self._loss(head(feature), y[:, step // 2::step, step // 2::step])
+            weights += 2.0 ** -level
+        return total / weights
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits.float(), y)
+        if self.hparams.loss == "ce_dice":
+            loss = loss + self.hparams.dice_weight * soft_dice_loss(logits, y)
+        return loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -99,10 +150,9 @@ class SegmentationModule(L.LightningModule):
     def model_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Shared by train and val: returns ``(loss, logits, predictions)``."""
         x, y = batch["image"], batch["label"]
+        self._decoder_features = []
         logits = self(x)
-        loss = F.cross_entropy(logits.float(), y)
-        if self.hparams.loss == "ce_dice":
-            loss = loss + self.hparams.dice_weight * soft_dice_loss(logits, y)
+        loss = self._deep_supervision_loss(self._loss(logits, y), y)
         return loss, logits, logits.argmax(1)
 
     @property
