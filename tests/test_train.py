@@ -252,6 +252,10 @@ def test_model_card_reproduces_trainer_settings_of_a_member():
     assert _config_diff(reference, gpu_member) == ["model.net.initial_filters=24", "trainer.accelerator=gpu",
                                                    "+trainer.max_time=00:00:02:05"]
     assert _config_diff(reference, reference) == []
+    # a key added after the reference run was made compares against its default, not as a new key
+    deep = {**reference, "model": {**reference["model"], "deep_supervision": 2}}
+    assert _config_diff(reference, deep) == ["model.deep_supervision=2"]
+    assert _config_diff(reference, {**reference, "model": {**reference["model"], "deep_supervision": 0}}) == []
     assert _where({"device": "NVIDIA H200 x1", "accelerator": "CUDAAccelerator"}) == "NVIDIA H200 x1"
     assert "GPU" in _where({"accelerator": "CUDAAccelerator"}) and "CPU" in _where({"accelerator": "CPUAccelerator"})
 

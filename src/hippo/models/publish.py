@@ -91,7 +91,8 @@ def _hydra_value(v: Any) -> str:
 _COMPARED = ("data.", "model.", *(f"trainer.{k}" for k in ("accelerator", "devices", "num_nodes", "strategy",
                                                              "precision", "max_epochs", "max_time")))
 # settings added after some runs were made: a run without the key ran with this value
-_DEFAULTS = {"data.normalization": "minmax_per_volume", "data.context_slices": 0, "model.largest_component": False}
+_DEFAULTS = {"data.normalization": "minmax_per_volume", "data.context_slices": 0, "model.largest_component": False,
+             "model.deep_supervision": 0}
 
 
 def _where(training: dict[str, Any]) -> str:
