@@ -84,7 +84,6 @@ def summarize(per_volume: Iterable[Mapping[str, float]], confidence: float = 0.9
     out: dict[str, dict[str, float]] = {"n_volumes": {"count": len(rows)}}
     if not rows:
         return out
-    draws = None
     for key in rows[0]:
         values = np.array([float(r[key]) for r in rows if isinstance(r.get(key), (int, float, np.number))])
         if values.size == 0 or not all(math.isfinite(v) for v in values):
@@ -92,13 +91,20 @@ def summarize(per_volume: Iterable[Mapping[str, float]], confidence: float = 0.9
         out[key] = {"mean": float(values.mean()), "std": float(values.std()),
                     "min": float(values.min()), "max": float(values.max())}
         if values.size >= 2 and resamples > 0:
-            if draws is None or draws.shape[1] != values.size:
-                draws = np.random.default_rng(seed).integers(0, values.size, size=(resamples, values.size))
-            means = values[draws].mean(axis=1)
             tail = (1 - confidence) / 2 * 100
-            low, high = np.percentile(means, [tail, 100 - tail])
+            low, high = np.percentile(_bootstrap_means(values, resamples, seed), [tail, 100 - tail])
             out[key].update(ci_low=float(low), ci_high=float(high))
     return out
+
+
+def _bootstrap_means(values: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """Means of ``resamples`` draws with replacement of ``values``; the same draws for every metric
+    of one set of volumes (same seed, same size), in chunks of at most ~4 M indices, so a summary of
+    thousands of volumes stays small in memory."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, (1 << 22) // values.size)
+    return np.concatenate([values[rng.integers(0, values.size, size=(min(chunk, resamples - start), values.size))]
+                           .mean(axis=1) for start in range(0, resamples, chunk)])
 
 
 # per-volume differences smaller than this are float rounding, not a win or a loss
