@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> None:
         pairs, unpaired = select_pairs(cfg.data.root, cfg.data.manifest, split_file, cfg.data.split_part)
     except (FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")
-    reference = _read_reference(cfg.get("compare_to"), {p.name for p in pairs})
+    reference = _read_reference(cfg.get("compare_to"), [p.name for p in pairs])
     rows, unreadable = evaluate_model(agent, pairs)
     comparison, comparison_error = None, None
     if reference is not None and rows:
@@ -63,21 +63,21 @@ def main(cfg: DictConfig) -> None:
         sys.exit(comparison_error)
 
 
-def _read_reference(path: str | None, names: set[str]) -> dict | None:
+def _read_reference(path: str | None, names: list[str]) -> dict | None:
     """The ``results.json`` of an earlier evaluation to compare with (``compare_to``); checked
     against the case ``names`` about to be evaluated before the long evaluation, so a wrong file
     fails at once."""
+    from hippo.metrics import case_mismatch
+
     if not path:
         return None
     try:
         reference = json.loads(Path(path).read_text())
         if not isinstance(reference, dict) or not isinstance(reference.get("per_volume"), list):
             raise ValueError("no per_volume list (not a hippo.eval or hippo.train results.json)")
-        theirs = {r.get("name") for r in reference["per_volume"]}
-        if theirs != names:
-            only = sorted(map(str, theirs ^ names))
-            raise ValueError(f"it holds {len(theirs)} cases, this evaluation {len(names)}, not the same ones "
-                             f"(in one only: {', '.join(only[:5])}{' ...' if len(only) > 5 else ''})")
+        mismatch = case_mismatch(names, [r.get("name") for r in reference["per_volume"]])
+        if mismatch:
+            raise ValueError(f"not the cases of this evaluation ({mismatch})")
         return reference
     except (OSError, ValueError) as exc:
         sys.exit(f"error: compare_to={path}: {exc}")

@@ -129,24 +129,34 @@ def paired_difference(per_volume: Sequence[Mapping[str, Any]], reference: Sequen
     Raises:
         ValueError: the two evaluations are not of the same cases, or a key is missing.
     """
-    ours = {r["name"]: r for r in per_volume}
-    theirs = {r["name"]: r for r in reference}
-    if set(ours) != set(theirs) or len(ours) != len(per_volume) or len(theirs) != len(reference):
-        only = sorted(set(ours) ^ set(theirs))
-        raise ValueError(f"the two evaluations are not of the same cases ({len(per_volume)} and {len(reference)} "
-                         f"volumes; in one only: {', '.join(only[:5]) or 'duplicated names'}"
-                         f"{' ...' if len(only) > 5 else ''})")
+    mismatch = case_mismatch([r["name"] for r in per_volume], [r["name"] for r in reference])
+    if mismatch:
+        raise ValueError(f"the two evaluations are not of the same cases ({mismatch})")
+    ours, theirs = {r["name"]: r for r in per_volume}, {r["name"]: r for r in reference}
     names = sorted(ours)
-    summary = summarize([{k: ours[n][k] - theirs[n][k] for k in keys if k in ours[n] and k in theirs[n]}
-                         for n in names], confidence, resamples, seed)
-    out: dict[str, dict[str, float]] = {"n_volumes": {"count": len(names)}}
+    diffs: dict[str, np.ndarray] = {}
     for key in keys:
-        if key not in summary:
+        if any(key not in ours[n] or key not in theirs[n] for n in names):
             raise ValueError(f"{key!r} is not a metric of both evaluations")
-        d = np.array([ours[n][key] - theirs[n][key] for n in names])
+        diffs[key] = np.array([ours[n][key] - theirs[n][key] for n in names], dtype=float)
+    summary = summarize([{k: float(d[i]) for k, d in diffs.items()} for i in range(len(names))],
+                        confidence, resamples, seed)
+    out: dict[str, dict[str, float]] = {"n_volumes": {"count": len(names)}}
+    for key, d in diffs.items():
         out[key] = {k: summary[key][k] for k in ("mean", "ci_low", "ci_high") if k in summary[key]}
         out[key].update(better=int((d > _TIE).sum()), worse=int((d < -_TIE).sum()))
     return out
+
+
+def case_mismatch(ours: Sequence[str], theirs: Sequence[str]) -> str | None:
+    """Why two lists of case names are not the same cases once each (for a paired comparison), or
+    None when they are."""
+    a, b = set(ours), set(theirs)
+    if a == b and len(a) == len(ours) and len(b) == len(theirs):
+        return None
+    only = sorted(map(str, a ^ b))
+    return (f"{len(ours)} and {len(theirs)} volumes; in one only: {', '.join(only[:5]) or 'duplicated names'}"
+            f"{' ...' if len(only) > 5 else ''}")
 
 
 def write_results(path: str | os.PathLike, per_volume: list[dict[str, Any]], config: Mapping[str, Any],
