@@ -175,6 +175,19 @@ def test_context_channels_mismatch_is_a_clear_error(synthetic_root, tmp_path):
         run_training(cfg)
 
 
+def test_experiment_elastic_augmentation_is_an_override():
+    """The shipped experiment keeps elastic deformation off (the runs behind the model had none) and
+    ``model.augmentation.p_elastic=...`` turns it on without a ``+``."""
+    from hydra.utils import instantiate
+
+    base = instantiate(_compose(["experiment=hippocampus_25d", "paths.output_dir=/tmp/unused"]).model.augmentation)
+    assert base.p_elastic == 0.0
+    cfg = _compose(["experiment=hippocampus_25d", "paths.output_dir=/tmp/unused", "model.augmentation.p_elastic=0.5",
+                    "model.augmentation.elastic_alpha=2"])
+    aug = instantiate(cfg.model.augmentation)
+    assert (aug.p_elastic, aug.elastic_alpha, aug.elastic_sigma) == (0.5, 2.0, 6.0)
+
+
 def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root, tmp_path):
     """experiment=hippocampus_25d with data.fold=0,1: each fold validates its own cases in 3D, the
     sweep pools them into cv_summary.json; publishing a fold gives a model file, split and card
@@ -256,6 +269,14 @@ def test_model_card_reproduces_trainer_settings_of_a_member():
     deep = {**reference, "model": {**reference["model"], "deep_supervision": 2}}
     assert _config_diff(reference, deep) == ["model.deep_supervision=2"]
     assert _config_diff(reference, {**reference, "model": {**reference["model"], "deep_supervision": 0}}) == []
+    # elastic augmentation: off in runs made before it existed; no augmentation keys where augmentation is off
+    augmented = {**reference, "model": {**reference["model"], "augmentation": {"p_spatial": 0.5}}}
+    elastic = {**reference, "model": {**reference["model"], "augmentation": {"p_spatial": 0.5, "p_elastic": 0.5}}}
+    assert _config_diff(augmented, elastic) == ["model.augmentation.p_elastic=0.5"]
+    assert _config_diff(augmented, {**reference, "model": {**reference["model"], "augmentation": {
+        "p_spatial": 0.5, "p_elastic": 0.0}}}) == []
+    assert _config_diff(augmented, {**reference, "model": {**reference["model"], "augmentation": None}}) == [
+        "model.augmentation=null"]
     assert _where({"device": "NVIDIA H200 x1", "accelerator": "CUDAAccelerator"}) == "NVIDIA H200 x1"
     assert "GPU" in _where({"accelerator": "CUDAAccelerator"}) and "CPU" in _where({"accelerator": "CPUAccelerator"})
 

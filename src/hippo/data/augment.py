@@ -4,6 +4,9 @@ Torch only. Each sample of a batch draws its own parameters:
 
 - **spatial**: rotation by up to ``rotation_deg`` degrees and isotropic scaling by a factor in
   ``[1 - scale, 1 + scale]`` about the slice centre (image bilinear, label nearest);
+- **elastic**: a smooth random displacement field (white noise smoothed by a Gaussian of
+  ``elastic_sigma`` pixels, scaled to a root-mean-square displacement drawn from
+  ``[0, elastic_alpha]`` pixels), composed with the rotation/zoom into one resampling;
 - **intensity**: gamma in ``gamma`` (on the ``[0, 1]`` normalised image), a multiplicative
   ``brightness`` factor, and Gaussian noise with a standard deviation up to ``noise_std``;
 - **slice-order mirror**: reverse the neighbouring-slice channels of 2.5D input.
@@ -37,6 +40,10 @@ class SliceAugmentation(nn.Module):
         brightness: ``(low, high)`` range of the multiplicative factor.
         noise_std: largest standard deviation of the additive Gaussian noise.
         p_mirror_slices: probability that the channel (neighbouring-slice) order is reversed.
+        p_elastic: probability that a sample is deformed elastically (0: never, the default).
+        elastic_alpha: largest root-mean-square displacement of the elastic field, in pixels.
+        elastic_sigma: standard deviation of the Gaussian that smooths the field, in pixels
+            (larger: smoother, more global deformation).
 
     Shapes: ``image (N, C, H, W)`` float in ``[0, 1]``, ``label (N, H, W)`` int64 -> same shapes.
     """
@@ -51,16 +58,23 @@ class SliceAugmentation(nn.Module):
         brightness: Sequence[float] = (0.9, 1.1),
         noise_std: float = 0.03,
         p_mirror_slices: float = 0.5,
+        p_elastic: float = 0.0,
+        elastic_alpha: float = 2.0,
+        elastic_sigma: float = 6.0,
     ):
         super().__init__()
-        for name, p in (("p_spatial", p_spatial), ("p_intensity", p_intensity), ("p_mirror_slices", p_mirror_slices)):
+        for name, p in (("p_spatial", p_spatial), ("p_intensity", p_intensity), ("p_mirror_slices", p_mirror_slices),
+                        ("p_elastic", p_elastic)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
         if not 0.0 <= scale < 1.0:
             raise ValueError(f"scale must be in [0, 1), got {scale}")
+        if elastic_alpha < 0 or elastic_sigma <= 0:
+            raise ValueError(f"elastic_alpha must be >= 0 and elastic_sigma > 0 (pixels), got {elastic_alpha}, {elastic_sigma}")
         self.p_spatial, self.rotation_deg, self.scale = float(p_spatial), float(rotation_deg), float(scale)
         self.p_intensity, self.gamma, self.brightness = float(p_intensity), tuple(gamma), tuple(brightness)
         self.noise_std, self.p_mirror_slices = float(noise_std), float(p_mirror_slices)
+        self.p_elastic, self.elastic_alpha, self.elastic_sigma = float(p_elastic), float(elastic_alpha), float(elastic_sigma)
 
     def _uniform(self, n: int, low: float, high: float, like: torch.Tensor) -> torch.Tensor:
         return torch.empty(n, device=like.device, dtype=torch.float32).uniform_(low, high)
@@ -70,7 +84,7 @@ class SliceAugmentation(nn.Module):
             raise ValueError(f"expected image (N, C, H, W) and label (N, H, W), got {tuple(image.shape)}, {tuple(label.shape)}")
         n = image.shape[0]
         image = image.float()
-        if self.p_spatial > 0:
+        if self.p_spatial > 0 or self.p_elastic > 0:
             image, label = self._spatial(image, label)
         if self.p_intensity > 0:
             image = self._intensity(image)
@@ -88,10 +102,33 @@ class SliceAugmentation(nn.Module):
         zero = torch.zeros_like(cos)
         theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
         grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+        if self.p_elastic > 0 and self.elastic_alpha > 0:
+            grid = grid + self._elastic_displacement(image)
         image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         label = F.grid_sample(label[:, None].float(), grid, mode="nearest", padding_mode="zeros",
                               align_corners=False)[:, 0].round().long()
         return image, label
+
+    def _elastic_displacement(self, image: torch.Tensor) -> torch.Tensor:
+        """A smooth random displacement per sample, ``(N, H, W, 2)`` in ``grid_sample``'s normalised
+        ``(x, y)`` units; zero for samples not drawn (probability ``p_elastic``)."""
+        n, _, h, w = image.shape
+        radius = max(1, int(math.ceil(3 * self.elastic_sigma)))
+        taps = torch.arange(-radius, radius + 1, device=image.device, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (taps / self.elastic_sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        field = torch.randn(n, 2, h, w, device=image.device)
+        # separable Gaussian smoothing; replicate padding works for any slice size
+        field = F.conv2d(F.pad(field, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1).expand(2, 1, 1, -1),
+                         groups=2)
+        field = F.conv2d(F.pad(field, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1).expand(2, 1, -1, 1),
+                         groups=2)
+        rms = field.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-8)
+        apply = (torch.rand(n, device=image.device) < self.p_elastic).float()
+        pixels = field / rms * (self._uniform(n, 0.0, self.elastic_alpha, image) * apply)[:, None, None, None]
+        # pixels -> normalised coordinates (align_corners=False: the slice spans 2 units over W or H pixels)
+        pixels = pixels * torch.tensor([2.0 / w, 2.0 / h], device=image.device)[None, :, None, None]
+        return pixels.permute(0, 2, 3, 1)
 
     def _intensity(self, image: torch.Tensor) -> torch.Tensor:
         n = image.shape[0]

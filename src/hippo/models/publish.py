@@ -65,8 +65,8 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def _config_diff(reference: dict[str, Any], other: dict[str, Any]) -> list[str]:
     """``key=value`` of the data/model/trainer settings where ``other`` differs from ``reference``
     (``+key=value`` for a key the reference's configuration does not have, as Hydra wants it)."""
-    a = {**_DEFAULTS, **{k: v for k, v in _flatten(reference).items() if k.startswith(_COMPARED)}}
-    b = {**_DEFAULTS, **{k: v for k, v in _flatten(other).items() if k.startswith(_COMPARED)}}
+    a, b = (_with_defaults({k: v for k, v in _flatten(c).items() if k.startswith(_COMPARED)})
+            for c in (reference, other))
     if "model.augmentation" in b and b["model.augmentation"] is None:     # augmentation off: one entry
         if any(k.startswith("model.augmentation.") for k in a):
             a = {k: v for k, v in a.items() if not k.startswith("model.augmentation.")}
@@ -74,6 +74,14 @@ def _config_diff(reference: dict[str, Any], other: dict[str, Any]) -> list[str]:
     skip = ("data.root", "data.output_dir", "data.fold", "model.log_images_every_n_epochs")
     keys = sorted(k for k in set(a) | set(b) if not k.startswith(skip) and a.get(k) != b.get(k))
     return [f"{'' if k in a else '+'}{k}={_hydra_value(b.get(k))}" for k in keys]
+
+
+def _with_defaults(flat: dict[str, Any]) -> dict[str, Any]:
+    """``flat`` with the keys added since a run was made filled in with the value it ran with;
+    the augmentation keys only where the run had augmentation at all."""
+    augmented = any(k.startswith("model.augmentation.") for k in flat)
+    defaults = {k: v for k, v in _DEFAULTS.items() if augmented or not k.startswith("model.augmentation.")}
+    return {**defaults, **flat}
 
 
 def _hydra_value(v: Any) -> str:
@@ -92,7 +100,7 @@ _COMPARED = ("data.", "model.", *(f"trainer.{k}" for k in ("accelerator", "devic
                                                              "precision", "max_epochs", "max_time")))
 # settings added after some runs were made: a run without the key ran with this value
 _DEFAULTS = {"data.normalization": "minmax_per_volume", "data.context_slices": 0, "model.largest_component": False,
-             "model.deep_supervision": 0}
+             "model.deep_supervision": 0, "model.augmentation.p_elastic": 0.0}
 
 
 def _where(training: dict[str, Any]) -> str:
@@ -149,13 +157,14 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
     """The model card (Markdown) of the model made from ``runs`` (one run, or the members of an
     ensemble whose test summary is ``ensemble_test``)."""
     run = runs[0]
-    results = _read(run / "results.json")
+    results_of = {r: _read(r / "results.json") for r in [*runs, *ablations]}      # each file read once
+    results = results_of[run]
     config, training = results["config"], results.get("training", {})
     split = _read(run / "split.json")
     net = config["model"]["net"]
     n = len(runs)
-    axes = sorted({_read(r / "results.json")["config"]["data"].get("slice_axis", 0) for r in runs})
-    filters = sorted({_read(r / "results.json")["config"]["model"]["net"]["initial_filters"] for r in runs})
+    axes = sorted({results_of[r]["config"]["data"].get("slice_axis", 0) for r in runs})
+    filters = sorted({results_of[r]["config"]["model"]["net"]["initial_filters"] for r in runs})
     what = (f"an ensemble of {n} networks (softmax probabilities averaged; slicing axes {axes}, voxel axis 0 = "
             "left-right, 1 = anterior-posterior, 2 = inferior-superior)" if n > 1 else "one network")
     lines = [
@@ -201,13 +210,13 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
     if ensemble_test:
         lines.append(_metrics_row("**shipped ensemble, test (held out)**", ensemble_test))
     for r in runs:
-        rr = _read(r / "results.json")
+        rr = results_of[r]
         fold, axis = _read(r / "split.json").get("fold"), rr["config"]["data"].get("slice_axis", 0)
         lines.append(_metrics_row(f"member: fold {fold}, slicing axis {axis}, alone, test (held out)", rr["summary"]))
     if cv:
         lines.append(_metrics_row(f"{cv['n_folds']}-fold cross-validation, pooled validation cases",
                                   {**cv["pooled"], "n_volumes": {"count": cv["n_volumes"]}}))
-    shipped = ensemble_test or _read(run / "results.json")["summary"]
+    shipped = ensemble_test or results["summary"]
     verdicts = []
     for key, name in (("dice_anterior", "anterior"), ("dice_posterior", "posterior"), ("dice_foreground", "foreground")):
         value, target = shipped[key]["mean"], TARGETS[key]
@@ -220,14 +229,14 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
             lines.append(f"| {fold} | {m['dice_anterior']:.4f} | {m['dice_posterior']:.4f} | {m['dice_mean']:.4f} | "
                          f"{cv.get('sources', {}).get(str(fold), '')} |")
     if ablations:
-        reference = _read(ablations[0] / "results.json")["config"]
+        reference = results_of[ablations[0]]["config"]
         lines += ["", f"## Ablations (fold {reference['data'].get('fold')}; each run against the first)", "",
                   f"| run | change against {ablations[0].parent.name}/{ablations[0].name} | test Dice anterior | "
                   "test Dice posterior | val Dice anterior | val Dice posterior |",
                   "|---|---|---|---|---|---|"]
         for a in ablations:
-            r, v = _read(a / "results.json")["summary"], _read(a / "val_results.json")["summary"]
-            diff = _config_diff(reference, _read(a / "results.json")["config"])
+            r, v = results_of[a]["summary"], _read(a / "val_results.json")["summary"]
+            diff = _config_diff(reference, results_of[a]["config"])
             change = "(the reference)" if a == ablations[0] else ", ".join(diff) or "(the same configuration)"
             lines.append(f"| {a.parent.name}/{a.name} | {change} | "
                          f"{r['dice_anterior']['mean']:.4f} | {r['dice_posterior']['mean']:.4f} | "
@@ -235,7 +244,7 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
     lines += ["", "## Training", "Fitting time (wall clock; a member that shared its machine with another job shows a "
               f"longer time), epochs run, and where; hippo {results.get('hippo_version')}:"]
     for r in runs:
-        rr = _read(r / "results.json")
+        rr = results_of[r]
         t, data = rr.get("training", {}), rr["config"]["data"]
         lines.append(f"- fold {data.get('fold')}, slicing axis {data.get('slice_axis', 0)}, "
                      f"{rr['config']['model']['net']['initial_filters']} filters: {t.get('fit_seconds', 0) / 60:.1f} min, "
