@@ -180,12 +180,15 @@ def test_experiment_elastic_augmentation_is_an_override():
     ``model.augmentation.p_elastic=...`` turns it on without a ``+``."""
     from hydra.utils import instantiate
 
+    from hippo.data.augment import SliceAugmentation
+
     base = instantiate(_compose(["experiment=hippocampus_25d", "paths.output_dir=/tmp/unused"]).model.augmentation)
     assert base.p_elastic == 0.0
     cfg = _compose(["experiment=hippocampus_25d", "paths.output_dir=/tmp/unused", "model.augmentation.p_elastic=0.5",
                     "model.augmentation.elastic_alpha=2"])
     aug = instantiate(cfg.model.augmentation)
     assert (aug.p_elastic, aug.elastic_alpha, aug.elastic_sigma) == (0.5, 2.0, 6.0)
+    assert (base.elastic_alpha, base.elastic_sigma) == (SliceAugmentation().elastic_alpha, SliceAugmentation().elastic_sigma)
 
 
 def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root, tmp_path):
@@ -273,8 +276,8 @@ def test_model_card_reproduces_trainer_settings_of_a_member():
     augmented = {**reference, "model": {**reference["model"], "augmentation": {"p_spatial": 0.5}}}
     elastic = {**reference, "model": {**reference["model"], "augmentation": {"p_spatial": 0.5, "p_elastic": 0.5}}}
     assert _config_diff(augmented, elastic) == ["model.augmentation.p_elastic=0.5"]
-    assert _config_diff(augmented, {**reference, "model": {**reference["model"], "augmentation": {
-        "p_spatial": 0.5, "p_elastic": 0.0}}}) == []
+    today = {"p_spatial": 0.5, "p_elastic": 0.0, "elastic_alpha": 3.0, "elastic_sigma": 6.0}
+    assert _config_diff(augmented, {**reference, "model": {**reference["model"], "augmentation": today}}) == []
     assert _config_diff(augmented, {**reference, "model": {**reference["model"], "augmentation": None}}) == [
         "model.augmentation=null"]
     assert _where({"device": "NVIDIA H200 x1", "accelerator": "CUDAAccelerator"}) == "NVIDIA H200 x1"

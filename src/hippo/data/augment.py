@@ -59,7 +59,7 @@ class SliceAugmentation(nn.Module):
         noise_std: float = 0.03,
         p_mirror_slices: float = 0.5,
         p_elastic: float = 0.0,
-        elastic_alpha: float = 2.0,
+        elastic_alpha: float = 3.0,
         elastic_sigma: float = 6.0,
     ):
         super().__init__()

@@ -100,7 +100,8 @@ _COMPARED = ("data.", "model.", *(f"trainer.{k}" for k in ("accelerator", "devic
                                                              "precision", "max_epochs", "max_time")))
 # settings added after some runs were made: a run without the key ran with this value
 _DEFAULTS = {"data.normalization": "minmax_per_volume", "data.context_slices": 0, "model.largest_component": False,
-             "model.deep_supervision": 0, "model.augmentation.p_elastic": 0.0}
+             "model.deep_supervision": 0, "model.augmentation.p_elastic": 0.0,
+             "model.augmentation.elastic_alpha": 3.0, "model.augmentation.elastic_sigma": 6.0}
 
 
 def _where(training: dict[str, Any]) -> str:
