@@ -216,6 +216,9 @@ def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root
     out = publish([sweep / "0"], dest, cv_dirs=[sweep], ablations=[sweep / "0", sweep / "1"])
     card = out["card"].read_text()
     assert "## Ablations (fold 0; each run against the first)" in card
+    # test cells carry the 95 % interval of the mean that the run recorded
+    test_summary = json.loads((sweep / "0" / "results.json").read_text())["summary"]["dice_anterior"]
+    assert f"{test_summary['mean']:.4f} ± {test_summary['std']:.4f} ({test_summary['ci_low']:.4f}–" in card
     assert "| cv/0 | (the reference) |" in card and "| cv/1 | (the same configuration) |" in card
     # the folds given one by one pool to the same figures; one fold twice is refused
     from hippo.sweep import summarize_cross_validation

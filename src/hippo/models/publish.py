@@ -42,8 +42,12 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _fmt(summary: dict[str, Any], key: str) -> str:
+    """``mean ± SD`` over the volumes, and the 95 % interval of the mean where the summary has it."""
     v = summary.get(key)
-    return f"{v['mean']:.4f} ± {v['std']:.4f}" if v else "n/a"
+    if not v:
+        return "n/a"
+    interval = f" ({v['ci_low']:.4f}–{v['ci_high']:.4f})" if "ci_low" in v and "ci_high" in v else ""
+    return f"{v['mean']:.4f} ± {v['std']:.4f}{interval}"
 
 
 def _overrides(run: Path) -> list[str]:
@@ -204,6 +208,9 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
         "- Each member: best checkpoint by its fold's validation Dice (2D, per epoch).",
         "",
         "## Metrics (3D Dice per volume, mean ± sd)",
+        "",
+        "Each cell: mean ± standard deviation over the volumes, then, where the evaluation recorded it, the 95 % "
+        "bootstrap interval of the mean in brackets.",
         "",
         "| model, cases | volumes | Dice anterior | Dice posterior | Dice mean | Dice foreground | Jaccard mean |",
         "|---|---|---|---|---|---|---|",
