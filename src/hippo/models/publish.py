@@ -124,13 +124,18 @@ def _metrics_row(label: str, summary: dict[str, Any]) -> str:
             f"{_fmt(summary, 'jaccard_mean')} |")
 
 
-def _reproduce(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequence[Path]) -> list[str]:
+def _reproduce(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequence[Path],
+               results_of: dict[Path, dict[str, Any]]) -> list[str]:
     """Shell lines that re-train every run behind the card (members, CV folds, ablations) and publish them.
 
     Each run is written as the first run's command plus its settings that differ from the first
     run's (:func:`_config_diff`) and its fold, so a run made before a default changed still
-    reproduces with today's configuration files."""
-    reference = _read(runs[0] / "results.json")["config"]
+    reproduces with today's configuration files. ``results_of``: each run's results.json already read
+    (those missing from it are read here)."""
+    def config(r: Path) -> dict[str, Any]:
+        return (results_of.get(r) or _read(r / "results.json"))["config"]
+
+    reference = config(runs[0])
     base = [o for o in _overrides(runs[0]) if not o.startswith(("hydra.", "data.fold="))]
     lines, seen = [], set()
     cv_runs = [Path(d) for d in (cv or {}).get("sources", {}).values()]
@@ -138,10 +143,10 @@ def _reproduce(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Seque
         if r.resolve() in seen:
             continue
         seen.add(r.resolve())
-        config = _read(r / "results.json")["config"]
-        diff = _config_diff(reference, config)
+        run_config = config(r)
+        diff = _config_diff(reference, run_config)
         changed = {d.split("=", 1)[0] for d in diff}
-        fold = config["data"].get("fold")
+        fold = run_config["data"].get("fold")
         changed |= {c.lstrip("+") for c in changed}
         overrides = [o for o in base if not any(o.split("=", 1)[0].lstrip("+") == c or o.startswith(c + ".")
                                                 for c in changed)]
@@ -262,7 +267,7 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
         "## Reproduce",
         "Each run, then the publication and the check (`DATA_ROOT`: the Decathlon `Task04_Hippocampus` folder):",
         "```",
-        *_reproduce(runs, cv, ablations),
+        *_reproduce(runs, cv, ablations, results_of),
         "```",
         "",
         "## Licence",
