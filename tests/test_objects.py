@@ -103,7 +103,10 @@ def test_seg_reads_back_with_two_labelled_segments(case):
         algo = desc.algorithm_identification[0]
         assert algo.AlgorithmName == "HippoVolume UNet" and algo.AlgorithmVersion == "0.1.0+test"
         assert algo.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
-        assert desc.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == modifier
+        # the modifier sits inside the property type's code item, where the IOD puts it (dciodvfy)
+        assert "SegmentedPropertyTypeModifierCodeSequence" not in desc
+        assert desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue \
+            == modifier
     # no empty frame omitted: one frame per segment per source slice
     assert seg.NumberOfFrames == 2 * N_SLICES
     per_segment = [int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)

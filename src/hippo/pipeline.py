@@ -30,6 +30,7 @@ import numpy as np
 from pydicom import dcmwrite
 from pydicom.uid import generate_uid
 
+from hippo.dicom.headers import clean_source_headers
 from hippo.dicom.ingest import SelectionRules, scan_study, select_series
 from hippo.dicom.objects import make_seg, make_sr
 from hippo.dicom.report import patient_study_from_dataset, render_report, secondary_capture
@@ -63,6 +64,8 @@ class StudyOutcome:
     queued: list[str] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: the source header's missing and malformed attributes (:class:`hippo.dicom.headers.HeaderReport`)
+    header: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,7 +164,12 @@ class StudyProcessor:
 
             stage, t = "measure", time.perf_counter()
             volumes = measure_volumes(mask, volume.spacing)
-            source = volume.datasets[0]
+            # archives drop and mangle Type 2/3 attributes: the objects are made from cleaned copies
+            sources, header = clean_source_headers(volume.datasets)
+            outcome.header = header.as_dict()
+            if header.summary():
+                outcome.warnings.append(header.summary())
+            source = sources[0]
             patient, study = patient_study_from_dataset(source)
             if self.normative_comparison:
                 norm = compare(volumes, patient.get("age") or None, patient.get("sex") or None)
@@ -179,12 +187,13 @@ class StudyProcessor:
                                     "series_numbers": self.series_numbers,
                                     **({"precision": self.precision} if self.precision != "float32" else {})})
             sc = secondary_capture(page, source, series_number=self.series_numbers["sc"], timestamp=now,
-                                   series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"))
+                                   series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
+                                   referenced_instances=sources)
             version = str(self.agent.metadata.get("hippo_version", "0"))
-            seg = make_seg(volume.datasets, volume.to_source(mask), model_version=version,
+            seg = make_seg(sources, volume.to_source(mask), model_version=version,
                            series_number=self.series_numbers["seg"],
                            series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"))
-            sr = make_sr(volume.datasets, seg, volumes, model_version=version, series_number=self.series_numbers["sr"],
+            sr = make_sr(sources, seg, volumes, model_version=version, series_number=self.series_numbers["sr"],
                          series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"))
             timings["report"] = time.perf_counter() - t
 

@@ -58,10 +58,20 @@ def _check_sources(source_datasets: Sequence[Dataset]) -> list[Dataset]:
     if not sources:
         raise ValueError("no source images")
     for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
-        values = {str(getattr(ds, key, "")) for ds in sources}
-        if len(values) != 1 or "" in values:
-            raise ValueError(f"source images must share one non-empty {key}, got {sorted(values)[:3]}")
+        for ds in sources:
+            if not str(ds.get(key, "") or ""):
+                raise ValueError(f"{_name(ds)}: the Type 1 attribute {key} is missing or empty; the SEG and SR "
+                                 "need it to place the segmentation on the source images")
+        values = {str(ds.get(key)) for ds in sources}
+        if len(values) != 1:
+            raise ValueError(f"source images must share one {key}, got {sorted(values)[:3]}")
     return sources
+
+
+def _name(ds: Dataset) -> str:
+    """The file a source dataset was read from, else its SOP Instance UID."""
+    filename = getattr(ds, "filename", None)
+    return str(filename) if filename else f"instance {ds.get('SOPInstanceUID', '?')}"
 
 
 def make_seg(
@@ -120,8 +130,10 @@ def make_seg(
             tracking_id=label,
             display_color=hd.color.CIELabColor.from_rgb(*rgb),
         )
-        # Type 3 attribute of the segment: which part of the hippocampus
-        desc.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(modifier)]
+        # which part of the hippocampus: a modifier of the property type, nested in its code item
+        # (PS3.3 C.8.20.2, Segmented Property Type Code Sequence)
+        desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            hd.sr.CodedConcept.from_code(modifier)]
         descriptions.append(desc)
 
     return hd.seg.Segmentation(

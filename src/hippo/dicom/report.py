@@ -22,6 +22,7 @@ import copy
 import datetime as _dt
 import importlib.util
 import os
+import re
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
@@ -104,8 +105,12 @@ def _text_block(draw, xy, text, font, width, fill=_TEXT, spacing=4) -> int:
     return y
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _fit(draw, text: str, font, width: int) -> str:
     """``text`` shortened with an ellipsis to fit ``width`` pixels."""
+    text = _CONTROL_CHARS.sub(" ", text)  # one line, whatever the header held
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "…", font=font) > width:
@@ -117,10 +122,14 @@ def _fmt_int(value: float) -> str:
     return f"{value:,.0f}"
 
 
+#: What the page prints for a header value the source did not give (absent, empty or malformed).
+NOT_GIVEN = "not given"
+
+
 def _fmt_date(value: Any) -> str:
-    """DICOM ``YYYYMMDD`` -> ``YYYY-MM-DD``; other values as text; empty -> "—"."""
+    """DICOM ``YYYYMMDD`` -> ``YYYY-MM-DD``; other values as text; empty -> "not given"."""
     if value is None or str(value).strip() == "":
-        return "—"
+        return NOT_GIVEN
     text = str(value).strip()
     if len(text) == 8 and text.isdigit():
         return f"{text[:4]}-{text[4:6]}-{text[6:]}"
@@ -128,22 +137,22 @@ def _fmt_date(value: Any) -> str:
 
 
 def _fmt_name(value: Any) -> str:
-    """DICOM person name ``Family^Given^Middle`` -> ``Family, Given Middle``."""
+    """DICOM person name ``Family^Given^Middle`` -> ``Family, Given Middle``; empty -> "not given"."""
     if value is None or str(value).strip() == "":
-        return "—"
+        return NOT_GIVEN
     parts = [p for p in str(value).split("^") if p]
     if len(parts) >= 2:
         return f"{parts[0]}, {' '.join(parts[1:])}"
-    return parts[0] if parts else "—"
+    return parts[0] if parts else NOT_GIVEN
 
 
 def _fmt_sex(value: Any) -> str:
-    return {"M": "Male", "F": "Female", "O": "Other"}.get(str(value or "").strip().upper(), "unknown")
+    return {"M": "Male", "F": "Female", "O": "Other"}.get(str(value or "").strip().upper(), NOT_GIVEN)
 
 
 def _fmt_age(value: Any) -> str:
     if value is None or str(value).strip() == "":
-        return "unknown"
+        return NOT_GIVEN
     if isinstance(value, (int, float, np.integer, np.floating)):
         return f"{float(value):g} years"
     text = str(value).strip()
@@ -325,7 +334,7 @@ def render_report(
         mask: ``(X, Y, Z)`` labels in ``{0, 1 anterior, 2 posterior}``, same shape as ``image``.
         spacing: voxel size in mm of the three axes.
         patient: ``name`` (DICOM PN), ``id``, ``birth_date`` (YYYYMMDD), ``sex`` (M/F/O), ``age``
-            (DICOM AS or years); missing keys print as "—"/"unknown".
+            (DICOM AS or years); missing or empty ones print as "not given".
         study: ``date`` (YYYYMMDD), ``accession``, ``description``, ``uid``.
         volumes: the measured volumes (:func:`hippo.measure.measure_volumes`).
         norm: :func:`hippo.measure.compare`'s dict, or ``None``; an unavailable comparison (age or
@@ -370,15 +379,15 @@ def render_report(
     col_w = inner // 2
     left_rows = [
         ("Patient", _fmt_name(_get(patient, "name"))),
-        ("Patient ID", str(_get(patient, "id", default="—"))),
+        ("Patient ID", str(_get(patient, "id", default=NOT_GIVEN))),
         ("Birth date", _fmt_date(_get(patient, "birth_date", "birthdate"))),
         ("Sex / age", f"{_fmt_sex(_get(patient, 'sex'))} / {_fmt_age(_get(patient, 'age'))}"),
     ]
     right_rows = [
         ("Study date", _fmt_date(_get(study, "date"))),
-        ("Accession", str(_get(study, "accession", default="—"))),
-        ("Description", str(_get(study, "description", default="—"))),
-        ("Series", str(_get(study, "series_description", default="—"))),
+        ("Accession", str(_get(study, "accession", default=NOT_GIVEN))),
+        ("Description", str(_get(study, "description", default=NOT_GIVEN))),
+        ("Series", str(_get(study, "series_description", default=NOT_GIVEN))),
     ]
     for i, ((l1, v1), (l2, v2)) in enumerate(zip(left_rows, right_rows)):
         yy = y + i * 27
@@ -388,7 +397,7 @@ def render_report(
         draw.text((margin + col_w + 115, yy), _fit(draw, v2, value_f, col_w - 115), font=value_f, fill=_TEXT)
     y += 4 * 27
     draw.text((margin, y + 2), "Study UID", font=label_f, fill=_MUTED)
-    draw.text((margin + 120, y + 2), _fit(draw, str(_get(study, "uid", default="—")), _font(15), inner - 120),
+    draw.text((margin + 120, y + 2), _fit(draw, str(_get(study, "uid", default=NOT_GIVEN)), _font(15), inner - 120),
               font=_font(15), fill=_TEXT)
     y += 34
 
@@ -514,13 +523,20 @@ def secondary_capture(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
     timestamp: _dt.datetime | None = None,
+    referenced_instances: Sequence[Dataset] = (),
 ) -> Dataset:
     """The report page as a Secondary Capture Image Storage instance in the source's study.
 
     Args:
         img: the page (any PIL mode; stored as 8-bit RGB, PlanarConfiguration 0).
         source: one instance of the source series: its patient and study modules are copied
-            (StudyInstanceUID, PatientID, names, dates, accession...).
+            (StudyInstanceUID, PatientID, names, dates, accession...), as they are: give a cleaned
+            header (:func:`hippo.dicom.headers.clean_source_headers`) for real archive input.
+            Its Laterality (R or L) is copied; otherwise Laterality (Type 2C: the hippocampus is a
+            paired structure) is written empty.
+        referenced_instances: the source images the report was made from (SOPClassUID and
+            SOPInstanceUID of each), listed in the Common Instance Reference module; none given:
+            no reference.
         series_number, series_description: of the new series (defaults per the deploy contract).
         series_instance_uid, sop_instance_uid: new UIDs are generated when not given.
         timestamp: content / series date-time (defaults to now, local time).
@@ -574,10 +590,13 @@ def secondary_capture(
     ds.DerivationDescription = "Hippocampal volume report rendered by HippoVolume (research use)"
     ds.BurnedInAnnotation = "YES"
     ds.LossyImageCompression = "00"
-    if getattr(source, "SeriesInstanceUID", None):
-        ref = Dataset()
-        ref.SeriesInstanceUID = source.SeriesInstanceUID
-        ds.ReferencedSeriesSequence = [ref]
+    laterality = str(source.get("Laterality", "") or "").strip().upper()
+    ds.Laterality = laterality if laterality in ("R", "L") else ""
+    references = _instance_references(referenced_instances)
+    if references:
+        # General Image: the images the page was derived from; Common Instance Reference: their series
+        ds.SourceImageSequence = [ref for item in references for ref in item.ReferencedInstanceSequence]
+        ds.ReferencedSeriesSequence = references
     # Image Pixel module
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = "RGB"
@@ -599,6 +618,26 @@ def secondary_capture(
     meta.ImplementationVersionName = f"HIPPO_{__version__}"[:16]
     ds.file_meta = meta
     return ds
+
+
+def _instance_references(instances: Sequence[Dataset]) -> list[Dataset]:
+    """ReferencedSeriesSequence items (one per series, each listing its instances) for ``instances``."""
+    by_series: dict[str, list[Dataset]] = {}
+    for inst in instances:
+        series_uid = str(inst.get("SeriesInstanceUID", "") or "")
+        if not series_uid or not inst.get("SOPInstanceUID") or not inst.get("SOPClassUID"):
+            continue
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = inst.SOPClassUID
+        ref.ReferencedSOPInstanceUID = inst.SOPInstanceUID
+        by_series.setdefault(series_uid, []).append(ref)
+    items = []
+    for series_uid, refs in by_series.items():
+        item = Dataset()
+        item.SeriesInstanceUID = series_uid
+        item.ReferencedInstanceSequence = refs
+        items.append(item)
+    return items
 
 
 def patient_study_from_dataset(ds: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
