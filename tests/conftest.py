@@ -105,3 +105,18 @@ def local_non_loopback_ip() -> str | None:
         except OSError:
             return None
     return None if ip.startswith("127.") else ip
+
+
+def dciodvfy_problems(path) -> dict[str, list[str]]:
+    """``{"errors": [...], "warnings": [...]}`` from ``dciodvfy`` (Debian ``dicom3tools``, the reference
+    IOD validator) for one DICOM file; skips the test, saying so, when the tool is not installed."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy not installed (Debian package dicom3tools; `make system-deps` installs it)")
+    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return {"errors": [ln for ln in lines if ln.startswith("Error")],
+            "warnings": [ln for ln in lines if ln.startswith("Warning")]}

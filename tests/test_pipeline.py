@@ -241,3 +241,14 @@ def test_dicom_path_gives_the_same_segmentation_as_the_nifti(real_data_root, stu
     assert int(np.asarray(seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[u for _, _, u in seg.get_source_image_uids()], segment_numbers=[1])).sum()) \
         == int((direct == 1).sum())
+
+
+def test_batch_never_takes_its_own_output_folder_for_a_study(tmp_path):
+    """``studies=ROOT`` with the run's results (or outbox) under ROOT: that folder is not a study,
+    whether it is the results folder itself or a parent of it (``outputs/`` when ROOT is the project)."""
+    root = tmp_path / "incoming"
+    for name in ("study_a", "study_b", "outputs/deploy/runs/now", "outbox"):
+        (root / name).mkdir(parents=True)
+    found = find_studies(root, exclude=[root / "outputs/deploy/runs/now", root / "outbox"])
+    assert [p.name for p in found] == ["study_a", "study_b"]
+    assert [p.name for p in find_studies(root)] == ["outbox", "outputs", "study_a", "study_b"]

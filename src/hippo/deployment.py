@@ -58,7 +58,8 @@ def run_deploy(cfg: Mapping[str, Any]) -> int:
 
     try:
         model_path = resolve_model_path(cfg.get("model_path"), cfg["paths"]["log_dir"])
-        studies = [Path(cfg["study"])] if cfg.get("study") else find_studies(cfg["studies"])
+        studies = [Path(cfg["study"])] if cfg.get("study") else \
+            find_studies(cfg["studies"], exclude=[cfg["results_dir"], cfg["outbox_dir"]])
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     results_dir = Path(cfg["results_dir"])

@@ -269,8 +269,14 @@ def _result_json(outcome: StudyOutcome, model: Mapping[str, Any], volume) -> dic
 
 
 # --------------------------------------------------------------------------------------- batch
-def find_studies(root: str | os.PathLike) -> list[Path]:
+def find_studies(root: str | os.PathLike, *, exclude: Iterable[str | os.PathLike] = ()) -> list[Path]:
     """The study directories of a batch: every non-hidden sub-directory of ``root``, sorted.
+
+    Args:
+        root: the folder holding one sub-directory per study.
+        exclude: folders this run writes to (results, outbox): a sub-directory that is one of them or
+            holds one is never taken for a study (``studies=.`` run from the project root would
+            otherwise read ``outputs/`` as a study).
 
     Raises:
         FileNotFoundError: ``root`` does not exist; ValueError: it holds no sub-directory.
@@ -278,7 +284,16 @@ def find_studies(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: studies root does not exist")
-    studies = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    own = [Path(p).resolve() for p in exclude]
+
+    def is_own(d: Path) -> bool:
+        real = d.resolve()
+        if any(o == real or o.is_relative_to(real) for o in own):
+            log.info("%s holds this run's own output; not a study", d)
+            return True
+        return False
+
+    studies = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and not is_own(p))
     if not studies:
         raise ValueError(f"{root}: no study directory below it (expected one sub-directory per study)")
     return studies

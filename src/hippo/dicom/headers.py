@@ -66,6 +66,7 @@ def _patient_study_keywords() -> tuple[str, ...]:
 
 
 _CLEANED = tuple(dict.fromkeys([*_patient_study_keywords(), *_ALSO_COPIED]))
+_AUDITED = tuple(dict.fromkeys([*_CLEANED, *REPORTED_ATTRIBUTES]))
 
 # --- value representations (PS3.5 table 6.2-1) --------------------------------------------------------
 _MAX_LEN = {"AE": 16, "AS": 4, "CS": 16, "DA": 8, "DS": 16, "IS": 12, "LO": 64, "SH": 16, "TM": 14,
@@ -249,7 +250,7 @@ def clean_source_headers(datasets: Sequence[Dataset]) -> tuple[list[Dataset], He
     for index, ds in enumerate(datasets):
         new = _copy(ds)
         non_ascii = False
-        for keyword in _CLEANED:
+        for keyword in _AUDITED:
             tag = tag_for_keyword(keyword)
             if tag is None or tag not in ds:
                 continue
@@ -261,12 +262,14 @@ def clean_source_headers(datasets: Sequence[Dataset]) -> tuple[list[Dataset], He
             if problem:
                 if index == 0:
                     report.malformed[keyword] = problem
+                if keyword not in _CLEANED:
+                    continue  # reported only: our objects never copy it
                 if keyword in TYPE2_PATIENT_STUDY:
                     _set(new, keyword, "")
                 else:
                     del new[tag]
                 continue
-            if str(elem.VR) in _TEXT_VRS:
+            if keyword in _CLEANED and str(elem.VR) in _TEXT_VRS:
                 _set(new, keyword, value)  # a fresh element: text re-encoded in the copy's character set
             non_ascii = non_ascii or any(ord(ch) > 127 for ch in _as_text(value))
         for keyword in TYPE2_PATIENT_STUDY:
