@@ -22,7 +22,7 @@ import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
 
-from conftest import dciodvfy_problems, require_real_data
+from conftest import ANY_VOLUME, dciodvfy_problems, require_real_data
 
 pytestmark = pytest.mark.realdata
 
@@ -98,7 +98,7 @@ def base_study(tmp_path_factory) -> Path:
 def processor(model_file, tmp_path_factory):
     from hippo.pipeline import build_processor
 
-    return build_processor(model_file, tmp_path_factory.mktemp("corpus_out"), write_png=False)
+    return build_processor(model_file, tmp_path_factory.mktemp("corpus_out"), write_png=False, plausibility=ANY_VOLUME)
 
 
 def _check_objects(outcome) -> dict:

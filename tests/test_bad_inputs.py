@@ -30,7 +30,7 @@ from pydicom.uid import (EnhancedMRImageStorage, ExplicitVRLittleEndian, JPEG200
                          JPEGLSLossless, generate_uid)
 
 import hippo.pipeline as pipeline
-from conftest import tiny_pair, write_nifti
+from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES, tiny_pair, write_nifti
 from hippo.data.curate import curate
 from hippo.data.datamodule import HippocampusDataModule
 from hippo.data.nifti import CaseError
@@ -345,7 +345,8 @@ def corpus(tmp_path_factory) -> Corpus:
 
 @pytest.fixture(scope="module")
 def processor(model_file, tmp_path_factory) -> StudyProcessor:
-    return StudyProcessor(InferenceAgent.from_file(model_file), tmp_path_factory.mktemp("results"), io_threads=2)
+    return StudyProcessor(InferenceAgent.from_file(model_file), tmp_path_factory.mktemp("results"), io_threads=2,
+                          plausibility=ANY_VOLUME)
 
 
 # ------------------------------------------------------------------------------ deployment tests
@@ -436,7 +437,7 @@ def test_deploy_command_over_the_whole_corpus(corpus, model_file, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "hippo.deploy", f"studies={corpus.root}", f"model_path={model_file}", "send=false",
-         "workers=2", f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=300)
+         "workers=2", f"hydra.run.dir={run}", *ANY_VOLUME_OVERRIDES], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     by_dir = {Path(s["study"]).name: s for s in summary["studies"]}

@@ -84,7 +84,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, MRImageStorage, SecondaryCaptureImageStorage,
                                   SegmentationStorage, Verification)
 
-from conftest import REAL_DATA, write_nifti
+from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES, REAL_DATA, write_nifti
 from hippo.fileio import write_bytes_atomic, write_json_atomic
 from hippo.network.listener import _instances
 from hippo.pacs import Outbox, PacsConfig, deliver, echo
@@ -320,7 +320,7 @@ class ListenerProcess:
         self.root = log_dir / "network" / "listener"
         self.args = [sys.executable, "-m", "hippo.listen", f"listener.port={self.port}", f"paths.log_dir={log_dir}",
                      f"model_path={model_file}", f"pacs.port={pacs_port}", "pacs.retries=0", "pacs.timeout=5",
-                     f"listener.quiet_seconds={quiet}", "io_threads=2", *extra]
+                     f"listener.quiet_seconds={quiet}", "io_threads=2", *ANY_VOLUME_OVERRIDES, *extra]
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -645,7 +645,7 @@ def test_deploy_logs_and_summaries_name_no_patient(model_file, make_study, tmp_p
             p.unlink()
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "hippo.deploy", f"studies={root}", "workers=1", "send=false",
-                           f"model_path={model_file}", "io_threads=2", f"hydra.run.dir={run}"],
+                           f"model_path={model_file}", "io_threads=2", f"hydra.run.dir={run}", *ANY_VOLUME_OVERRIDES],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]  # one study failed
     summary = json.loads((run / "summary.json").read_text())

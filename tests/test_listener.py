@@ -34,7 +34,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, SecondaryCaptureImageStorage,
                                   SegmentationStorage, Verification)
 
-from conftest import REAL_DATA, write_nifti
+from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES, REAL_DATA, write_nifti
 from hippo.network.listener import STATUS_INVALID_UID, Listener
 from hippo.pacs import Outbox, PacsConfig, echo
 from hippo.scanner import ScannerSendError, send_study, write_study
@@ -141,7 +141,7 @@ def make_listener(tmp_path, model_file, orthanc):
             root=tmp_path / "listener", model_path=model_file,
             pacs={"host": "127.0.0.1", "port": orthanc.port, "called_ae": "ORTHANC", "calling_ae": "HIPPOAI",
                   "timeout": 5, "retries": 0},
-            processor_options={"io_threads": 2}, stop_timeout=30,
+            processor_options={"io_threads": 2, "plausibility": ANY_VOLUME}, stop_timeout=30,
         )
         kwargs.update(overrides)
         listener = Listener(**kwargs)
@@ -230,7 +230,7 @@ def test_studies_arriving_during_processing_are_queued_not_lost(make_listener, m
         built.append(1)
         return Gated(build_processor(model_file, holder["listener"].results_dir,
                                      pacs={"port": orthanc.port, "retries": 0, "timeout": 5},
-                                     outbox_dir=holder["listener"].outbox_dir, io_threads=2))
+                                     outbox_dir=holder["listener"].outbox_dir, io_threads=2, plausibility=ANY_VOLUME))
 
     listener = holder["listener"] = make_listener(processor_factory=factory)
     listener.start()
@@ -412,7 +412,7 @@ def test_listen_entrypoint_runs_until_sigterm(tmp_path, model_file):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "hippo.listen", f"listener.port={port}", f"paths.log_dir={tmp_path}",
-         f"model_path={model_file}", f"pacs.port={_free_port()}", "listener.quiet_seconds=0.5"],
+         f"model_path={model_file}", f"pacs.port={_free_port()}", "listener.quiet_seconds=0.5", *ANY_VOLUME_OVERRIDES],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         cfg = PacsConfig(port=port, called_ae="HIPPOAI", calling_ae="ORTHANC", retries=0, timeout=2)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from conftest import ANY_VOLUME_OVERRIDES
 from hippo.network.orthanc import OrthancClient, free_port, pid_alive
 from hippo.network.stack import Network, load_config
 from hippo.scanner import send_study, write_study
@@ -46,6 +47,7 @@ def test_scanner_to_pacs_to_ai_and_back(real_data_root, model_file, tmp_path):
         f"orthanc.http_port={ports['http']}", f"listener.port={ports['listener']}", f"viewer.port={ports['viewer']}",
         "orthanc.stable_age=2", "listener.quiet_seconds=1", f"ohif.dist={ohif_cache}",
     ])
+    cfg.listener.overrides = ANY_VOLUME_OVERRIDES  # a random network measures anything
     net = Network(cfg, model_path=model_file)
     study_dir = tmp_path / "study"
     manifest = write_study(real_data_root / "imagesTr" / "hippocampus_001.nii.gz", study_dir,

@@ -18,6 +18,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, SecondaryCaptureImageStorage,
                                   SegmentationStorage, Verification)
 
+from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES
 from hippo.data.nifti import label_volumes_mm3, load_nifti
 from hippo.dicom.volume import load_series
 from hippo.pipeline import StudyProcessor, find_studies, run_batch
@@ -130,7 +131,8 @@ def test_deploy_command_sends_results_and_prints_volumes(studies, model_file, tm
         before = {p: p.stat().st_mtime_ns for p in (studies / "study_0").rglob("*") if p.is_file()}
         proc = subprocess.run(
             [sys.executable, "-m", "hippo.deploy", f"study={studies / 'study_0'}", f"model_path={model_file}",
-             f"pacs.port={scp.port}", f"outbox_dir={tmp_path / 'outbox'}", f"hydra.run.dir={tmp_path / 'run'}"],
+             f"pacs.port={scp.port}", f"outbox_dir={tmp_path / 'outbox'}", f"hydra.run.dir={tmp_path / 'run'}",
+             *ANY_VOLUME_OVERRIDES],
             capture_output=True, text=True, timeout=300)
     finally:
         scp.stop()
@@ -149,7 +151,7 @@ def test_pacs_outage_keeps_objects_in_outbox_then_flush_delivers(studies, model_
     port = _free_port()  # nothing listens yet: the PACS is down
     outbox = tmp_path / "outbox"
     common = [f"model_path={model_file}", f"pacs.port={port}", "pacs.retries=1", "pacs.backoff=0.05",
-              "pacs.timeout=2", f"outbox_dir={outbox}"]
+              "pacs.timeout=2", f"outbox_dir={outbox}", *ANY_VOLUME_OVERRIDES]
     proc = subprocess.run([sys.executable, "-m", "hippo.deploy", f"study={studies / 'study_1'}", *common,
                            f"hydra.run.dir={tmp_path / 'down'}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]          # the study itself succeeded
@@ -183,7 +185,7 @@ def test_batch_continues_past_bad_studies_and_exits_nonzero(studies, model_file,
             f.unlink()
     proc = subprocess.run(
         [sys.executable, "-m", "hippo.deploy", f"studies={root}", f"model_path={model_file}", "send=false",
-         "workers=2", "precision=bfloat16", f"hydra.run.dir={tmp_path / 'run'}"],
+         "workers=2", "precision=bfloat16", f"hydra.run.dir={tmp_path / 'run'}", *ANY_VOLUME_OVERRIDES],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -205,8 +207,10 @@ def test_serial_and_parallel_batches_agree(studies, model_file, tmp_path):
     from hippo.pipeline import build_processor
 
     dirs = find_studies(studies)
-    serial = run_batch(dirs, functools.partial(build_processor, model_file, tmp_path / "s"), workers=1)
-    parallel = run_batch(dirs, functools.partial(build_processor, model_file, tmp_path / "p"), workers=2)
+    serial = run_batch(dirs, functools.partial(build_processor, model_file, tmp_path / "s", plausibility=ANY_VOLUME),
+                       workers=1)
+    parallel = run_batch(dirs, functools.partial(build_processor, model_file, tmp_path / "p", plausibility=ANY_VOLUME),
+                         workers=2)
     assert [o.status for o in serial] == ["ok", "ok"]
     assert [o.volumes for o in serial] == [o.volumes for o in parallel]
 
@@ -233,7 +237,7 @@ def test_dicom_path_gives_the_same_segmentation_as_the_nifti(real_data_root, stu
     image, spacing, _ = load_nifti(real_data_root / "imagesTr" / "hippocampus_001.nii.gz")
     direct = agent.segment(image)
     assert direct.any()
-    outcome = StudyProcessor(agent, tmp_path).process(studies / "study_0")
+    outcome = StudyProcessor(agent, tmp_path, plausibility=ANY_VOLUME).process(studies / "study_0")
     assert outcome.status == "ok", outcome.error
     expected = label_volumes_mm3(direct, spacing)
     assert {k: outcome.volumes[k] for k in expected} == expected

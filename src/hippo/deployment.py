@@ -4,7 +4,8 @@
 2. ``outbox=flush``: stop there;
 3. ``study=DIR``: one study; ``studies=ROOT``: every sub-directory, with a process pool;
 4. print each study's volumes in mm³, write ``summary.json`` / ``summary.md``;
-5. return 1 when any study failed (the batch still processed every other study), else 0.
+5. return 1 when any study failed or was flagged for review (the batch still processed every other
+   study), else 0.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def _print_outcome(o: StudyOutcome) -> None:
-    if o.status == "ok":
+    if o.status in ("ok", "review"):
         v = o.volumes
+        flag = f" REVIEW RECOMMENDED: {'; '.join(o.review)}" if o.status == "review" else ""
         print(f"{o.study}: anterior {v['anterior_mm3']:.0f} mm³, posterior {v['posterior_mm3']:.0f} mm³, "
               f"total {v['total_mm3']:.0f} mm³ ({o.timings_s.get('total', 0):.2f} s)"
-              + (f"; {len(o.queued)} object(s) queued in the outbox" if o.queued else ""), flush=True)
+              + (f"; {len(o.queued)} object(s) queued in the outbox" if o.queued else "") + flag, flush=True)
     else:
         print(f"{o.study}: FAILED at {o.stage}: {o.error}", flush=True)
 
@@ -72,6 +74,7 @@ def run_deploy(cfg: Mapping[str, Any]) -> int:
         rules=dict(cfg.get("series") or {}), io_threads=int(cfg.get("io_threads", 8)),
         normative_comparison=bool(report.get("normative_comparison", False)),
         series_numbers=report.get("series_numbers"), write_png=bool(report.get("write_png", True)),
+        plausibility=dict(cfg.get("plausibility") or {}),
     )
     log.info("model %s; %d study(ies); results in %s", model_path, len(studies), results_dir)
     t0 = time.perf_counter()
@@ -81,5 +84,6 @@ def run_deploy(cfg: Mapping[str, Any]) -> int:
                             workers=int(cfg.get("workers", 1)), outbox_flushed=flushed)
     if len(outcomes) > 1:
         print(summary_table(outcomes))
-    print(f"{summary['n_ok']} ok, {summary['n_failed']} failed in {wall:.1f} s; summary: {results_dir / 'summary.json'}")
-    return 1 if summary["n_failed"] else 0
+    print(f"{summary['n_ok']} ok, {summary['n_review']} for review, {summary['n_failed']} failed in {wall:.1f} s; "
+          f"summary: {results_dir / 'summary.json'}")
+    return 1 if summary["n_failed"] or summary["n_review"] else 0

@@ -38,6 +38,8 @@ from hippo.dicom.volume import load_series
 from hippo.fileio import write_bytes_atomic, write_json_atomic
 from hippo.infer import InferenceAgent
 from hippo.measure import compare, measure_volumes
+from hippo.plausibility import PlausibilityRules, assess_input, assess_volumes
+from hippo.regrid import labels_to_source, to_model_grid
 from hippo.pacs import Outbox, PacsConfig, deliver, validate_uid
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class StudyOutcome:
     """What happened to one study (one row of the batch summary)."""
 
     study: str
-    status: str = "failed"                 # "ok" | "failed"
+    status: str = "failed"                 # "ok" | "review" (made, but flagged: see review) | "failed"
     stage: str = ""                         # the stage that failed (ingest, volume, infer, ...)
     error: str = ""
     study_uid: str = ""
@@ -66,6 +68,10 @@ class StudyOutcome:
     warnings: list[str] = field(default_factory=list)
     #: the source header's missing and malformed attributes (:class:`hippo.dicom.headers.HeaderReport`)
     header: dict[str, Any] = field(default_factory=dict)
+    #: why a clinician should look before trusting the number (status "review"); empty when "ok"
+    review: list[str] = field(default_factory=list)
+    #: how the series met the model: its voxel size, whether it was resampled onto the model's grid
+    input: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +98,8 @@ class StudyProcessor:
         normative_comparison: place the total volume in indicative age/sex bands (hippo.measure).
         series_numbers: SeriesNumber of the SC, SEG and SR.
         write_png: also write the report page as ``report.png``.
+        plausibility: what the model is trusted to measure (:class:`PlausibilityRules` or a mapping):
+            inputs outside it are refused or resampled, implausible volumes flagged for review.
     """
 
     def __init__(
@@ -106,6 +114,7 @@ class StudyProcessor:
         normative_comparison: bool = False,
         series_numbers: Mapping[str, int] | None = None,
         write_png: bool = True,
+        plausibility: PlausibilityRules | Mapping[str, Any] | None = None,
     ):
         if pacs is not None and outbox is None:
             raise ValueError("sending to a PACS needs an outbox for what cannot be delivered")
@@ -117,6 +126,8 @@ class StudyProcessor:
         self.normative_comparison = normative_comparison
         self.series_numbers = {"sc": 9001, "seg": 9002, "sr": 9003, **dict(series_numbers or {})}
         self.write_png = write_png
+        self.plausibility = plausibility if isinstance(plausibility, PlausibilityRules) else \
+            PlausibilityRules.from_mapping(plausibility)
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -158,8 +169,20 @@ class StudyProcessor:
             outcome.warnings += volume.warnings
             timings["volume"] = time.perf_counter() - t
 
+            stage = "plausibility"
+            check = assess_input(volume.array, volume.spacing, self.plausibility)
+            outcome.input = {"spacing_mm": list(volume.spacing), "resampled": check.resample}
+            check.raise_if_refused()
+
             stage, t = "infer", time.perf_counter()
-            mask = self.agent.segment(volume.array)
+            if check.resample:  # the model sees its own voxel size; the mask comes back onto the series' grid
+                image, grid = to_model_grid(volume.array, volume.spacing, self.plausibility.model_spacing_mm)
+                mask = labels_to_source(self.agent.segment(image), volume.array.shape)
+                outcome.input["model_grid_mm"] = list(grid)
+                outcome.warnings.append(f"voxels {' x '.join(f'{v:.3g}' for v in volume.spacing)} mm resampled "
+                                        f"onto the model's {' x '.join(f'{v:.3g}' for v in grid)} mm grid and back")
+            else:
+                mask = self.agent.segment(volume.array)
             timings["infer"] = time.perf_counter() - t
 
             stage, t = "measure", time.perf_counter()
@@ -176,15 +199,18 @@ class StudyProcessor:
             else:
                 norm = {"available": False, "band": None, "reason": NORMS_OFF_REASON}
             outcome.volumes, outcome.normative = volumes.as_dict(), norm
+            outcome.review = check.review + assess_volumes(outcome.volumes, self.plausibility)
             timings["measure"] = time.perf_counter() - t
 
             stage, t = "report", time.perf_counter()
             now = _dt.datetime.now(_dt.timezone.utc)
             page = render_report(volume.array, mask, volume.spacing, patient=patient, study=study,
-                                 volumes=volumes, norm=norm, model=self.model_info, timestamp=now)
+                                 volumes=volumes, norm=norm, model=self.model_info, timestamp=now,
+                                 review=outcome.review)
             uid = result_uid_maker(scan, series.uid, self.agent.metadata,
                                    {"normative_comparison": self.normative_comparison,
                                     "series_numbers": self.series_numbers,
+                                    "plausibility": asdict(self.plausibility),
                                     **({"precision": self.precision} if self.precision != "float32" else {})})
             sc = secondary_capture(page, source, series_number=self.series_numbers["sc"], timestamp=now,
                                    series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
@@ -219,7 +245,9 @@ class StudyProcessor:
                     outcome.warnings.append(f"PACS {self.pacs.destination}: {len(report.queued)} object(s) "
                                             f"wait in the outbox {self.outbox.root}")
                 timings["send"] = time.perf_counter() - t
-            outcome.status, outcome.stage = "ok", ""
+            outcome.status, outcome.stage = ("review" if outcome.review else "ok"), ""
+            if outcome.review:
+                log.warning("study %s: review recommended: %s", study_dir, "; ".join(outcome.review))
             timings["total"] = time.perf_counter() - t_all
             outcome.files["result_json"] = str(out / "result.json")
             write_json_atomic(out / "result.json", _result_json(outcome, self.model_info, volume))
@@ -351,13 +379,13 @@ def run_batch(
 
 
 def summary_table(outcomes: Iterable[StudyOutcome]) -> str:
-    """A Markdown table: study, status, volumes (mm³), time, error."""
-    lines = ["| study | status | anterior mm³ | posterior mm³ | total mm³ | seconds | queued | error |",
+    """A Markdown table: study, status, volumes (mm³), time, error or review reason."""
+    lines = ["| study | status | anterior mm³ | posterior mm³ | total mm³ | seconds | queued | error / review |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for o in outcomes:
         v = o.volumes or {}
         fmt = lambda k: f"{v[k]:.0f}" if k in v else ""  # noqa: E731
-        err = f"{o.stage}: {o.error}" if o.error else ""
+        err = f"{o.stage}: {o.error}" if o.error else "; ".join(o.review)
         lines.append(f"| {Path(o.study).name} | {o.status} | {fmt('anterior_mm3')} | {fmt('posterior_mm3')} | "
                      f"{fmt('total_mm3')} | {o.timings_s.get('total', 0):.2f} | {len(o.queued)} | {err.replace('|', '/')} |")
     return "\n".join(lines)
@@ -370,7 +398,8 @@ def write_summary(out_dir: str | os.PathLike, outcomes: Sequence[StudyOutcome], 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "n_studies": len(outcomes),
         "n_ok": sum(o.status == "ok" for o in outcomes),
-        "n_failed": sum(o.status != "ok" for o in outcomes),
+        "n_review": sum(o.status == "review" for o in outcomes),
+        "n_failed": sum(o.status == "failed" for o in outcomes),
         **extra,
         "studies": [o.as_dict() for o in outcomes],
     }
@@ -392,7 +421,8 @@ def build_processor(
 ) -> StudyProcessor:
     """Load the model file and build a :class:`StudyProcessor` (picklable via ``functools.partial``,
     so batch workers each build their own). ``pacs=None`` disables sending; ``options`` go to
-    :class:`StudyProcessor` (rules, io_threads, normative_comparison, series_numbers, write_png)."""
+    :class:`StudyProcessor` (rules, io_threads, normative_comparison, series_numbers, write_png,
+    plausibility)."""
     agent = InferenceAgent.from_file(model_path, device=device, batch_size=batch_size, precision=precision)
     pacs_cfg = PacsConfig.from_mapping(pacs) if pacs is not None else None
     outbox = Outbox(outbox_dir) if pacs_cfg is not None else None

@@ -88,10 +88,11 @@ def make_seg(
     """A BINARY DICOM Segmentation of the anterior (1) and posterior (2) hippocampus.
 
     Args:
-        source_datasets: the source MR instances (one per slice, one series and frame of
-            reference), sorted along the slice normal — frame ``i`` of ``mask_frames`` belongs to
-            ``source_datasets[i]``.
-        mask_frames: ``(n_slices, Rows, Columns)`` labels in ``{0, 1, 2}``, pixel-aligned with the
+        source_datasets: the source MR instances (one series and frame of reference): one per
+            slice, sorted along the slice normal -- frame ``i`` of ``mask_frames`` belongs to
+            ``source_datasets[i]`` -- or one multi-frame (enhanced) instance: frame ``i`` of
+            ``mask_frames`` belongs to its frame ``i`` in the file's order.
+        mask_frames: ``(n_frames, Rows, Columns)`` labels in ``{0, 1, 2}``, pixel-aligned with the
             sources (what ``SeriesVolume.to_source(mask)`` returns).
         model_version: recorded in the Algorithm Identification and SoftwareVersions.
         series_number, series_description: of the new series (defaults per the deploy contract).
@@ -108,7 +109,8 @@ def make_seg(
     """
     sources = _check_sources(source_datasets)
     frames = np.asarray(mask_frames)
-    expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
+    n_frames = sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in sources)
+    expected = (n_frames, int(sources[0].Rows), int(sources[0].Columns))
     if frames.shape != expected:
         raise ValueError(f"mask_frames shape {frames.shape} does not match the sources "
                          f"(n_slices, Rows, Columns) = {expected}")

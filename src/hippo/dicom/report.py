@@ -326,6 +326,7 @@ def render_report(
     model: Mapping[str, Any],
     timestamp: _dt.datetime | str | None = None,
     size: tuple[int, int] = PAGE_SIZE,
+    review: Sequence[str] = (),
 ) -> Image.Image:
     """Draw the report page.
 
@@ -342,6 +343,8 @@ def render_report(
         model: ``name``, ``version``, ``trained_on`` (a short note), ``metrics`` (dict name -> value).
         timestamp: when the report was made (defaults to now, UTC).
         size: page ``(width, height)`` in pixels.
+        review: reasons to look before trusting the numbers (:mod:`hippo.plausibility`); when given,
+            an amber "Review recommended" box above the volumes lists them in plain words.
 
     Returns:
         An RGB :class:`PIL.Image.Image` of ``size``.
@@ -400,6 +403,16 @@ def render_report(
     draw.text((margin + 120, y + 2), _fit(draw, str(_get(study, "uid", default=NOT_GIVEN)), _font(15), inner - 120),
               font=_font(15), fill=_TEXT)
     y += 34
+
+    # Review flag ----------------------------------------------------------------------------------
+    if review:
+        text = "Review recommended before using these numbers: " + "; ".join(review) + "."
+        lines = _wrap(draw, _CONTROL_CHARS.sub(" ", text), _font(17, bold=True), inner - 24)
+        box_h = 16 + 23 * len(lines)
+        draw.rectangle((margin, y, W - margin, y + box_h), fill=(255, 236, 179), outline=(200, 120, 0), width=3)
+        for i, line in enumerate(lines):
+            draw.text((margin + 12, y + 8 + 23 * i), line, font=_font(17, bold=True), fill=(120, 60, 0))
+        y += box_h + 12
 
     # Volumes -------------------------------------------------------------------------------------
     y = _section(draw, y, "Hippocampal volumes (this hemisphere)", margin, W)

@@ -616,13 +616,13 @@ class Listener:
             "instances": n_total,
             "new_instances": len(names),
         }
-        if outcome.status == "ok":
+        if outcome.status in ("ok", "review"):  # results made (and sent); "review" flags them in the report
             result_uids = self._result_uids(outcome.files)
             record.update({
                 "volumes": outcome.volumes, "series_instance_uid": outcome.series_uid,
                 "sent": outcome.sent, "queued_in_outbox": list(outcome.queued),
                 "results_dir": str(self.results_dir / uid), "result_sop_instance_uids": result_uids,
-                "timings_s": outcome.timings_s,
+                "timings_s": outcome.timings_s, "review": list(outcome.review),
             })
             write_json_atomic(work / "listener.json", record)
             _replace_dir(work, self.processed_dir / uid)
@@ -636,8 +636,8 @@ class Listener:
                      v.get("posterior_mm3", 0), v.get("total_mm3", 0),
                      outcome.sent.get("success", 0) + outcome.sent.get("warning", 0),
                      outcome.sent.get("total", 0), len(outcome.queued))
-            self._set_last(uid, "ok", seconds=round(seconds, 3), volumes=outcome.volumes,
-                           queued_in_outbox=len(outcome.queued))
+            self._set_last(uid, outcome.status, seconds=round(seconds, 3), volumes=outcome.volumes,
+                           queued_in_outbox=len(outcome.queued), review=list(outcome.review))
         else:
             record.update({"stage": outcome.stage, "error": outcome.error})
             write_json_atomic(work / "error.json", record)
@@ -754,6 +754,7 @@ class Listener:
             "normative_comparison": bool(report.get("normative_comparison", False)),
             "series_numbers": report.get("series_numbers"),
             "write_png": bool(report.get("write_png", True)),
+            "plausibility": dict(cfg.get("plausibility") or {}),
         }
         kwargs: dict[str, Any] = dict(
             ae_title=lc.get("ae_title", "HIPPOAI"), host=lc.get("host", "127.0.0.1"),

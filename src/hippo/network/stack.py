@@ -290,6 +290,7 @@ class Network:
             cmd.append(f"model_path={_hydra_value(self.model_path)}")
         if self.listener.get("quiet_seconds") is not None:
             cmd.append(f"listener.quiet_seconds={_hydra_value(self.listener['quiet_seconds'])}")
+        cmd.extend(str(o) for o in self.listener.get("overrides") or ())  # e.g. plausibility.* settings
         return cmd
 
     def viewer_command(self) -> list[str]:
