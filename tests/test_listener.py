@@ -35,7 +35,7 @@ from pynetdicom.sop_class import (Comprehensive3DSRStorage, SecondaryCaptureImag
                                   SegmentationStorage, Verification)
 
 from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES, REAL_DATA, write_nifti
-from hippo.network.listener import STATUS_INVALID_UID, Listener
+from hippo.network.listener import STATUS_INVALID_UID, STATUS_OUT_OF_RESOURCES, Listener
 from hippo.pacs import Outbox, PacsConfig, echo
 from hippo.scanner import ScannerSendError, send_study, write_study
 from hippo.network.orthanc import free_port as _free_port
@@ -428,3 +428,32 @@ def test_listen_entrypoint_runs_until_sigterm(tmp_path, model_file):
     assert "listening as HIPPOAI@127.0.0.1" in out and "listener stopped (clean)" in out
     assert list((tmp_path / "network/listener/runs").iterdir())
     assert (tmp_path / "network/listener/incoming").is_dir()
+
+
+@pytest.mark.parametrize("limits, words", [
+    ({"max_object_mb": 1}, "exceeds max_object_mb"),       # an oversized object (a huge private tag)
+    ({"min_free_mb": 10 ** 9}, "free disk would fall below min_free_mb"),  # a disk about to fill up
+])
+def test_oversized_object_and_full_disk_are_refused_before_writing(make_listener, tmp_path, limits, words, caplog):
+    """The sender gets "out of resources" (0xA700) with the reason, the listener writes nothing and
+    says so in its log; nothing is processed."""
+    listener = make_listener(processor_factory=lambda: pytest.fail("nothing should be processed"), **limits).start()
+    ae = AE(ae_title="ORTHANC")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="HIPPOAI")
+    assert assoc.is_established
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID = MRImageStorage, generate_uid(), generate_uid()
+    ds.Modality = "MR"
+    ds.add_new(0x00991010, "OB", b"\x00" * (2 * 2 ** 20))  # a 2 MiB private element
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    try:
+        with caplog.at_level("ERROR", logger="hippo.network.listener"):
+            status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert int(status.Status) == STATUS_OUT_OF_RESOURCES and words in str(status.get("ErrorComment", ""))
+    assert any(words in r.getMessage() for r in caplog.records)
+    assert not list(listener.incoming_dir.rglob("*.dcm"))
+    assert listener.status()["counts"]["instances_refused"] == 1

@@ -256,3 +256,18 @@ def test_batch_never_takes_its_own_output_folder_for_a_study(tmp_path):
     found = find_studies(root, exclude=[root / "outputs/deploy/runs/now", root / "outbox"])
     assert [p.name for p in found] == ["study_a", "study_b"]
     assert [p.name for p in find_studies(root)] == ["outbox", "outputs", "study_a", "study_b"]
+
+
+def test_results_neither_delivered_nor_queued_fail_the_study(studies, model_file, tmp_path):
+    """PACS down and the outbox not writable (disk full, a file in its place): the objects would be
+    lost, so the study is "failed" at the send stage, naming why -- never "ok" with a result missing."""
+    from hippo.pipeline import build_processor
+
+    outbox = tmp_path / "outbox"
+    processor = build_processor(model_file, tmp_path / "out", pacs={"port": _free_port(), "retries": 0, "timeout": 2},
+                                outbox_dir=outbox, plausibility=ANY_VOLUME, write_png=False)
+    shutil.rmtree(outbox)
+    outbox.write_text("not a directory")
+    outcome = processor.process(studies / "study_1")
+    assert (outcome.status, outcome.stage) == ("failed", "send")
+    assert "neither delivered" in outcome.error and "not queued" in outcome.error

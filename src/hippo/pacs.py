@@ -238,6 +238,9 @@ class SendReport:
         attempts: association attempts made; associations: how many were established.
         destination: ``CALLED@host:port`` (comma-joined when a flush used several).
         queued: SOPInstanceUIDs put into an outbox by :func:`deliver`.
+        lost: ``(SOPInstanceUID, why)`` of objects :func:`deliver` could neither deliver nor queue
+            (invalid object, outbox not writable: disk full, permissions): the caller must treat
+            the work as failed.
     """
 
     results: list[InstanceResult] = field(default_factory=list)
@@ -245,6 +248,7 @@ class SendReport:
     associations: int = 0
     destination: str = ""
     queued: list[str] = field(default_factory=list)
+    lost: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def delivered(self) -> list[InstanceResult]:
@@ -280,7 +284,7 @@ class SendReport:
         dest = ", ".join(d for d in (self.destination, other.destination) if d)
         return SendReport(self.results + other.results, self.attempts + other.attempts,
                           self.associations + other.associations, dest,
-                          self.queued + other.queued)
+                          self.queued + other.queued, self.lost + other.lost)
 
     def __str__(self) -> str:
         c = self.counts()
@@ -722,7 +726,8 @@ class Outbox:
 def deliver(datasets: Sequence[DatasetOrPath], cfg: PacsConfig | None, outbox: Outbox, *,
             sleep: Callable[[float], None] = time.sleep) -> SendReport:
     """Send ``datasets`` now; put every object that was not delivered (except invalid ones) into
-    ``outbox`` for a later :meth:`Outbox.flush`. The report's ``queued`` lists what was spooled."""
+    ``outbox`` for a later :meth:`Outbox.flush`. The report's ``queued`` lists what was spooled, its
+    ``lost`` what could be neither delivered nor spooled."""
     cfg = cfg or PacsConfig()
     datasets = list(datasets)
     report = send(datasets, cfg, sleep=sleep)
@@ -731,12 +736,15 @@ def deliver(datasets: Sequence[DatasetOrPath], cfg: PacsConfig | None, outbox: O
             continue
         if result.state == "invalid":
             log.error("not queued (invalid object %s): %s", result.source, result.message)
+            report.lost.append((result.sop_instance_uid, f"invalid object: {result.message}"))
             continue
         try:
             outbox.put(obj, cfg, error=result.message or result.state)
             report.queued.append(result.sop_instance_uid)
         except Exception as exc:
             log.error("could not queue %s in %s: %s", result.sop_instance_uid, outbox.root, exc)
+            report.lost.append((result.sop_instance_uid, f"not delivered ({result.message or result.state}) and "
+                                                         f"not queued in {outbox.root}: {type(exc).__name__}: {exc}"))
     if report.queued:
         log.warning("%d object(s) queued in %s for a later flush", len(report.queued), outbox.root)
     return report

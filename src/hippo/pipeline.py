@@ -244,6 +244,9 @@ class StudyProcessor:
                 if report.queued:
                     outcome.warnings.append(f"PACS {self.pacs.destination}: {len(report.queued)} object(s) "
                                             f"wait in the outbox {self.outbox.root}")
+                if report.lost:  # neither at the PACS nor in the outbox: the study is not done
+                    raise OSError(f"{len(report.lost)} result object(s) neither delivered to {self.pacs.destination} "
+                                  f"nor queued: " + "; ".join(f"{uid}: {why}" for uid, why in report.lost))
                 timings["send"] = time.perf_counter() - t
             outcome.status, outcome.stage = ("review" if outcome.review else "ok"), ""
             if outcome.review:

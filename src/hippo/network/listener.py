@@ -205,6 +205,10 @@ class Listener:
         preload_model: load the model in :meth:`start` (errors then surface at start).
         stop_timeout: seconds :meth:`stop` waits for the study being processed.
         max_associations: concurrent associations.
+        max_object_mb: an instance larger than this (MiB, encoded) is refused with "out of
+            resources" (0xA700) before anything is written; None = no limit.
+        min_free_mb: an instance that would leave less free space than this (MiB) on the incoming
+            folder's file system is refused the same way (the disk never fills up with input).
     """
 
     def __init__(
@@ -230,6 +234,8 @@ class Listener:
         preload_model: bool = False,
         stop_timeout: float = 120.0,
         max_associations: int = 10,
+        max_object_mb: float | None = 512.0,
+        min_free_mb: float = 1024.0,
     ) -> None:
         ae_title = str(ae_title).strip()
         if not 1 <= len(ae_title) <= 16:
@@ -260,6 +266,8 @@ class Listener:
         self._factory = processor_factory
         self.preload_model = bool(preload_model)
         self.stop_timeout = float(stop_timeout)
+        self.max_object_bytes = None if max_object_mb is None else int(float(max_object_mb) * 2 ** 20)
+        self.min_free_bytes = int(float(min_free_mb) * 2 ** 20)
         self.max_associations = int(max_associations)
 
         self._lock = threading.Lock()
@@ -452,11 +460,18 @@ class Listener:
                         event.assoc.requestor.ae_title, _short(raw_study), _short(raw_sop))
             return _failure(STATUS_INVALID_UID, "invalid StudyInstanceUID or SOPInstanceUID")
 
+        encoded = event.encoded_dataset()
+        refusal = self._resource_problem(len(encoded))
+        if refusal:
+            self._count("instances_refused")
+            log.error("C-STORE from %s study %s instance %s refused: %s", _short(event.assoc.requestor.ae_title, 20),
+                      study_uid, sop_uid, refusal)
+            return _failure(STATUS_OUT_OF_RESOURCES, refusal)
         with self._lock:
             self._inflight[study_uid] += 1
             self._arrivals[study_uid] = time.monotonic()
         try:
-            write_bytes_atomic(self.incoming_dir / study_uid / f"{sop_uid}{_SUFFIX}", event.encoded_dataset())
+            write_bytes_atomic(self.incoming_dir / study_uid / f"{sop_uid}{_SUFFIX}", encoded)
         except Exception as exc:
             self._count("instances_refused")
             log.error("C-STORE study %s instance %s: cannot write (%s: %s)", study_uid, sop_uid,
@@ -472,6 +487,19 @@ class Listener:
             self._counts["instances_received"] += 1
             self._assoc_counts.setdefault(id(event.assoc), Counter())[study_uid] += 1
         return 0x0000
+
+    def _resource_problem(self, size: int) -> str | None:
+        """Why an instance of ``size`` bytes must be refused (object size, free disk), or None."""
+        if self.max_object_bytes is not None and size > self.max_object_bytes:
+            return f"object of {size / 2 ** 20:.0f} MiB exceeds max_object_mb {self.max_object_bytes / 2 ** 20:.0f}"
+        try:
+            free = shutil.disk_usage(self.incoming_dir).free
+        except OSError:
+            return None  # the write itself will tell
+        if free - size < self.min_free_bytes:
+            return (f"free disk would fall below min_free_mb {self.min_free_bytes / 2 ** 20:.0f} "
+                    f"({free / 2 ** 20:.0f} MiB free on {self.incoming_dir})")
+        return None
 
     def _on_rejected(self, event: Any) -> None:
         self._count("associations_rejected")
@@ -771,6 +799,7 @@ class Listener:
             preload_model=bool(cfg.get("preload_model", True)),
             stop_timeout=float(lc.get("stop_timeout", 120.0)),
             max_associations=int(lc.get("max_associations", 10)),
+            max_object_mb=lc.get("max_object_mb", 512.0), min_free_mb=float(lc.get("min_free_mb", 1024.0)),
         )
         kwargs.update(overrides)
         return cls(**kwargs)
