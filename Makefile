@@ -10,8 +10,9 @@ TORCH_SPEC  ?= torch==2.13.0
 PIP_FLAGS   ?= -q --disable-pip-version-check
 BIN         := $(VENV)/bin
 
-# Debian packages the clinical network and its tests use (PACS, DICOM tools, headless browser).
-DEB_PACKAGES ?= orthanc orthanc-dicomweb dcmtk chromium
+# Debian packages the clinical network and its tests use (PACS, DICOM tools, headless browser);
+# dicom3tools provides dciodvfy, the IOD validator the result objects are checked with.
+DEB_PACKAGES ?= orthanc orthanc-dicomweb dcmtk dicom3tools chromium
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-deps demo test test-fast bench clean-outputs
@@ -24,9 +25,10 @@ $(BIN)/.hippo-installed: pyproject.toml
 
 setup: $(BIN)/.hippo-installed
 
-# installs the Debian packages once (skipped when Orthanc, chromium and storescu are already there)
+# installs the Debian packages once (skipped when Orthanc, chromium, storescu and dciodvfy are already there)
 system-deps:
-	@if command -v Orthanc >/dev/null && command -v chromium >/dev/null && command -v storescu >/dev/null; then \
+	@if command -v Orthanc >/dev/null && command -v chromium >/dev/null && command -v storescu >/dev/null \
+		&& command -v dciodvfy >/dev/null; then \
 		echo "system packages present"; \
 	else \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DEB_PACKAGES); \

@@ -349,15 +349,17 @@ def _load_for_sending(item: _Item) -> Dataset:
     return _with_transfer_syntax(pydicom.dcmread(os.fspath(item.obj)))
 
 
-def _contexts(items: Sequence[_Item]) -> tuple[list[tuple[str, list[str]]], set[str]]:
-    """Presentation contexts for the SOP classes present: one per class offering Explicit and
-    Implicit VR Little Endian, plus one per other (e.g. compressed) transfer syntax in use.
-    Returns (contexts, SOP classes left out because of the 128-context limit)."""
+def presentation_contexts(objects: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, list[str]]], set[str]]:
+    """Presentation contexts to propose for objects given as ``(SOP class UID, transfer syntax UID)``:
+    one per class offering Explicit and Implicit VR Little Endian, plus one per other (e.g.
+    compressed) transfer syntax in use -- a context of its own, since the acceptor picks one syntax
+    per context and would pick an uncompressed one. Returns (contexts, SOP classes left out because
+    of the 128-context limit)."""
     per_class: dict[str, list[str]] = {}
-    for it in items:
-        extra = per_class.setdefault(it.result.sop_class_uid, [])
-        if it.transfer_syntax not in _UNCOMPRESSED and it.transfer_syntax not in extra:
-            extra.append(it.transfer_syntax)
+    for sop_class, ts in objects:
+        extra = per_class.setdefault(str(sop_class), [])
+        if ts and ts not in _UNCOMPRESSED and ts not in extra:
+            extra.append(str(ts))
     contexts: list[tuple[str, list[str]]] = []
     left_out: set[str] = set()
     for sop_class, extra in per_class.items():
@@ -413,7 +415,7 @@ def send(datasets_or_paths: Iterable[DatasetOrPath], cfg: PacsConfig | None = No
         _log_report(report)
         return report
 
-    contexts, left_out = _contexts(todo)
+    contexts, left_out = presentation_contexts((it.result.sop_class_uid, it.transfer_syntax) for it in todo)
     for it in todo:
         if it.result.sop_class_uid in left_out:
             it.done = True

@@ -43,7 +43,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     MRImageStorage,
     PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
@@ -675,7 +674,7 @@ def send_study(
     """C-STORE every DICOM file under ``dir`` to ``called_ae@host:port`` over one association.
 
     Only the SOP classes present are proposed, each with Explicit and Implicit VR Little Endian (and
-    the files' own transfer syntax when it is another one).
+    a context of its own for each other transfer syntax the files carry).
 
     Returns:
         ``{"total", "sent", "warnings", "failed", "skipped_non_dicom", "failures": [{"file",
@@ -689,7 +688,7 @@ def send_study(
     """
     from pynetdicom import AE
 
-    from hippo.pacs import TCP_NODELAY_HANDLERS
+    from hippo.pacs import TCP_NODELAY_HANDLERS, presentation_contexts
 
     folder = Path(dir)
     if not folder.is_dir():
@@ -698,19 +697,16 @@ def send_study(
     peer = f"{called_ae}@{host}:{port}"
     if not files:
         raise ScannerSendError(f"no DICOM files under {folder} to send to {peer}")
-    syntaxes: dict[str, list[str]] = {}
-    for _, header in files:
-        ts = str(getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", "") or "")
-        wanted = syntaxes.setdefault(str(header.SOPClassUID), [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        if ts and ts not in wanted:
-            wanted.append(ts)
-    if len(syntaxes) > 128:
-        raise ScannerSendError(f"{len(syntaxes)} SOP classes under {folder}: more than the 128 presentation "
-                               f"contexts one association can propose")
+    contexts, left_out = presentation_contexts(
+        (str(header.SOPClassUID), str(getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", "") or ""))
+        for _, header in files)
+    if left_out:
+        raise ScannerSendError(f"the SOP classes and transfer syntaxes under {folder} need more than the 128 "
+                               f"presentation contexts one association can propose")
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.connection_timeout = min(timeout_s, 10.0)
-    for sop_class, ts_list in syntaxes.items():
+    for sop_class, ts_list in contexts:
         ae.add_requested_context(sop_class, ts_list)
     assoc = ae.associate(host, int(port), ae_title=called_ae, evt_handlers=TCP_NODELAY_HANDLERS)
     if not assoc.is_established:

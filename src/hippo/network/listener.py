@@ -80,6 +80,7 @@ from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
     EnhancedMRImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
     EnhancedSRStorage,
     MRImageStorage,
     SecondaryCaptureImageStorage,
@@ -103,7 +104,8 @@ __all__ = [
 
 #: Storage SOP classes the listener accepts (each with every transfer syntax pynetdicom knows).
 STORAGE_SOP_CLASSES: tuple[str, ...] = (
-    MRImageStorage, EnhancedMRImageStorage, CTImageStorage, EnhancedCTImageStorage,
+    MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage, CTImageStorage,
+    EnhancedCTImageStorage,
     SecondaryCaptureImageStorage, SegmentationStorage,
     BasicTextSRStorage, EnhancedSRStorage, ComprehensiveSRStorage, Comprehensive3DSRStorage,
 )
