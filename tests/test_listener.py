@@ -457,3 +457,17 @@ def test_oversized_object_and_full_disk_are_refused_before_writing(make_listener
     assert any(words in r.getMessage() for r in caplog.records)
     assert not list(listener.incoming_dir.rglob("*.dcm"))
     assert listener.status()["counts"]["instances_refused"] == 1
+
+
+def test_outbox_is_retried_on_a_timer_not_only_when_a_study_comes(make_listener, orthanc):
+    """A result the PACS did not take waits in the outbox; with no further study arriving it still
+    reaches the PACS within ``outbox_retry_seconds``."""
+    listener = make_listener(processor_factory=lambda: pytest.fail("nothing should be processed"),
+                             outbox_retry_seconds=0.5)
+    pending = Dataset()
+    pending.SOPClassUID, pending.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    pending.StudyInstanceUID, pending.Modality = generate_uid(), "OT"
+    Outbox(listener.outbox_dir).put(pending, PacsConfig(port=orthanc.port, called_ae="ORTHANC", calling_ae="HIPPOAI"))
+    listener.start()
+    _wait(lambda: listener.status()["outbox_pending"] == 0, timeout=20, what="the outbox to drain on its own")
+    assert [r[2] for r in orthanc.for_study(pending.StudyInstanceUID)] == [pending.SOPInstanceUID]

@@ -211,6 +211,8 @@ class Listener:
             resources" (0xA700) before anything is written; None = no limit.
         min_free_mb: an instance that would leave less free space than this (MiB) on the incoming
             folder's file system is refused the same way (the disk never fills up with input).
+        outbox_retry_seconds: how often results that could not be delivered are sent again
+            (besides before every study); 0 = only before a study.
     """
 
     def __init__(
@@ -238,6 +240,7 @@ class Listener:
         max_associations: int = 10,
         max_object_mb: float | None = 512.0,
         min_free_mb: float = 1024.0,
+        outbox_retry_seconds: float = 30.0,
     ) -> None:
         ae_title = str(ae_title).strip()
         if not 1 <= len(ae_title) <= 16:
@@ -270,6 +273,7 @@ class Listener:
         self.stop_timeout = float(stop_timeout)
         self.max_object_bytes = None if max_object_mb is None else int(float(max_object_mb) * 2 ** 20)
         self.min_free_bytes = int(float(min_free_mb) * 2 ** 20)
+        self.outbox_retry_seconds = float(outbox_retry_seconds)
         self.max_associations = int(max_associations)
 
         self._lock = threading.Lock()
@@ -322,6 +326,9 @@ class Listener:
         self._threads = [threading.Thread(target=self._watch, name="hippo-listener-watcher", daemon=True)]
         self._threads += [threading.Thread(target=self._work, name=f"hippo-listener-worker-{i}", daemon=True)
                           for i in range(self.workers)]
+        if self.pacs is not None and self.outbox_retry_seconds > 0:
+            self._threads.append(threading.Thread(target=self._retry_outbox, name="hippo-listener-outbox",
+                                                  daemon=True))
         for t in self._threads:
             t.start()
 
@@ -692,6 +699,12 @@ class Listener:
                     uids.append(str(pydicom.dcmread(files[key], stop_before_pixels=True).SOPInstanceUID))
         return uids
 
+    def _retry_outbox(self) -> None:
+        """Flush the outbox every ``outbox_retry_seconds``, so that results wait for the PACS, not for
+        the next study to arrive."""
+        while not self._stop.wait(self.outbox_retry_seconds):
+            self._flush_outbox()
+
     def _flush_outbox(self) -> None:
         """Send objects an earlier study could not deliver (before processing the next one)."""
         if self.pacs is None:
@@ -802,6 +815,7 @@ class Listener:
             stop_timeout=float(lc.get("stop_timeout", 120.0)),
             max_associations=int(lc.get("max_associations", 10)),
             max_object_mb=lc.get("max_object_mb", 512.0), min_free_mb=float(lc.get("min_free_mb", 1024.0)),
+            outbox_retry_seconds=float(lc.get("outbox_retry_seconds", 30.0)),
         )
         kwargs.update(overrides)
         return cls(**kwargs)
