@@ -137,10 +137,15 @@ def test_select_series_picks_hippocrop_among_distractors(study):
 
 
 def test_rules_from_plain_mapping_and_case_insensitive(study):
-    cfg = {"modality": "mr", "description_contains": "hippocrop", "single_frame": True,
+    cfg = {"modality": "mr", "description_contains": "hippocrop", "single_volume": True,
            "consistent_geometry": True, "min_instances": 3, "sop_classes": ["MRImageStorage"]}
     rules = SelectionRules(**cfg)
     assert rules.sop_classes == (MRImageStorage,)
+    assert EnhancedMRImageStorage in SelectionRules().sop_classes
+    # older configs: 'single_frame' is read as 'single_volume'
+    legacy = SelectionRules.from_mapping({"single_frame": False})
+    assert legacy.single_volume is False and legacy.single_frame is None
+    assert SelectionRules.from_mapping({"single_frame": True}).single_volume is True
     assert select_series(scan_study(study["root"]), rules).uid == study["crop"]
     assert select_series(scan_study(study["root"]),
                          {"_target_": "x", **cfg}).uid == study["crop"]
@@ -177,8 +182,10 @@ def test_two_matches_is_an_error(study):
 
 def test_multiframe_non_mr_and_bad_geometry_are_rejected_with_reasons(tmp_path):
     root = tmp_path / "s"
+    # multi-frame without functional groups: enhanced SOP class (accepted) but no frame geometry
     mf, _ = write_series(root / "mf", 3, "HippoCrop enhanced", frames=4,
                          sop_class=EnhancedMRImageStorage)
+    mfc, _ = write_series(root / "mfc", 3, "HippoCrop classic multi-frame", frames=4)
     ct, _ = write_series(root / "ct", 4, "HippoCrop CT", modality="CT", sop_class=CTImageStorage)
     few, _ = write_series(root / "few", 2, "HippoCrop short")
     # one slice rotated: orientation differs
@@ -192,9 +199,10 @@ def test_multiframe_non_mr_and_bad_geometry_are_rejected_with_reasons(tmp_path):
     scan = scan_study(root)
     assert select_series(scan).uid == good
     reasons = {uid: SelectionRules().rejection_reasons(scan.get(uid))
-               for uid in (mf, ct, few, tilt, gap)}
-    assert any("multi-frame" in r for r in reasons[mf])
-    assert any("SOP class" in r for r in reasons[mf])
+               for uid in (mf, mfc, ct, few, tilt, gap)}
+    assert any("multi-frame (NumberOfFrames 4) without per-frame functional groups" in r for r in reasons[mf])
+    assert not any("SOP class" in r for r in reasons[mf])  # Enhanced MR is an accepted SOP class
+    assert any("multi-frame (NumberOfFrames 4)" in r for r in reasons[mfc])
     assert any("modality CT" in r for r in reasons[ct]) and any("SOP class" in r for r in reasons[ct])
     assert any("only 2 instance" in r for r in reasons[few])
     assert any("ImageOrientationPatient differs" in r for r in reasons[tilt])
@@ -337,3 +345,78 @@ def test_scan_of_many_files_is_headers_only_and_quick(tmp_path):
     scan = scan_study(tmp_path, workers=4)
     assert scan.get(uid).n_instances == 200 and scan.get(uid).is_consistent
     assert scan.elapsed_s < 10
+
+
+def _set(paths, **attrs):
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        for kw, value in attrs.items():
+            setattr(ds, kw, value)
+        ds.save_as(p)
+
+
+def test_image_types_of_maps_are_refused_but_magnitude_is_not(tmp_path):
+    """ImageType values 3 on: 'M' (magnitude, what Siemens and the emulator's real cousins write)
+    and 'OTHER' are anatomy; 'P' / 'PHASE', 'FIELD_MAP' / 'B0', 'ADC' / 'DIFFUSION' / 'TRACEW' and a
+    DiffusionBValue > 0 are refused with what they are. 'P' in values 1-2 is never read as phase."""
+    cases = {
+        "magnitude": (["ORIGINAL", "PRIMARY", "M", "ND", "NORM"], None),
+        "other": (["ORIGINAL", "PRIMARY", "OTHER"], None),
+        "phase": (["ORIGINAL", "PRIMARY", "P", "ND"], "phase image (ImageType P)"),
+        "fieldmap": (["ORIGINAL", "PRIMARY", "FIELD_MAP"], "field map (ImageType FIELD_MAP)"),
+        "b0": (["DERIVED", "PRIMARY", "B0", "M"], "field map (ImageType B0)"),
+        "adc": (["DERIVED", "PRIMARY", "DIFFUSION", "ADC"], "diffusion image (ImageType ADC; ImageType DIFFUSION)"),
+        "tracew": (["DERIVED", "PRIMARY", "DIFFUSION", "TRACEW"], "diffusion image (ImageType DIFFUSION; "
+                                                                  "ImageType TRACEW)"),
+    }
+    for name, (image_type, reason) in cases.items():
+        uid, paths = write_series(tmp_path / name, 4, "HippoCrop")
+        _set(paths, ImageType=image_type)
+        reasons = SelectionRules().rejection_reasons(scan_study(tmp_path / name).get(uid))
+        if reason is None:
+            assert reasons == [], (name, reasons)
+        else:
+            assert reasons == [f"{reason}: not an anatomical magnitude image"], (name, reasons)
+            assert SelectionRules(anatomical_only=False).rejection_reasons(scan_study(tmp_path / name).get(uid)) == []
+    uid, paths = write_series(tmp_path / "dwi", 4, "HippoCrop")
+    _set(paths[:2], DiffusionBValue=1000)
+    assert SelectionRules().rejection_reasons(scan_study(tmp_path / "dwi").get(uid)) == [
+        "diffusion image (DiffusionBValue > 0 in 2 of 4 images): not an anatomical magnitude image"]
+
+
+def test_classic_time_series_and_mosaic_are_refused_by_name(tmp_path):
+    """Several instances at each position: a time series when the headers say so (here
+    NumberOfTemporalPositions / TemporalPositionIdentifier), else 'several volumes in one series';
+    a lone duplicate is left to the geometry check. A mosaic flag refuses the series by name.
+    single_volume=False lifts these (the geometry check still reports the duplicates)."""
+    uid, a = write_series(tmp_path / "dyn", 4, "HippoCrop")
+    _, b = write_series(tmp_path / "dyn2", 4, "HippoCrop")
+    for k, p in enumerate(b):  # second time point of the same series, same positions
+        ds = pydicom.dcmread(p)
+        ds.SeriesInstanceUID = uid
+        ds.InstanceNumber = 5 + k
+        ds.save_as(tmp_path / "dyn" / f"T2_{k}")
+    shutil.rmtree(tmp_path / "dyn2")
+    _set(list((tmp_path / "dyn").iterdir()), NumberOfTemporalPositions=2)
+    series = scan_study(tmp_path / "dyn").get(uid)
+    reasons = SelectionRules().rejection_reasons(series)
+    assert ("time series: 2 volumes of 4 slices at the same positions (fMRI / dynamic; "
+            "NumberOfTemporalPositions 2), not one 3D volume") in reasons
+    assert any("share one position" in r for r in reasons)
+    assert not any("time series" in r for r in SelectionRules(single_volume=False).rejection_reasons(series))
+    _set(list((tmp_path / "dyn").iterdir()), NumberOfTemporalPositions=1)
+    reasons = SelectionRules().rejection_reasons(scan_study(tmp_path / "dyn").get(uid))
+    assert ("2 images at each of 4 slice positions (several volumes in one series: echoes, contrasts or "
+            "parts of a map), not one 3D volume") in reasons
+
+    uid, paths = write_series(tmp_path / "one_dup", 4, "HippoCrop")
+    ds = pydicom.dcmread(paths[1])
+    ds.SOPInstanceUID, ds.InstanceNumber = generate_uid(), 9
+    ds.save_as(tmp_path / "one_dup" / "dup")
+    reasons = SelectionRules().rejection_reasons(scan_study(tmp_path / "one_dup").get(uid))
+    assert len(reasons) == 1 and reasons[0].startswith("geometry: two or more slices share one position")
+
+    uid, paths = write_series(tmp_path / "mosaic", 4, "HippoCrop")
+    _set(paths, ImageType=["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"])
+    reasons = SelectionRules().rejection_reasons(scan_study(tmp_path / "mosaic").get(uid))
+    assert reasons == ["Siemens mosaic (ImageType MOSAIC; 4 instances): slices tiled in one image, not a volume"]

@@ -376,17 +376,8 @@ def test_every_installed_decoder_gives_the_same_pixels(studies, syntax):
             np.testing.assert_array_equal(got, expected, err_msg=f"plugin {plugin!r}")
 
 
-_INGEST_DEFLATE_BUG = pytest.mark.xfail(
-    strict=True, reason="hippo.dicom.ingest._read_header checks the pixel data at fh.tell() after dcmread, but "
-    "for Deflated Explicit VR Little Endian pydicom has read (inflated) the whole file, so every instance is "
-    "ignored as 'no pixel data after the header'. Remove this mark once ingest skips that check for a "
-    "deflated data set.")
-
-
 @pytest.mark.realdata
-@pytest.mark.parametrize("syntax", [pytest.param(s, id=s.id, marks=_INGEST_DEFLATE_BUG)
-                                    if s.uid == DeflatedExplicitVRLittleEndian else pytest.param(s, id=s.id)
-                                    for s in SYNTAXES])
+@pytest.mark.parametrize("syntax", [pytest.param(s, id=s.id) for s in SYNTAXES])
 def test_ingest_selects_the_hippocrop_series(studies, syntax):
     from hippo.dicom.ingest import scan_study, select_series
 

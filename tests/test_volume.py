@@ -256,3 +256,27 @@ def test_volume_module_never_imports_torch():
     code = ("import sys, hippo.dicom.volume; "
             "bad = [m for m in ('torch', 'lightning', 'hydra') if m in sys.modules]; sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_multiframe_without_functional_groups_and_mixed_inputs_are_refused(tmp_path):
+    """A classic multi-frame image has no per-frame positions: refused naming the file; a series
+    mixing single-frame files with a multi-frame one is refused (one enhanced instance or
+    single-frame slices, never both)."""
+    vol, paths = _write(tmp_path)
+    frames = [pydicom.dcmread(p) for p in paths]
+    mf = pydicom.dcmread(paths[0])
+    mf.NumberOfFrames = len(frames)
+    mf.PixelData = b"".join(f.PixelData for f in frames)
+    out = tmp_path / "mf.dcm"
+    mf.save_as(out)
+    with pytest.raises(SeriesGeometryError, match=r"mf\.dcm is a multi-frame image \(7 frames\) without per-frame "
+                                                  r"functional groups"):
+        load_series([out])
+    with pytest.raises(SeriesGeometryError, match=r"7 instances, 1 of them multi-frame or enhanced .*mf\.dcm"):
+        load_series([out, *paths[1:]], series_uid=str(mf.SeriesInstanceUID))
+
+
+def test_is_multiframe_is_false_for_classic_series(tmp_path):
+    vol, paths = _write(tmp_path)
+    sv = load_series(paths)
+    assert not sv.is_multiframe and sv.frame_order is None and sv.source_shape[0] == len(paths)

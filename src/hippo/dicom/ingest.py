@@ -11,6 +11,11 @@ Typical use::
     series = select_series(scan, SelectionRules(**cfg.selection))   # exactly one, or an error
     series.files                                                     # -> paths for load_series
 
+A series is one 3D volume as single-frame instances (one per slice) or as one enhanced multi-frame
+instance (Enhanced / Legacy Converted Enhanced MR: per-frame geometry from the functional groups,
+read from the header too). Series that cannot be one anatomical volume (Siemens mosaics, time
+series, field maps, phase or diffusion images) are refused by name with the reason.
+
 Nothing in here raises for a single bad file: files that are not DICOM, are truncated, or lack the
 identifying UIDs are listed in :attr:`StudyScan.ignored` with a reason and logged. Only "there is no
 DICOM at all" (:class:`StudyError`), a missing directory (:class:`FileNotFoundError`) and "not
@@ -38,10 +43,12 @@ import pydicom
 import pydicom.uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "FrameHeader",
     "InstanceHeader",
     "SeriesInfo",
     "StudyScan",
@@ -51,6 +58,10 @@ __all__ = [
     "scan_study",
     "select_series",
     "read_header",
+    "frame_attributes",
+    "has_functional_groups",
+    "mosaic_evidence",
+    "ENHANCED_MR_SOP_CLASSES",
 ]
 
 #: Media Storage Directory Storage: the SOP class of a DICOMDIR (an index, not an image).
@@ -62,6 +73,78 @@ _DIR_TOL = 1e-4
 _SPACING_REL_TOL = 1e-4
 _POS_ABS_TOL_MM = 0.01
 _GAP_REL_TOL = 0.01
+
+#: Enhanced (multi-frame, functional-group) MR SOP classes that can be one series = one volume.
+ENHANCED_MR_SOP_CLASSES = (pydicom.uid.EnhancedMRImageStorage,
+                           pydicom.uid.LegacyConvertedEnhancedMRImageStorage)
+
+#: Functional group macro -> the attributes read from its (first) item, per frame (PS3.3 C.7.6.16,
+#: C.8.13.5). A per-frame value overrides the shared one.
+FRAME_GROUP_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices"),
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),
+    "PlanePositionSequence": ("ImagePositionPatient",),
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept"),
+    "MRImageFrameTypeSequence": ("FrameType", "ComplexImageComponent"),
+    "FrameContentSequence": ("TemporalPositionIndex", "StackID", "InStackPositionNumber"),
+    "MRDiffusionSequence": ("DiffusionBValue",),
+}
+
+#: ImageType / FrameType values (3rd value on) of images that are not an anatomical magnitude
+#: image: token -> what the image is. ``M`` (magnitude) is deliberately absent.
+NON_ANATOMICAL_IMAGE_TYPES: dict[str, str] = {
+    "P": "phase image", "PHASE": "phase image", "PHASE_MAP": "phase image",
+    "B0": "field map", "B0MAP": "field map", "B0_MAP": "field map", "FIELD_MAP": "field map",
+    "FIELDMAP": "field map", "B1": "field map", "B1MAP": "field map", "B1_MAP": "field map",
+    "DIFFUSION": "diffusion image", "ADC": "diffusion image", "EADC": "diffusion image",
+    "TRACEW": "diffusion image", "TRACE": "diffusion image", "FA": "diffusion image",
+    "TENSOR": "diffusion image",
+    "REAL": "real-part image", "IMAGINARY": "imaginary-part image",
+}
+#: ComplexImageComponent values of images that are not magnitude images.
+_NON_MAGNITUDE_COMPONENTS = {"PHASE": "phase image", "REAL": "real-part image",
+                             "IMAGINARY": "imaginary-part image"}
+_KIND_PRIORITY = ("field map", "diffusion image", "phase image", "real-part image", "imaginary-part image")
+#: Siemens CSA private tag NumberOfImagesInMosaic (0019,xx0A) in block "SIEMENS MR HEADER".
+_SIEMENS_MOSAIC_TAG = 0x0019100A
+
+
+def has_functional_groups(ds: Dataset) -> bool:
+    """True for an image whose per-frame geometry is in functional groups (Enhanced MR, Legacy
+    Converted Enhanced MR, ...): it has a PerFrameFunctionalGroupsSequence."""
+    return "PerFrameFunctionalGroupsSequence" in ds
+
+
+def _group_values(item: Dataset | None, out: dict[str, Any]) -> None:
+    if item is None:
+        return
+    for seq_kw, keywords in FRAME_GROUP_ATTRIBUTES.items():
+        seq = item.get(seq_kw)
+        if not seq:
+            continue
+        first = seq[0]
+        for kw in keywords:
+            value = first.get(kw)
+            if value is not None and value != "":
+                out[kw] = value
+
+
+def frame_attributes(ds: Dataset) -> list[dict[str, Any]]:
+    """The per-frame attributes (:data:`FRAME_GROUP_ATTRIBUTES`) of a functional-group image, one
+    dict per frame in the file's frame order: the PerFrameFunctionalGroupsSequence item's value,
+    else the SharedFunctionalGroupsSequence's; an attribute in neither is absent from the dict.
+    Headers only (works on a ``stop_before_pixels`` read). Empty list without functional groups."""
+    if not has_functional_groups(ds):
+        return []
+    shared_seq = ds.get("SharedFunctionalGroupsSequence") or []
+    shared: dict[str, Any] = {}
+    _group_values(shared_seq[0] if len(shared_seq) else None, shared)
+    out = []
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        values = dict(shared)
+        _group_values(item, values)
+        out.append(values)
+    return out
 
 
 class StudyError(RuntimeError):
@@ -87,6 +170,26 @@ class SeriesSelectionError(StudyError):
 # Per-file header
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class FrameHeader:
+    """One frame of a functional-group (enhanced) multi-frame instance, from its header.
+
+    ``index`` is the 0-based frame number in the file; geometry as in :class:`InstanceHeader`;
+    ``frame_type`` the FrameType (MR Image Frame Type), ``complex_component`` its
+    ComplexImageComponent, ``temporal_index`` the TemporalPositionIndex (Frame Content),
+    ``b_value`` the DiffusionBValue.
+    """
+
+    index: int
+    pixel_spacing: tuple[float, float] | None
+    orientation: tuple[float, float, float, float, float, float] | None
+    position: tuple[float, float, float] | None
+    frame_type: tuple[str, ...] = ()
+    complex_component: str = ""
+    temporal_index: int | None = None
+    b_value: float | None = None
+
+
+@dataclass(frozen=True)
 class InstanceHeader:
     """The header fields of one DICOM file that ingest and selection need.
 
@@ -111,6 +214,21 @@ class InstanceHeader:
     position: tuple[float, float, float] | None
     number_of_frames: int
     transfer_syntax: str
+    image_type: tuple[str, ...] = ()
+    #: Siemens CSA NumberOfImagesInMosaic (0019,100A), when present.
+    mosaic_images: int | None = None
+    number_of_temporal_positions: int | None = None
+    temporal_position: int | None = None      # TemporalPositionIdentifier
+    acquisition_number: int | None = None
+    complex_component: str = ""
+    b_value: float | None = None              # DiffusionBValue (0018,9087)
+    #: per-frame headers of a functional-group (enhanced) instance, in file frame order; () else.
+    frames: tuple[FrameHeader, ...] = ()
+
+    @property
+    def is_enhanced(self) -> bool:
+        """True for a functional-group multi-frame instance (Enhanced / Legacy Converted MR)."""
+        return bool(self.frames)
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -129,6 +247,72 @@ def _int_or_none(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    """A CS multi-value as upper-case stripped strings."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, (str, bytes)):
+        value = [value]
+    try:
+        return tuple(str(v).strip().upper() for v in value)
+    except TypeError:
+        return ()
+
+
+def _mosaic_images(ds: Dataset) -> int | None:
+    """Siemens NumberOfImagesInMosaic (0019,100A) when the private block is Siemens', else None."""
+    if _SIEMENS_MOSAIC_TAG not in ds:
+        return None
+    creator = str(ds.get((0x0019, 0x0010)).value if (0x0019, 0x0010) in ds else "")
+    if creator and "SIEMENS" not in creator.upper():
+        return None
+    value = ds[_SIEMENS_MOSAIC_TAG].value
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) < 2:
+            return None
+        little = ds.original_encoding[1] if ds.original_encoding[1] is not None else True
+        value = struct.unpack("<H" if little else ">H", bytes(value[:2]))[0]
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
+    return _int_or_none(value)
+
+
+def mosaic_evidence(ds: Dataset) -> str:
+    """What marks ``ds`` as a Siemens mosaic (``"ImageType MOSAIC, NumberOfImagesInMosaic 5"``), or
+    ``""`` when nothing does. Headers only."""
+    what = []
+    if "MOSAIC" in _strings(ds.get("ImageType")):
+        what.append("ImageType MOSAIC")
+    tiles = _mosaic_images(ds)
+    if tiles:
+        what.append(f"NumberOfImagesInMosaic {tiles}")
+    return ", ".join(what)
+
+
+def _frame_headers(ds: Dataset) -> tuple[FrameHeader, ...]:
+    out = []
+    for k, values in enumerate(frame_attributes(ds)):
+        out.append(FrameHeader(
+            index=k,
+            pixel_spacing=_floats(values.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+            orientation=_floats(values.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
+            position=_floats(values.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+            frame_type=_strings(values.get("FrameType")),
+            complex_component=str(values.get("ComplexImageComponent", "") or "").strip().upper(),
+            temporal_index=_int_or_none(values.get("TemporalPositionIndex")),
+            b_value=_float_or_none(values.get("DiffusionBValue")),
+        ))
+    return tuple(out)
 
 
 def _looks_like_raw_dicom(path: Path) -> bool:
@@ -154,7 +338,7 @@ def _pixel_data_problem(path: Path, pos: int, size: int, little_endian: bool,
     element is encapsulated / not Pixel Data, which we cannot check cheaply).
     """
     if pos >= size:
-        return "no pixel data after the header (file truncated?)"
+        return "no Pixel Data after the header (file truncated?)"
     try:
         with open(path, "rb") as fh:
             fh.seek(pos)
@@ -236,7 +420,9 @@ def _header_from_dataset(path: Path, ds: Dataset, *, pos: int, size: int
             return None, f"missing {', '.join(missing)}{truncated}"
         rows, columns = _int_or_none(ds.get("Rows")), _int_or_none(ds.get("Columns"))
         problem = None
-        if rows is not None and columns is not None:
+        deflated = meta is not None and str(meta.get("TransferSyntaxUID", "")) == pydicom.uid.DeflatedExplicitVRLittleEndian
+        if rows is not None and columns is not None and not deflated:
+            # (a deflated data set is read through zlib: the file position says nothing about it)
             implicit, little = ds.original_encoding
             if implicit is None:  # pragma: no cover - read from file, always known
                 implicit, little = True, True
@@ -264,6 +450,14 @@ def _header_from_dataset(path: Path, ds: Dataset, *, pos: int, size: int
             position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
             number_of_frames=frames if frames is not None and frames > 0 else 1,
             transfer_syntax=ts,
+            image_type=_strings(ds.get("ImageType")),
+            mosaic_images=_mosaic_images(ds),
+            number_of_temporal_positions=_int_or_none(ds.get("NumberOfTemporalPositions")),
+            temporal_position=_int_or_none(ds.get("TemporalPositionIdentifier")),
+            acquisition_number=_int_or_none(ds.get("AcquisitionNumber")),
+            complex_component=str(ds.get("ComplexImageComponent", "") or "").strip().upper(),
+            b_value=_float_or_none(ds.get("DiffusionBValue")),
+            frames=_frame_headers(ds),
         )
     except Exception as exc:  # a malformed value somewhere in the header
         return None, f"unreadable DICOM header: {type(exc).__name__}: {exc}"
@@ -299,14 +493,18 @@ class SeriesInfo:
         sop_class_uids: distinct SOPClassUIDs of the instances (one for a sane series).
         files: instance paths sorted by (InstanceNumber, path); ``len(files)`` instances.
         rows_columns: distinct ``(Rows, Columns)``; ``(None, None)`` when absent.
-        pixel_spacings: distinct PixelSpacing (row, column) in mm; ``None`` when absent.
-        orientations: distinct ImageOrientationPatient 6-tuples (LPS); ``None`` when absent.
+        pixel_spacings: distinct PixelSpacing (row, column) in mm; ``None`` when absent (of every
+            frame, from the functional groups, for enhanced multi-frame instances).
+        orientations: distinct ImageOrientationPatient 6-tuples (LPS); ``None`` when absent (per
+            frame for enhanced instances).
         number_of_frames: distinct NumberOfFrames per instance (1 when absent).
         transfer_syntaxes: distinct TransferSyntaxUIDs.
         study_uid, patient_id: of the first instance (``study_uids`` lists all, normally one).
         instances: the per-file headers in ``files`` order (positions for geometry checks).
         damaged: ``(path, reason)`` of files of this series that were left out because they are
-            damaged (pixel data truncated); such a series is never selected.
+            damaged (pixel data truncated or missing); such a series is never selected. A series
+            whose every instance is damaged is still listed, its ``files``/``instances`` being the
+            damaged ones, so that selection names it with the reason.
     """
 
     uid: str
@@ -347,8 +545,8 @@ class SeriesInfo:
             sop_class_uids=frozenset(h.sop_class_uid for h in inst),
             files=tuple(h.path for h in inst),
             rows_columns=frozenset((h.rows, h.columns) for h in inst),
-            pixel_spacings=frozenset(h.pixel_spacing for h in inst),
-            orientations=frozenset(h.orientation for h in inst),
+            pixel_spacings=frozenset(sl.pixel_spacing for sl in _slices(inst)),
+            orientations=frozenset(sl.orientation for sl in _slices(inst)),
             number_of_frames=frozenset(h.number_of_frames for h in inst),
             transfer_syntaxes=frozenset(h.transfer_syntax for h in inst),
             study_uid=first.study_uid,
@@ -373,20 +571,147 @@ class SeriesInfo:
         """True when every instance holds exactly one frame (classic one-slice-per-file series)."""
         return self.number_of_frames == frozenset({1})
 
+    @property
+    def n_frames(self) -> int:
+        """Number of frames (slices) over all instances (``n_instances`` for a single-frame series)."""
+        return sum(h.number_of_frames for h in self.instances)
+
+    @property
+    def is_enhanced(self) -> bool:
+        """True when every instance is a functional-group (enhanced) multi-frame instance."""
+        return all(h.is_enhanced for h in self.instances)
+
+    @property
+    def is_single_enhanced(self) -> bool:
+        """True for a series of exactly one enhanced multi-frame instance (the form
+        :func:`hippo.dicom.volume.load_series` reads as a multi-frame volume)."""
+        return self.n_instances == 1 and self.is_enhanced
+
+    def volume_problems(self) -> list[str]:
+        """Why this series cannot be *one* 3D volume, from the headers (empty list when it can).
+
+        Refused: a Siemens mosaic (ImageType MOSAIC or CSA NumberOfImagesInMosaic); a multi-frame
+        instance without per-frame functional groups (classic multi-frame); an enhanced series
+        split over several instances; several images at each slice position (a time series when
+        the headers say so: NumberOfTemporalPositions, TemporalPositionIdentifier/Index or
+        AcquisitionNumber vary; otherwise echoes / contrasts / field-map parts mixed in one series).
+        A series is acceptable as single-frame instances (one per slice) or one enhanced instance.
+        """
+        inst = self.instances
+        problems: list[str] = []
+        mosaic = [h for h in inst if "MOSAIC" in h.image_type or h.mosaic_images]
+        if mosaic:
+            what = []
+            if any("MOSAIC" in h.image_type for h in mosaic):
+                what.append("ImageType MOSAIC")
+            tiles = sorted({h.mosaic_images for h in mosaic if h.mosaic_images})
+            if tiles:
+                what.append(f"NumberOfImagesInMosaic {_fmt_set(tiles)}")
+            n = f"{len(mosaic)} of {len(inst)} instances" if len(mosaic) != len(inst) else \
+                f"{len(inst)} instance{'s' if len(inst) != 1 else ''}"
+            problems.append(f"Siemens mosaic ({', '.join(what)}; {n}): slices tiled in one image, "
+                            "not a volume")
+            return problems
+        classic_mf = [h for h in inst if h.number_of_frames > 1 and not h.is_enhanced]
+        if classic_mf:
+            problems.append(f"multi-frame (NumberOfFrames {_fmt_set({h.number_of_frames for h in classic_mf})}) "
+                            "without per-frame functional groups: not an enhanced image, its frames "
+                            f"cannot be placed in space ({classic_mf[0].path})")
+            return problems
+        enhanced = [h for h in inst if h.is_enhanced]
+        if enhanced and len(inst) > 1:
+            problems.append(f"enhanced multi-frame series split over {len(inst)} instances "
+                            f"({len(enhanced)} enhanced, NumberOfFrames {_fmt_set(self.number_of_frames)}): "
+                            "only a series of one multi-frame instance is read as a volume")
+        repeated = self._repeated_positions()
+        if repeated:
+            problems.append(repeated)
+        return problems
+
+    def _repeated_positions(self) -> str:
+        """A reason when most slice positions hold several images (4D / mixed series), else ``""``."""
+        slices = _slices(self.instances)
+        keyed = [(tuple(round(v, 2) for v in sl.position), sl) for sl in slices if sl.position is not None]
+        if len(keyed) < 2:
+            return ""
+        counts = Counter(k for k, _ in keyed)
+        n_pos = len(counts)
+        multi = [c for c in counts.values() if c > 1]
+        if not multi or len(multi) * 2 < n_pos:
+            return ""  # a stray duplicate is a geometry problem, not a 4D series
+        lo, hi = min(counts.values()), max(counts.values())
+        inst = self.instances
+        evidence = []
+        ntp = {h.number_of_temporal_positions for h in inst if (h.number_of_temporal_positions or 0) > 1}
+        if ntp:
+            evidence.append(f"NumberOfTemporalPositions {_fmt_set(ntp)}")
+        for label, values in (("TemporalPositionIdentifier", {h.temporal_position for h in inst}),
+                              ("TemporalPositionIndex", {f.temporal_index for h in inst for f in h.frames}),
+                              ("AcquisitionNumber", {h.acquisition_number for h in inst})):
+            values.discard(None)
+            if len(values) > 1:
+                evidence.append(f"{label} {min(values)}..{max(values)}")  # type: ignore[type-var]
+        if evidence:
+            if lo == hi:
+                head = f"time series: {hi} volumes of {n_pos} slices at the same positions"
+            else:
+                head = f"time series: {lo} to {hi} images at each of {n_pos} slice positions"
+            return f"{head} (fMRI / dynamic; {', '.join(evidence)}), not one 3D volume"
+        types = sorted({(sl.type_label, "\\".join(sl.image_type) or "none") for _, sl in keyed})
+        kinds = ""
+        if len(types) > 1:
+            kinds = f"; {types[0][0]} " + ", ".join(t for _, t in types)
+        each = f"{hi}" if lo == hi else f"{lo} to {hi}"
+        return (f"{each} images at each of {n_pos} slice positions (several volumes in one series: "
+                f"echoes, contrasts or parts of a map{kinds}), not one 3D volume")
+
+    def content_problems(self) -> list[str]:
+        """Why this series is not an anatomical magnitude image (empty list when it may be): a
+        field map, phase, real/imaginary, diffusion (incl. ADC / TRACEW / FA) image, from
+        ImageType / FrameType values 3 on (``M`` is magnitude and fine), ComplexImageComponent and
+        DiffusionBValue > 0. One reason per kind, with the evidence and how many images show it."""
+        slices = _slices(self.instances)
+        found: dict[str, Counter[str]] = defaultdict(Counter)
+        for sl in slices:
+            evidence: list[tuple[str, str]] = []  # (kind, what shows it)
+            for token in sl.image_type[2:]:
+                kind = NON_ANATOMICAL_IMAGE_TYPES.get(token)
+                if kind:
+                    evidence.append((kind, f"{sl.type_label} {token}"))
+            kind = _NON_MAGNITUDE_COMPONENTS.get(sl.complex_component)
+            if kind:
+                evidence.append((kind, f"ComplexImageComponent {sl.complex_component}"))
+            if sl.b_value is not None and sl.b_value > 0:
+                evidence.append(("diffusion image", "DiffusionBValue > 0"))
+            if evidence:  # one kind per image, the most specific; all its evidence under it
+                main = min((k for k, _ in evidence), key=_KIND_PRIORITY.index)
+                for _, what in evidence:
+                    found[main][what] += 1
+        unit = "frames" if any(h.frames for h in self.instances) else "images"
+        problems = []
+        for kind in sorted(found, key=_KIND_PRIORITY.index):
+            items = sorted(found[kind].items(), key=lambda wn: (wn[0].startswith("Complex"), wn[0]))
+            shown = "; ".join(what + (f" in {n} of {len(slices)} {unit}" if n != len(slices) else "")
+                              for what, n in items)
+            problems.append(f"{kind} ({shown}): not an anatomical magnitude image")
+        return problems
+
     def geometry_problems(self) -> list[str]:
         """Why this series is not one regular stack of slices (empty list when it is).
 
         Checks (headers only): one (Rows, Columns); one PixelSpacing and one
-        ImageOrientationPatient (within 1e-4); an ImagePositionPatient on every instance; no two
+        ImageOrientationPatient (within 1e-4); an ImagePositionPatient on every slice; no two
         slices at the same position; slices stacked along the slice normal (no shear / tilt,
-        0.01 mm); evenly spaced (1 %). Multi-frame instances are not examined here. Each problem
-        names a file that shows it (the odd one out, or the two slices around a gap).
+        0.01 mm); evenly spaced (1 %). The slices are the instances of a single-frame series, or
+        the frames (per-frame functional groups) of enhanced multi-frame instances; positions of
+        classic multi-frame instances are not examined. Each problem names a file (and frame)
+        that shows it (the odd one out, or the two slices around a gap).
         """
         problems: list[str] = []
-        inst = self.instances
         if len(self.rows_columns) != 1 or None in next(iter(self.rows_columns)):
             problems.append(f"Rows/Columns missing or differ ({_fmt_set(self.rows_columns)})"
-                            + _odd_one_out(inst, lambda h: (h.rows, h.columns), "Rows/Columns"))
+                            + _odd_one_out(self.instances, lambda h: (h.rows, h.columns), "Rows/Columns"))
+        inst = _slices(self.instances)
         if None in self.pixel_spacings:
             problems.append("PixelSpacing missing on some instances"
                             + _odd_one_out(inst, lambda h: h.pixel_spacing, "PixelSpacing"))
@@ -403,7 +728,7 @@ class SeriesInfo:
                             + _odd_one_out(inst, lambda h: h.orientation, "ImageOrientationPatient",
                                            lambda a, b: _all_close((a, b), abs_tol=_DIR_TOL)))
             return problems
-        if not self.is_single_frame:
+        if any(h.number_of_frames > 1 and not h.is_enhanced for h in self.instances):
             return problems
         positions = [h.position for h in inst]
         if any(p is None for p in positions):
@@ -416,15 +741,15 @@ class SeriesInfo:
         if _norm(normal) < 0.5:
             problems.append("ImageOrientationPatient is degenerate (row and column not orthogonal)")
             return problems
-        proj = sorted((_dot(h.position, normal), h.position, str(h.path)) for h in inst)  # type: ignore[arg-type]
+        proj = sorted((_dot(h.position, normal), h.position, h.label) for h in inst)  # type: ignore[arg-type]
         if len(proj) < 2:
             return problems
         gaps = [b[0] - a[0] for a, b in zip(proj, proj[1:])]
         if min(gaps) < _POS_ABS_TOL_MM:
             k = gaps.index(min(gaps))
             problems.append(f"two or more slices share one position: {proj[k][2]} and {proj[k + 1][2]} are "
-                            f"different instances at the same position ({proj[k][0]:.4g} mm along the "
-                            "slice normal)")
+                            f"different {'frames' if self.is_enhanced else 'instances'} at the same position "
+                            f"({proj[k][0]:.4g} mm along the slice normal)")
             return problems
         median_gap = sorted(gaps)[len(gaps) // 2]
         tol = max(_POS_ABS_TOL_MM, _GAP_REL_TOL * median_gap)
@@ -464,6 +789,38 @@ class SeriesInfo:
                 f"({self.n_instances} instance{'s' if self.n_instances != 1 else ''})")
 
 
+@dataclass(frozen=True)
+class _Slice:
+    """One slice for the geometry checks: a single-frame instance, or one frame of an enhanced
+    instance (``label`` names the file, and the frame)."""
+
+    label: str
+    pixel_spacing: tuple[float, float] | None
+    orientation: tuple[float, ...] | None
+    position: tuple[float, float, float] | None
+    image_type: tuple[str, ...]
+    type_label: str
+    complex_component: str
+    b_value: float | None
+
+
+def _slices(instances: Iterable[InstanceHeader]) -> list[_Slice]:
+    """The slices of ``instances``: each frame of an enhanced instance (FrameType as its image
+    type), else each instance."""
+    out = []
+    for h in instances:
+        if h.frames:
+            out.extend(_Slice(f"{h.path} frame {f.index + 1}", f.pixel_spacing, f.orientation, f.position,
+                              f.frame_type or h.image_type, "FrameType" if f.frame_type else "ImageType",
+                              f.complex_component or h.complex_component,
+                              f.b_value if f.b_value is not None else h.b_value)
+                       for f in h.frames)
+        else:
+            out.append(_Slice(str(h.path), h.pixel_spacing, h.orientation, h.position, h.image_type,
+                              "ImageType", h.complex_component, h.b_value))
+    return out
+
+
 def _all_close(values: Iterable[tuple[float, ...] | None], *, rel: float = 0.0,
                abs_tol: float = 0.0) -> bool:
     vals = [v for v in values if v is not None]
@@ -474,9 +831,10 @@ def _all_close(values: Iterable[tuple[float, ...] | None], *, rel: float = 0.0,
                for v in vals[1:] for a, b in zip(v, ref))
 
 
-def _odd_one_out(instances: Sequence[InstanceHeader], key, label: str, same=None) -> str:
-    """``": PATH has X, the other N instance(s) have Y"`` for the first instance whose ``key`` differs
-    from the most common value (``same(a, b)`` decides "equal"; default ``==``), or ``""``."""
+def _odd_one_out(instances: Sequence[InstanceHeader] | Sequence[_Slice], key, label: str, same=None) -> str:
+    """``": PATH has X, the other N instance(s) have Y"`` for the first instance (or slice) whose
+    ``key`` differs from the most common value (``same(a, b)`` decides "equal"; default ``==``),
+    or ``""``."""
     same = same or (lambda a, b: a == b)
     values = [key(h) for h in instances]
     common = Counter(values).most_common(1)[0][0]
@@ -484,8 +842,15 @@ def _odd_one_out(instances: Sequence[InstanceHeader], key, label: str, same=None
     for h, v in zip(instances, values):
         if not same(v, common):
             show = {True: "one", False: "none"} if isinstance(v, bool) else {}
-            return (f": {h.path} has {label} {show.get(v, _fmt_value(v))}, the other {n_common} instance(s) "
+            name = h.label if isinstance(h, _Slice) else h.path
+            unit = "frame(s)" if isinstance(h, _Slice) and h.type_label == "FrameType" else "instance(s)"
+            return (f": {name} has {label} {show.get(v, _fmt_value(v))}, the other {n_common} {unit} "
                     f"have {show.get(common, _fmt_value(common))}")
+    if instances and (common is None or common is False or (isinstance(common, tuple) and None in common)):
+        h = instances[0]  # missing everywhere: name a file that lacks it
+        name = h.label if isinstance(h, _Slice) else h.path
+        unit = "frame(s)" if isinstance(h, _Slice) and h.type_label == "FrameType" else "instance(s)"
+        return f": all {len(instances)} {unit} lack {label} (e.g. {name})"
     return ""
 
 
@@ -624,12 +989,14 @@ def scan_study(study_dir: str | os.PathLike, *, workers: int = 8) -> StudyScan:
 
     by_series: dict[str, list[InstanceHeader]] = defaultdict(list)
     damaged: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    damaged_headers: dict[str, list[InstanceHeader]] = defaultdict(list)
     seen_sop: dict[str, Path] = {}
     for path, (header, reason) in zip(files, results):
         if header is None or reason:
             ignored.append((path, reason or "unknown"))
             if header is not None:
                 damaged[header.series_uid].append((path, reason))
+                damaged_headers[header.series_uid].append(header)
             continue
         if header.sop_instance_uid in seen_sop:
             ignored.append((path, f"duplicate SOPInstanceUID (same as {seen_sop[header.sop_instance_uid]})"))
@@ -645,6 +1012,11 @@ def scan_study(study_dir: str | os.PathLike, *, workers: int = 8) -> StudyScan:
         detail = "; ".join(f"{n} x {r}" for r, n in why.most_common(5)) or "directory is empty"
         raise StudyError(f"no DICOM instances found under {root} ({len(files)} files; {detail})")
 
+    # a series whose every instance is damaged is still listed (with its damaged instances), so that
+    # selection names it and why instead of silently not seeing it; it is never selected
+    for uid, headers in damaged_headers.items():
+        if uid not in by_series:
+            by_series[uid] = headers
     series = sorted((SeriesInfo.from_instances(v, damaged.get(uid, ())) for uid, v in by_series.items()),
                     key=lambda s: (s.study_uid, s.series_number is None, s.series_number or 0,
                                    s.uid))
@@ -682,17 +1054,25 @@ class SelectionRules:
     Attributes:
         modality: required Modality (None or "" = any).
         description_contains: case-insensitive substring of SeriesDescription (None or "" = any).
-        single_frame: require one frame per instance.
+        single_volume: require a series that is one 3D volume: single-frame instances (one per
+            slice) or one enhanced multi-frame instance; refuses Siemens mosaics, time series (4D),
+            classic multi-frame instances and enhanced series split over several instances
+            (:meth:`SeriesInfo.volume_problems`).
+        anatomical_only: refuse field maps, phase, real/imaginary and diffusion images
+            (:meth:`SeriesInfo.content_problems`).
         consistent_geometry: require one regular stack (see :meth:`SeriesInfo.geometry_problems`).
-        min_instances: minimum number of instances (slices).
+        min_instances: minimum number of slices (instances, or frames of an enhanced instance).
         sop_classes: accepted SOPClassUIDs (UIDs or pydicom keywords; empty = any).
         study_uid: only consider this StudyInstanceUID (None = any).
         single_study: when True, a folder that mixes studies is an error unless ``study_uid`` picks
             one; when False (default) it is only logged as a warning.
-        max_instances: refuse a series of more instances (slices) than this (None = no limit).
+        max_instances: refuse a series of more slices (instances or frames) than this (None = no
+            limit).
         max_rows_columns: refuse a series whose Rows or Columns exceed this (None = no limit).
             With ``max_instances`` this bounds the memory a study may take; both are checked from
             the headers, before any pixel is read.
+
+        single_frame: deprecated alias of ``single_volume`` (older configs); ``None`` = not given.
 
     A series with a damaged instance (:attr:`SeriesInfo.damaged`: pixel data truncated) is always
     rejected, naming the file: using the rest would silently drop a slice.
@@ -700,23 +1080,32 @@ class SelectionRules:
 
     modality: str | None = "MR"
     description_contains: str | None = "HippoCrop"
-    single_frame: bool = True
+    single_volume: bool = True
+    anatomical_only: bool = True
     consistent_geometry: bool = True
     min_instances: int = 3
-    sop_classes: Sequence[str] = (pydicom.uid.MRImageStorage,)
+    sop_classes: Sequence[str] = (pydicom.uid.MRImageStorage, *ENHANCED_MR_SOP_CLASSES)
     study_uid: str | None = None
     single_study: bool = False
     max_instances: int | None = 2000
     max_rows_columns: int | None = 512
+    single_frame: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.single_frame is not None:
+            log.warning("selection rule 'single_frame' is deprecated: read as single_volume=%s "
+                        "(one volume: single-frame slices or one enhanced multi-frame instance)",
+                        bool(self.single_frame))
+            self.single_volume = bool(self.single_frame)
+            self.single_frame = None
         if isinstance(self.sop_classes, str):
             self.sop_classes = (self.sop_classes,)
         self.sop_classes = tuple(_resolve_sop_class(s) for s in (self.sop_classes or ()))
         self.min_instances = int(self.min_instances)
         if self.min_instances < 1:
             raise ValueError(f"min_instances must be >= 1, got {self.min_instances}")
-        self.single_frame = bool(self.single_frame)
+        self.single_volume = bool(self.single_volume)
+        self.anatomical_only = bool(self.anatomical_only)
         self.consistent_geometry = bool(self.consistent_geometry)
         self.single_study = bool(self.single_study)
         for name in ("max_instances", "max_rows_columns"):
@@ -751,12 +1140,18 @@ class SelectionRules:
         if self.sop_classes and not series.sop_class_uids <= set(self.sop_classes):
             names = ", ".join(sorted(pydicom.uid.UID(u).name for u in series.sop_class_uids))
             reasons.append(f"SOP class {names} not accepted")
-        if self.single_frame and not series.is_single_frame:
-            reasons.append(f"multi-frame (NumberOfFrames {_fmt_set(series.number_of_frames)})")
-        if series.n_instances < self.min_instances:
+        if self.single_volume:
+            reasons.extend(series.volume_problems())
+        if self.anatomical_only:
+            reasons.extend(series.content_problems())
+        # slices: the frames of an enhanced instance, else the instances
+        if series.is_single_enhanced and series.n_frames < self.min_instances:
+            reasons.append(f"only {series.n_frames} frame(s) in the enhanced instance, need >= {self.min_instances}")
+        elif not series.is_single_enhanced and series.n_instances < self.min_instances:
             reasons.append(f"only {series.n_instances} instance(s), need >= {self.min_instances}")
-        if self.max_instances is not None and series.n_instances > self.max_instances:
-            reasons.append(f"too large: {series.n_instances} instances exceed max_instances {self.max_instances}")
+        if self.max_instances is not None and series.n_frames > self.max_instances:
+            unit = "instances" if series.is_single_frame else "frames"
+            reasons.append(f"too large: {series.n_frames} {unit} exceed max_instances {self.max_instances}")
         if self.max_rows_columns is not None:
             big = sorted((r, c) for r, c in series.rows_columns
                          if r is not None and c is not None and max(r, c) > self.max_rows_columns)
@@ -831,8 +1226,10 @@ def _describe_rules(rules: SelectionRules) -> str:
     if rules.sop_classes:
         parts.append("SOP class in {" + ", ".join(pydicom.uid.UID(u).name
                                                    for u in rules.sop_classes) + "}")
-    if rules.single_frame:
-        parts.append("single-frame")
+    if rules.single_volume:
+        parts.append("one volume")
+    if rules.anatomical_only:
+        parts.append("anatomical images")
     if rules.consistent_geometry:
         parts.append("consistent geometry")
     parts.append(f">= {rules.min_instances} instances")

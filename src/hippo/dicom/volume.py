@@ -2,9 +2,11 @@
 
 The model works on volumes in the NIfTI/Decathlon convention: array axes ``(X, Y, Z)`` with a
 voxel->RAS affine that is (close to) diagonal positive ("closest canonical RAS"). A DICOM series is
-a stack of single-frame images placed in LPS patient coordinates. :func:`load_series` turns the
-stack into that convention and keeps what is needed to map a result (a mask) back onto the source
-frames, pixel-aligned, for a DICOM SEG.
+a stack of single-frame images placed in LPS patient coordinates, or one enhanced multi-frame
+image (Enhanced / Legacy Converted Enhanced MR) whose frames are placed by functional groups (per
+frame PlanePosition, shared or per-frame PlaneOrientation and PixelMeasures, per-frame
+PixelValueTransformation). :func:`load_series` turns the stack into that convention and keeps what
+is needed to map a result (a mask) back onto the source frames, pixel-aligned, for a DICOM SEG.
 
 Geometry, in DICOM terms (PS3.3 C.7.6.2):
 
@@ -16,7 +18,8 @@ Geometry, in DICOM terms (PS3.3 C.7.6.2):
   ``ImagePositionPatient + j * PixelSpacing[1] * r + i * PixelSpacing[0] * c``.
 * The slice normal is ``n = r x c``; slices are ordered by ``ImagePositionPatient . n``.
 
-Only pydicom and numpy (plus nibabel's orientation helpers); never torch, Lightning or Hydra.
+Only pydicom and numpy (plus nibabel's orientation helpers and :mod:`hippo.dicom.ingest`'s
+functional-group reader); never torch, Lightning or Hydra.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import numpy as np
 import pydicom
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from pydicom.dataset import Dataset
+
+from hippo.dicom.ingest import frame_attributes, has_functional_groups, mosaic_evidence
 
 __all__ = [
     "SeriesError",
@@ -71,19 +76,30 @@ class PixelDecodeError(SeriesError):
 class SeriesVolume:
     """A series as a volume in closest canonical RAS.
 
+    Two kinds of source: a classic series (one single-frame dataset per slice) and a multi-frame
+    source (one enhanced instance holding every slice as a frame; :attr:`is_multiframe`). For a
+    multi-frame source ``datasets`` is ``[the multi-frame dataset]`` and :meth:`to_source` /
+    :meth:`from_source` / :attr:`source_shape` use ``(NumberOfFrames, Rows, Columns)`` with frame
+    ``k`` pixel-aligned to frame ``k`` of the instance *in the file's frame order* (whatever the
+    spatial order of the frames is).
+
     Attributes:
         array: ``(X, Y, Z) float32``, stored values with RescaleSlope/RescaleIntercept applied
             (real-world units, e.g. arbitrary MR units or HU), reoriented to closest canonical RAS.
         affine: ``(4, 4) float64`` voxel index -> RAS position in mm of ``array``.
         spacing: ``(sx, sy, sz)`` voxel size in mm of ``array``'s axes.
         datasets: the source pydicom datasets (headers and pixels), sorted by ascending projection
-            of ``ImagePositionPatient`` on the slice normal (InstanceNumber order in the fallback).
+            of ``ImagePositionPatient`` on the slice normal (InstanceNumber order in the fallback);
+            for a multi-frame source, the one multi-frame dataset.
         warnings: human-readable notes (dropped duplicates, InstanceNumber fallback, tilt, ...).
         series_uid: the SeriesInstanceUID.
         source_affine_lps: ``(4, 4)`` voxel -> LPS (mm) affine of the source stack indexed
-            ``(column, row, slice)`` (slice in ``datasets`` order).
+            ``(column, row, slice)`` (slice in ``datasets`` order; for a multi-frame source in
+            sorted order, i.e. slice ``s`` is frame ``frame_order[s]`` of the file).
         ornt: nibabel orientation ``(3, 2)`` that maps the source stack onto ``array``.
         files: the file name (or a description) of each dataset, in ``datasets`` order.
+        frame_order: multi-frame source only (else ``None``): ``frame_order[s]`` is the 0-based
+            file frame index of slice ``s`` of the sorted stack (ascending along the normal).
     """
 
     array: np.ndarray
@@ -95,12 +111,20 @@ class SeriesVolume:
     source_affine_lps: np.ndarray = field(default_factory=lambda: np.eye(4))
     ornt: np.ndarray = field(default_factory=lambda: axcodes2ornt(("R", "A", "S")))
     files: list[str] = field(default_factory=list)
+    frame_order: np.ndarray | None = None
+
+    @property
+    def is_multiframe(self) -> bool:
+        """True when the source is one multi-frame (enhanced) instance."""
+        return self.frame_order is not None
 
     @property
     def source_shape(self) -> tuple[int, int, int]:
-        """``(n_slices, Rows, Columns)`` of the source frames."""
+        """``(n_slices, Rows, Columns)`` of the source frames (``(NumberOfFrames, Rows, Columns)``
+        for a multi-frame source)."""
         ds = self.datasets[0]
-        return (len(self.datasets), int(ds.Rows), int(ds.Columns))
+        n = len(self.frame_order) if self.frame_order is not None else len(self.datasets)
+        return (n, int(ds.Rows), int(ds.Columns))
 
     def to_source(self, mask_ras: np.ndarray) -> np.ndarray:
         """Map an array on this volume's grid back onto the source frames.
@@ -110,7 +134,9 @@ class SeriesVolume:
 
         Returns:
             ``(n_slices, Rows, Columns)`` array of the same dtype; frame ``k`` is pixel-aligned with
-            ``datasets[k]`` (the exact inverse of the reorientation, no resampling).
+            ``datasets[k]`` (the exact inverse of the reorientation, no resampling). For a
+            multi-frame source ``(NumberOfFrames, Rows, Columns)``, frame ``k`` pixel-aligned with
+            frame ``k`` of the instance in the file's frame order.
 
         Raises:
             ValueError: ``mask_ras`` does not have ``array``'s shape.
@@ -119,14 +145,21 @@ class SeriesVolume:
         if mask_ras.shape != self.array.shape:
             raise ValueError(f"to_source: mask shape {mask_ras.shape} differs from the volume's {self.array.shape}")
         back = ornt_transform(axcodes2ornt(("R", "A", "S")), self.ornt)
-        stack = apply_orientation(mask_ras, back)  # (Columns, Rows, n_slices)
-        return np.ascontiguousarray(stack.transpose(2, 1, 0))
+        stack = apply_orientation(mask_ras, back).transpose(2, 1, 0)  # (n_slices, Rows, Columns)
+        if self.frame_order is not None:
+            out = np.empty_like(stack)
+            out[self.frame_order] = stack  # sorted slice s -> file frame frame_order[s]
+            return out
+        return np.ascontiguousarray(stack)
 
     def from_source(self, frames: np.ndarray) -> np.ndarray:
-        """The forward mapping of :meth:`to_source`: ``(n_slices, Rows, Columns)`` -> ``(X, Y, Z)``."""
+        """The forward mapping of :meth:`to_source`: ``(n_slices, Rows, Columns)`` (file frame order
+        for a multi-frame source) -> ``(X, Y, Z)``."""
         frames = np.asarray(frames)
         if frames.shape != self.source_shape:
             raise ValueError(f"from_source: frames shape {frames.shape} differs from the source's {self.source_shape}")
+        if self.frame_order is not None:
+            frames = frames[self.frame_order]
         return np.ascontiguousarray(apply_orientation(frames.transpose(2, 1, 0), self.ornt))
 
 
@@ -142,6 +175,7 @@ class _Item:
     header: Dataset
     path: Path | None
     full: Dataset | None  # dataset with pixel data, when given or once read
+    frame: int | None = None  # 0-based frame of a multi-frame source (header: that frame's values)
 
 
 def load_series(
@@ -151,11 +185,14 @@ def load_series(
     workers: int = 4,
     series_uid: str | None = None,
 ) -> SeriesVolume:
-    """Read one single-frame DICOM series into a volume in closest canonical RAS.
+    """Read one DICOM series into a volume in closest canonical RAS: single-frame instances (one
+    per slice), or one enhanced multi-frame instance (functional groups give each frame's geometry
+    and rescale; the same checks apply to its frames as to a classic series' files).
 
     Args:
         paths_or_datasets: files (``str``/``PathLike``) and/or pydicom datasets of one series, in any
-            order. Headers are read first; pixel data only for the slices that are kept.
+            order (or the one multi-frame instance). Headers are read first; pixel data only for
+            the slices that are kept.
         spacing_tolerance: allowed relative deviation of each slice step from the median step
             (``0.01`` = 1 %).
         workers: threads used to read headers and decode pixels.
@@ -169,7 +206,10 @@ def load_series(
     Raises:
         SeriesGeometryError: no input, several series, a single slice, mixed Rows/Columns/
             PixelSpacing/ImageOrientationPatient (names the file), duplicate positions (names both
-            files), a missing slice (names the gap position in mm), non-uniform spacing.
+            files), a missing slice (names the gap position in mm), non-uniform spacing; a
+            multi-frame instance without functional groups, or a series of several instances of
+            which one is multi-frame (an enhanced series split over instances). For a multi-frame
+            source the messages name the file and the frame (``FILE frame 3``, 1-based).
         PixelDecodeError: pixel data that cannot be decoded (names the file and transfer syntax).
         FileNotFoundError / pydicom.errors.InvalidDicomError: an unreadable input file.
     """
@@ -203,9 +243,30 @@ def load_series(
         kept.append(it)
     items = kept
 
-    # --- per-file checks and consistency -------------------------------------------------------
     for it in items:
-        _check_single_frame(it, uid)
+        mosaic = mosaic_evidence(it.header)
+        if mosaic:
+            raise SeriesGeometryError(f"series {uid}: {it.name} is a Siemens mosaic ({mosaic}): slices tiled in "
+                                      f"one image, not a volume")
+
+    # --- a multi-frame source: its frames become the slices ----------------------------------------
+    source: _Item | None = None
+    multi = [it for it in items if _n_frames(it.header) > 1 or has_functional_groups(it.header)]
+    if multi:
+        if len(items) > 1:
+            names = ", ".join(f"{it.name} ({_n_frames(it.header)} frames)" for it in multi[:3])
+            raise SeriesGeometryError(
+                f"series {uid}: {len(items)} instances, {len(multi)} of them multi-frame or enhanced ({names}"
+                f"{', ...' if len(multi) > 3 else ''}); a multi-frame series must be one enhanced instance "
+                f"holding every slice (an enhanced series split over several instances is not supported)")
+        source = items[0]
+        _check_greyscale(source, uid)
+        items = _frame_items(source, uid)
+
+    # --- per-file checks and consistency -------------------------------------------------------
+    if source is None:
+        for it in items:
+            _check_single_frame(it, uid)
     rows, cols = _consistent_int(items, uid, "Rows"), _consistent_int(items, uid, "Columns")
     pixel_spacing = _consistent_pixel_spacing(items, uid)
     iop = _consistent_orientation(items, uid)
@@ -239,7 +300,12 @@ def load_series(
         items, step, origin = _instance_number_fallback(items, positions, normal, uid, why, warnings)
 
     # --- pixels -----------------------------------------------------------------------------------
-    frames = _read_pixels(items, uid, workers)  # (n, Rows, Columns) float32
+    frame_order = None
+    if source is not None:
+        frame_order = np.array([it.frame for it in items], dtype=np.intp)
+        frames = _read_multiframe_pixels(source, items, uid)[frame_order]  # sorted (n, Rows, Columns)
+    else:
+        frames = _read_pixels(items, uid, workers)  # (n, Rows, Columns) float32
     if frames.shape[1:] != (rows, cols):
         raise SeriesGeometryError(f"series {uid}: decoded frames are {frames.shape[1:]}, headers say {(rows, cols)}")
 
@@ -255,16 +321,18 @@ def load_series(
     array = np.ascontiguousarray(apply_orientation(stack, ornt), dtype=np.float32)
     affine = aff_ras_src @ inv_ornt_aff(ornt, stack.shape)
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    sources = [source] if source is not None else items
     return SeriesVolume(
         array=array,
         affine=affine,
         spacing=spacing,  # type: ignore[arg-type]
-        datasets=[it.full for it in items],  # type: ignore[misc]
+        datasets=[it.full for it in sources],  # type: ignore[misc]
         warnings=warnings,
         series_uid=uid,
         source_affine_lps=aff_lps,
         ornt=ornt,
-        files=[it.name for it in items],
+        files=[it.name for it in sources],
+        frame_order=frame_order,
     )
 
 
@@ -290,15 +358,62 @@ def _read_headers(inputs: list, workers: int) -> list[_Item]:
         return list(pool.map(one, enumerate(inputs)))
 
 
-def _check_single_frame(it: _Item, uid: str) -> None:
-    frames = it.header.get("NumberOfFrames", 1)
+def _n_frames(header: Dataset) -> int:
+    frames = header.get("NumberOfFrames", 1)
     try:
-        n = int(frames) if frames not in (None, "") else 1
+        return int(frames) if frames not in (None, "") else 1
     except (TypeError, ValueError):
-        n = 1
-    if n > 1:
+        return 1
+
+
+#: Attributes of a multi-frame instance copied into each frame's pseudo header.
+_FRAME_COPIED = ("SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "SamplesPerPixel")
+
+
+def _frame_items(source: _Item, uid: str) -> list[_Item]:
+    """One :class:`_Item` per frame of an enhanced instance, in file frame order: its header a
+    small dataset with that frame's PixelSpacing, ImageOrientationPatient, ImagePositionPatient,
+    SliceThickness, SpacingBetweenSlices, RescaleSlope/Intercept (functional groups: per-frame,
+    else shared; rescale falls back to the top level) and InstanceNumber = frame number, so that
+    the classic checks and ordering apply unchanged."""
+    hdr = source.header
+    if not has_functional_groups(hdr):
+        raise SeriesGeometryError(
+            f"series {uid}: {source.name} is a multi-frame image ({_n_frames(hdr)} frames) without per-frame "
+            f"functional groups (PerFrameFunctionalGroupsSequence): its frames cannot be placed in space; "
+            f"only enhanced multi-frame images (e.g. Enhanced MR Image Storage) are supported")
+    per_frame = frame_attributes(hdr)
+    n = _n_frames(hdr)
+    if len(per_frame) != n:
+        raise SeriesGeometryError(f"series {uid}: {source.name} has NumberOfFrames {n} but "
+                                  f"{len(per_frame)} PerFrameFunctionalGroupsSequence items")
+    items = []
+    for k, values in enumerate(per_frame):
+        ds = Dataset()
+        for kw in _FRAME_COPIED:
+            if kw in hdr:
+                setattr(ds, kw, hdr[kw].value)
+        for kw in ("RescaleSlope", "RescaleIntercept", "SpacingBetweenSlices", "SliceThickness"):
+            if kw in hdr and kw not in values:
+                values = {**values, kw: hdr[kw].value}
+        for kw in ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness",
+                   "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept"):
+            if kw in values:
+                setattr(ds, kw, values[kw])
+        ds.InstanceNumber = k + 1
+        items.append(_Item(f"{source.name} frame {k + 1}", ds, source.path, None, frame=k))
+    return items
+
+
+def _check_single_frame(it: _Item, uid: str) -> None:
+    n = _n_frames(it.header)
+    if n > 1:  # pragma: no cover - multi-frame inputs take the multi-frame path
         raise SeriesGeometryError(f"series {uid}: {it.name} is a multi-frame image ({n} frames); "
                                   f"only single-frame series are supported")
+    _check_greyscale(it, uid)
+
+
+def _check_greyscale(it: _Item, uid: str) -> None:
     spp = it.header.get("SamplesPerPixel", 1)
     if spp not in (None, "") and int(spp) != 1:
         raise SeriesGeometryError(f"series {uid}: {it.name} has SamplesPerPixel {spp}; a greyscale image is needed")
@@ -384,6 +499,11 @@ def _check_spacing(items: list[_Item], pos: np.ndarray, proj: np.ndarray, uid: s
     gaps = np.diff(proj)
     for k, g in enumerate(gaps):
         if g < _SAME_POSITION_MM:
+            if items[k].frame is not None:
+                raise SeriesGeometryError(
+                    f"series {uid}: {items[k].name} and {items[k + 1].name} are at the same position "
+                    f"({proj[k]:.4f} mm along the slice normal) but are different frames (several "
+                    f"volumes, echoes or time points in one instance?)")
             raise SeriesGeometryError(
                 f"series {uid}: {items[k].name} and {items[k + 1].name} are at the same position "
                 f"({proj[k]:.4f} mm along the slice normal) but are different instances "
@@ -458,33 +578,83 @@ def _has_decoder(transfer_syntax) -> bool:
         return False
 
 
+def _plugins(transfer_syntax) -> list[str]:
+    """pydicom decoding plugins to try for ``transfer_syntax``, GDCM only when nothing else can:
+    GDCM aborts the whole process (an uncaught C++ exception, not a Python error) on some corrupt
+    JPEG 2000 codestreams, which pydicom would otherwise hand it first. ``[""]`` = pydicom's
+    choice (native / unknown transfer syntaxes)."""
+    try:
+        from pydicom.pixels import get_decoder
+
+        available = list(get_decoder(transfer_syntax).available_plugins)
+    except Exception:  # native or unknown transfer syntax
+        return [""]
+    others = [p for p in available if p != "gdcm"]
+    return others or available or [""]
+
+
+def _decode(it: _Item, uid: str) -> np.ndarray:
+    """``it``'s stored pixel values (reads the file when needed; fills ``it.full``). Compressed
+    data is decoded with each available non-GDCM plugin in turn (GDCM when it is the only one)."""
+    if it.full is None:
+        it.full = pydicom.dcmread(it.path)  # type: ignore[arg-type]
+    ds = it.full
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    plugins = _plugins(ts) if ts is not None else [""]
+    try:
+        for k, plugin in enumerate(plugins):
+            try:
+                if plugin:
+                    ds.pixel_array_options(decoding_plugin=plugin)
+                return ds.pixel_array
+            except Exception:
+                if k == len(plugins) - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+    except Exception as exc:  # decoders raise many types
+        ts_text = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
+        advice = ("a decoder for it is installed, so the pixel data is probably corrupt" if _has_decoder(ts) else
+                  "Install a decoder (pylibjpeg / python-gdcm) or send the series uncompressed "
+                  "(Explicit VR Little Endian)")
+        raise PixelDecodeError(
+            f"series {uid}: {it.name}: cannot decode pixel data with transfer syntax {ts_text}: "
+            f"{type(exc).__name__}: {exc}. {advice}") from exc
+
+
+def _rescale(pixels: np.ndarray, header: Dataset) -> np.ndarray:
+    slope = header.get("RescaleSlope", None)
+    intercept = header.get("RescaleIntercept", None)
+    slope = 1.0 if slope in (None, "") else float(slope)
+    intercept = 0.0 if intercept in (None, "") else float(intercept)
+    return (pixels.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def _read_multiframe_pixels(source: _Item, frames: list[_Item], uid: str) -> np.ndarray:
+    """All frames of a multi-frame source, ``(NumberOfFrames, Rows, Columns) float32`` in file frame
+    order, each rescaled with its own (per-frame functional group) slope and intercept."""
+    pixels = _decode(source, uid)
+    n = len(frames)
+    if pixels.ndim == 2 and n == 1:
+        pixels = pixels[None]
+    if pixels.ndim != 3 or pixels.shape[0] != n:
+        raise SeriesGeometryError(f"series {uid}: {source.name}: expected {n} greyscale frames, got pixel "
+                                  f"shape {pixels.shape}")
+    out = np.empty(pixels.shape, dtype=np.float32)
+    for it in frames:
+        out[it.frame] = _rescale(pixels[it.frame], it.header)
+    return out
+
+
 def _read_pixels(items: list[_Item], uid: str, workers: int) -> np.ndarray:
     """Rescaled frames ``(n, Rows, Columns) float32`` in ``items`` order; fills ``item.full``."""
 
     def one(it: _Item) -> np.ndarray:
-        if it.full is None:
-            it.full = pydicom.dcmread(it.path)  # type: ignore[arg-type]
+        pixels = _decode(it, uid)
         ds = it.full
-        try:
-            pixels = ds.pixel_array
-        except Exception as exc:  # decoders raise many types
-            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-            ts_text = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
-            advice = ("a decoder for it is installed, so the pixel data is probably corrupt" if _has_decoder(ts) else
-                      "Install a decoder (pylibjpeg / python-gdcm) or send the series uncompressed "
-                      "(Explicit VR Little Endian)")
-            raise PixelDecodeError(
-                f"series {uid}: {it.name}: cannot decode pixel data with transfer syntax {ts_text}: "
-                f"{type(exc).__name__}: {exc}. {advice}") from exc
         if pixels.ndim != 2:
             raise SeriesGeometryError(f"series {uid}: {it.name}: expected one greyscale frame, got pixel shape "
                                       f"{pixels.shape}")
-        slope = ds.get("RescaleSlope", None)
-        intercept = ds.get("RescaleIntercept", None)
-        slope = 1.0 if slope in (None, "") else float(slope)
-        intercept = 0.0 if intercept in (None, "") else float(intercept)
-        out = pixels.astype(np.float64) * slope + intercept
-        return out.astype(np.float32)
+        return _rescale(pixels, ds)  # type: ignore[arg-type]
 
     if workers == 1 or len(items) < 4:
         frames = [one(it) for it in items]
