@@ -234,3 +234,24 @@ def test_dciodvfy_sees_errors_when_there_are_some(tmp_path):
     path = tmp_path / "bad.dcm"
     ds.save_as(path, enforce_file_format=True)
     assert dciodvfy_problems(path)["errors"]
+
+
+def test_enhanced_multiframe_source_gives_conformant_objects(base_study, processor, tmp_path):
+    """The HippoCrop series as one Legacy Converted Enhanced MR instance (what archives that convert
+    classic series send): the SEG references frames of the one instance; all three objects pass."""
+    import highdicom as hd
+
+    crop = [pydicom.dcmread(f) for f in sorted(base_study.iterdir())]
+    crop = [ds for ds in crop if ds.SeriesDescription == "HippoCrop"]
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(
+        crop, series_instance_uid=crop[0].SeriesInstanceUID, series_number=5,
+        sop_instance_uid=hd.UID(), instance_number=1)
+    study = tmp_path / "study"
+    study.mkdir()
+    enhanced.save_as(study / "enhanced.dcm")
+    outcome = processor.process(study)
+    _check_objects(outcome)
+    seg = pydicom.dcmread(outcome.files["seg"])
+    refs = {str(item.ReferencedSOPInstanceUID) for f in seg.PerFrameFunctionalGroupsSequence
+            for item in f.DerivationImageSequence[0].SourceImageSequence}
+    assert refs == {str(enhanced.SOPInstanceUID)}

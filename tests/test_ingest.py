@@ -420,3 +420,45 @@ def test_classic_time_series_and_mosaic_are_refused_by_name(tmp_path):
     _set(paths, ImageType=["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"])
     reasons = SelectionRules().rejection_reasons(scan_study(tmp_path / "mosaic").get(uid))
     assert reasons == ["Siemens mosaic (ImageType MOSAIC; 4 instances): slices tiled in one image, not a volume"]
+
+
+def test_unreadable_file_fails_the_study_naming_it(study, monkeypatch):
+    """A slice that exists but cannot be read (permissions, I/O error) is not junk to skip: the study
+    would be measured from part of its input. It fails, naming the file and why."""
+    import builtins
+
+    import hippo.dicom.ingest as ingest
+
+    locked = study["crop_files"][2]
+    real_open = builtins.open
+
+    def guarded_open(path, *args, **kwargs):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(ingest, "open", guarded_open, raising=False)
+    with pytest.raises(StudyError, match="cannot be read") as err:
+        scan_study(study["root"])
+    assert str(locked) in str(err.value) and "Permission denied" in str(err.value)
+
+
+def test_unlistable_folder_fails_the_study_naming_it(study, monkeypatch):
+    """A sub-folder that cannot be listed hides an unknown part of the study: an error, not a skip."""
+    import os
+
+    hidden = study["root"] / "a"
+    real_walk = os.walk
+
+    def walk(top, *args, onerror=None, **kwargs):
+        for dirpath, dirnames, filenames in real_walk(top, *args, onerror=onerror, **kwargs):
+            if Path(dirpath) == hidden:
+                onerror(PermissionError(13, "Permission denied", str(hidden)))
+                dirnames[:] = []
+                continue
+            yield dirpath, dirnames, filenames
+
+    monkeypatch.setattr(os, "walk", walk)
+    with pytest.raises(StudyError, match="folder cannot be listed") as err:
+        scan_study(study["root"])
+    assert str(hidden) in str(err.value)

@@ -912,15 +912,24 @@ class StudyScan:
         return "\n".join(f"  - {s.summary()}" for s in self.series) or "  (no series)"
 
 
-def _walk_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+def _walk_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]], list[tuple[Path, str]]]:
     """Every regular file below ``root`` (hidden ones too), sorted. Symlinked directories are not
     descended; symlinked files are kept only when they resolve inside ``root``; a second name for
-    a file already listed (symlink or hard link) is skipped."""
+    a file already listed (symlink or hard link) is skipped.
+
+    Returns ``(files, ignored, unreadable)``: ``unreadable`` lists the folders that could not be
+    listed and the entries that could not be examined (permissions, I/O errors) -- input that exists
+    but cannot be read, which the caller must not treat as absent."""
     real_root = root.resolve()
     files: list[Path] = []
     ignored: list[tuple[Path, str]] = []
+    unreadable: list[tuple[Path, str]] = []
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+
+    def walk_error(exc: OSError) -> None:
+        unreadable.append((Path(exc.filename or root), f"folder cannot be listed: {exc.strerror or exc}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=walk_error):
         base = Path(dirpath)
         dirnames.sort()
         for d in dirnames:
@@ -935,8 +944,11 @@ def _walk_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
                         ignored.append((p, "symlink pointing outside the study directory"))
                         continue
                 st = p.stat()
-            except (OSError, RuntimeError):
-                ignored.append((p, "broken symlink or unreadable entry"))
+            except (OSError, RuntimeError) as exc:
+                if p.is_symlink():
+                    ignored.append((p, "broken symlink"))
+                else:
+                    unreadable.append((p, f"cannot be examined: {getattr(exc, 'strerror', None) or exc}"))
                 continue
             if not stat.S_ISREG(st.st_mode):
                 ignored.append((p, "not a regular file"))
@@ -947,7 +959,7 @@ def _walk_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
                 continue
             seen.add(key)
             files.append(p)
-    return files, ignored
+    return files, ignored, unreadable
 
 
 def scan_study(study_dir: str | os.PathLike, *, workers: int = 8) -> StudyScan:
@@ -969,7 +981,9 @@ def scan_study(study_dir: str | os.PathLike, *, workers: int = 8) -> StudyScan:
     Raises:
         FileNotFoundError: ``study_dir`` does not exist (the message names it).
         NotADirectoryError: ``study_dir`` is a file.
-        StudyError: no DICOM instance at all under ``study_dir`` (the message names it).
+        StudyError: no DICOM instance at all under ``study_dir`` (the message names it), or a file
+            or folder under it cannot be read (permissions, I/O): a study is never measured from
+            part of its input.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -979,7 +993,7 @@ def scan_study(study_dir: str | os.PathLike, *, workers: int = 8) -> StudyScan:
     if not root.is_dir():
         raise NotADirectoryError(20, "study path is not a directory", str(root))
     t0 = time.perf_counter()
-    files, ignored = _walk_files(root)
+    files, ignored, unreadable = _walk_files(root)
     if files:
         with ThreadPoolExecutor(max_workers=min(workers, len(files)),
                                 thread_name_prefix="dicom-ingest") as pool:
@@ -1004,6 +1018,12 @@ def scan_study(study_dir: str | os.PathLike, *, workers: int = 8) -> StudyScan:
         seen_sop[header.sop_instance_uid] = path
         by_series[header.series_uid].append(header)
 
+    unreadable += [(p, r) for p, (h, r) in zip(files, results) if h is None and r and r.startswith("unreadable:")]
+    if unreadable:  # part of the study cannot be read: measuring the rest could give a partial volume
+        shown = "; ".join(f"{p}: {why}" for p, why in unreadable[:5])
+        more = f" (and {len(unreadable) - 5} more)" if len(unreadable) > 5 else ""
+        raise StudyError(f"{root}: {len(unreadable)} input(s) cannot be read: {shown}{more}; fix the permissions "
+                         "or the storage and run the study again (a partial study is never measured)")
     for path, reason in ignored:
         log.info("ignored %s: %s", path, reason)
     elapsed = time.perf_counter() - t0
