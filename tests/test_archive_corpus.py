@@ -14,7 +14,6 @@ under test here.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pydicom

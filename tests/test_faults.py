@@ -84,7 +84,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, MRImageStorage, SecondaryCaptureImageStorage,
                                   SegmentationStorage, Verification)
 
-from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES, REAL_DATA, write_nifti
+from conftest import ANY_VOLUME_OVERRIDES, REAL_DATA, write_nifti
 from hippo.fileio import write_bytes_atomic, write_json_atomic
 from hippo.network.listener import _instances
 from hippo.pacs import Outbox, PacsConfig, deliver, echo
