@@ -462,3 +462,25 @@ def test_unlistable_folder_fails_the_study_naming_it(study, monkeypatch):
     with pytest.raises(StudyError, match="folder cannot be listed") as err:
         scan_study(study["root"])
     assert str(hidden) in str(err.value)
+
+
+def test_series_with_fewer_instances_than_announced_is_incomplete(tmp_path):
+    """A series cut short (a sender that paused, a partial export): its ORIGINAL images announce
+    ImagesInAcquisition 6 and only 4 are there -- refused as incomplete, never measured in part.
+    A derived series (a crop may carry its source's count) is not judged by that count."""
+    root = tmp_path / "study"
+    uid, paths = write_series(root, 6, "HippoCrop")
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.ImageType, ds.ImagesInAcquisition = ["ORIGINAL", "PRIMARY", "M"], 6
+        ds.save_as(p)
+    assert select_series(scan_study(root)).uid == uid  # whole: selected
+    for p in paths[4:]:
+        p.unlink()
+    with pytest.raises(SeriesSelectionError, match=r"incomplete: 4 of 6 instances \(ImagesInAcquisition 6\)"):
+        select_series(scan_study(root))
+    for p in paths[:4]:
+        ds = pydicom.dcmread(p)
+        ds.ImageType = ["DERIVED", "SECONDARY", "M"]
+        ds.save_as(p)
+    assert select_series(scan_study(root)).uid == uid

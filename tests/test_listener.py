@@ -471,3 +471,31 @@ def test_outbox_is_retried_on_a_timer_not_only_when_a_study_comes(make_listener,
     listener.start()
     _wait(lambda: listener.status()["outbox_pending"] == 0, timeout=20, what="the outbox to drain on its own")
     assert [r[2] for r in orthanc.for_study(pending.StudyInstanceUID)] == [pending.SOPInstanceUID]
+
+
+def test_series_sent_in_two_bursts_gives_one_result_of_the_whole_series(make_listener, make_study, orthanc,
+                                                                         tmp_path):
+    """A sender pauses longer than the quiet period half-way through the HippoCrop series: the first
+    part is not measured (its headers announce more images: "incomplete"), it waits in failed/, and
+    the rest completes it -- the PACS ends with exactly one result set, made from every instance."""
+    folder, manifest = make_study(21)
+    uid = manifest["study_instance_uid"]
+    files = sorted(Path(p) for p in manifest["files"]["HippoCrop"])
+    first, rest = tmp_path / "first", tmp_path / "rest"
+    for part, chunk in ((first, files[:20]), (rest, files[20:])):
+        part.mkdir()
+        for p in chunk:
+            shutil.copy(p, part / p.name)
+    listener = make_listener().start()
+    assert _send(listener, first)["failed"] == 0
+    _wait(lambda: (listener.failed_dir / uid / "error.json").exists(), what="the partial series to wait in failed/")
+    error = json.loads((listener.failed_dir / uid / "error.json").read_text())
+    assert f"incomplete: 20 of {len(files)} instances" in error["error"]
+    assert not orthanc.for_study(uid)  # nothing measured from part of the series
+    assert _send(listener, rest)["failed"] == 0
+    _wait(lambda: orthanc.has_results(uid), what="the result of the whole series")
+    assert listener.wait_idle(30)
+    got = orthanc.for_study(uid)
+    assert sorted(r[1] for r in got) == sorted(RESULT_CLASSES)  # one result set, not two
+    record = json.loads((listener.processed_dir / uid / "listener.json").read_text())
+    assert record["status"] == "ok" and record["instances"] == len(files)

@@ -251,6 +251,7 @@ def write_series(
             rows=n_rows, columns=n_cols, signed=signed, slope=slope, intercept=intercept,
             window=(window_center, window_width), extra=extra,
         )
+        ds.ImagesInAcquisition = n_slices  # as scanners write it: how many images make the series whole
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # frame (Rows, Columns)
         if file_names == "instance":
             name = f"IM{k + 1:05d}.dcm"

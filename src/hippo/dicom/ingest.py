@@ -222,6 +222,7 @@ class InstanceHeader:
     acquisition_number: int | None = None
     complex_component: str = ""
     b_value: float | None = None              # DiffusionBValue (0018,9087)
+    images_in_acquisition: int | None = None  # ImagesInAcquisition (0020,1002): the expected count
     #: per-frame headers of a functional-group (enhanced) instance, in file frame order; () else.
     frames: tuple[FrameHeader, ...] = ()
 
@@ -457,6 +458,7 @@ def _header_from_dataset(path: Path, ds: Dataset, *, pos: int, size: int
             acquisition_number=_int_or_none(ds.get("AcquisitionNumber")),
             complex_component=str(ds.get("ComplexImageComponent", "") or "").strip().upper(),
             b_value=_float_or_none(ds.get("DiffusionBValue")),
+            images_in_acquisition=_int_or_none(ds.get("ImagesInAcquisition")),
             frames=_frame_headers(ds),
         )
     except Exception as exc:  # a malformed value somewhere in the header
@@ -772,6 +774,28 @@ class SeriesInfo:
                 break
         return problems
 
+    def completeness_problems(self) -> list[str]:
+        """Why this classic series is known to be incomplete (empty list when it is not known to be).
+
+        The count to expect comes from ImagesInAcquisition, and only when every instance is an
+        ORIGINAL image of one acquisition that states the same count (a derived series, such as a
+        crop, may carry its source's count). Fewer instances than that: the rest of the series has
+        not arrived (a sender that paused, a partial export).
+        """
+        inst = self.instances
+        if not inst or not self.is_single_frame:
+            return []
+        counts = {h.images_in_acquisition for h in inst}
+        original = all(h.image_type[:1] == ("ORIGINAL",) for h in inst)
+        acquisitions = {h.acquisition_number for h in inst}
+        if not original or len(counts) != 1 or None in counts or len(acquisitions) > 1:
+            return []
+        expected = next(iter(counts))
+        if expected is not None and len(inst) < expected:
+            return [f"incomplete: {len(inst)} of {expected} instances (ImagesInAcquisition {expected}); the rest "
+                    "of the series has not arrived"]
+        return []
+
     @property
     def is_consistent(self) -> bool:
         """True when :meth:`geometry_problems` finds nothing."""
@@ -1080,6 +1104,8 @@ class SelectionRules:
             (:meth:`SeriesInfo.volume_problems`).
         anatomical_only: refuse field maps, phase, real/imaginary and diffusion images
             (:meth:`SeriesInfo.content_problems`).
+        complete_series: refuse a series with fewer instances than its headers announce
+            (:meth:`SeriesInfo.completeness_problems`: the rest has not arrived yet).
         consistent_geometry: require one regular stack (see :meth:`SeriesInfo.geometry_problems`).
         min_instances: minimum number of slices (instances, or frames of an enhanced instance).
         sop_classes: accepted SOPClassUIDs (UIDs or pydicom keywords; empty = any).
@@ -1102,6 +1128,7 @@ class SelectionRules:
     description_contains: str | None = "HippoCrop"
     single_volume: bool = True
     anatomical_only: bool = True
+    complete_series: bool = True
     consistent_geometry: bool = True
     min_instances: int = 3
     sop_classes: Sequence[str] = (pydicom.uid.MRImageStorage, *ENHANCED_MR_SOP_CLASSES)
@@ -1164,6 +1191,8 @@ class SelectionRules:
             reasons.extend(series.volume_problems())
         if self.anatomical_only:
             reasons.extend(series.content_problems())
+        if self.complete_series:
+            reasons.extend(series.completeness_problems())
         # slices: the frames of an enhanced instance, else the instances
         if series.is_single_enhanced and series.n_frames < self.min_instances:
             reasons.append(f"only {series.n_frames} frame(s) in the enhanced instance, need >= {self.min_instances}")
@@ -1250,6 +1279,8 @@ def _describe_rules(rules: SelectionRules) -> str:
         parts.append("one volume")
     if rules.anatomical_only:
         parts.append("anatomical images")
+    if rules.complete_series:
+        parts.append("complete series")
     if rules.consistent_geometry:
         parts.append("consistent geometry")
     parts.append(f">= {rules.min_instances} instances")
