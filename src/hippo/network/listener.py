@@ -71,6 +71,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, evt
 from pynetdicom.sop_class import (
@@ -213,6 +214,8 @@ class Listener:
             folder's file system is refused the same way (the disk never fills up with input).
         outbox_retry_seconds: how often results that could not be delivered are sent again
             (besides before every study); 0 = only before a study.
+        rerequest_on_start: at start, ask the PACS (C-MOVE to this AE) for the series of studies
+            a crash left half-received in ``incoming/`` or that wait in ``failed/`` as incomplete.
     """
 
     def __init__(
@@ -241,6 +244,7 @@ class Listener:
         max_object_mb: float | None = 512.0,
         min_free_mb: float = 1024.0,
         outbox_retry_seconds: float = 30.0,
+        rerequest_on_start: bool = True,
     ) -> None:
         ae_title = str(ae_title).strip()
         if not 1 <= len(ae_title) <= 16:
@@ -274,6 +278,7 @@ class Listener:
         self.max_object_bytes = None if max_object_mb is None else int(float(max_object_mb) * 2 ** 20)
         self.min_free_bytes = int(float(min_free_mb) * 2 ** 20)
         self.outbox_retry_seconds = float(outbox_retry_seconds)
+        self.rerequest_on_start = bool(rerequest_on_start)
         self.max_associations = int(max_associations)
 
         self._lock = threading.Lock()
@@ -357,6 +362,8 @@ class Listener:
             raise
         self._ae = ae
         self._started_at = _now()
+        if self.pacs is not None and self.rerequest_on_start:
+            threading.Thread(target=self._rerequest_partial, name="hippo-listener-rerequest", daemon=True).start()
         log.info("listener %s@%s:%d accepting %s; quiet period %.1f s; %d worker(s); %d study(ies) resumed; "
                  "dir %s", self.ae_title, self.host, self.port, self.allowed_calling_aets or "any AE",
                  self.quiet_seconds, self.workers, resumed, self.root)
@@ -437,7 +444,7 @@ class Listener:
             "processing": processing,
             "counts": {k: counts.get(k, 0) for k in (
                 "instances_received", "instances_refused", "associations_rejected", "studies_resumed",
-                "studies_ok", "studies_failed", "studies_skipped", "echoes_dropped")},
+                "studies_ok", "studies_failed", "studies_skipped", "echoes_dropped", "series_rerequested")},
             "last": last,
             "model_path": str(self.model_path) if self.model_path else None,
             "model_loaded": self._processor is not None,
@@ -768,6 +775,64 @@ class Listener:
             self._counts["studies_resumed"] += n
         return n
 
+    def _partial_studies(self) -> dict[str, set[str]]:
+        """``{study UID: {series UIDs}}`` of the studies that may be only partly here: those left in
+        ``incoming/`` by a crash, and those in ``failed/`` because their series was incomplete."""
+        import json
+
+        found: dict[str, set[str]] = {}
+        for parent, only_incomplete in ((self.incoming_dir, False), (self.failed_dir, True)):
+            for folder in _study_folders(parent):
+                if only_incomplete:
+                    with contextlib.suppress(OSError, ValueError, TypeError):
+                        if "incomplete:" not in str(json.loads((folder / "error.json").read_text()).get("error")):
+                            continue
+                    if not (folder / "error.json").exists():
+                        continue
+                series: set[str] = set()
+                for path in _instances(folder):
+                    with contextlib.suppress(Exception):
+                        uid = str(pydicom.dcmread(path, stop_before_pixels=True,
+                                                 specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
+                        series.add(validate_uid(uid))
+                if series:
+                    found.setdefault(folder.name, set()).update(series)
+        return found
+
+    def _rerequest_partial(self) -> None:
+        """Ask the PACS (C-MOVE to our own AE title) for the series of every study that may be only
+        partly here, once per start: a crash mid-receive fails the PACS' routing job, which is not
+        retried, so without this the rest of the study would never come. Instances we already hold
+        arrive again under the same SOP Instance UID and change nothing."""
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+        studies = self._partial_studies()
+        if not studies:
+            return
+        ae = AE(ae_title=self.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.pacs.timeout
+        ae.add_requested_context(MOVE)
+        assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.called_ae)
+        if not assoc.is_established:
+            log.warning("re-request of %d partly received study(ies) from %s failed: no association",
+                        len(studies), self.pacs.destination)
+            return
+        try:
+            for study_uid, series_uids in studies.items():
+                for series_uid in sorted(series_uids):
+                    query = Dataset()
+                    query.QueryRetrieveLevel = "SERIES"
+                    query.StudyInstanceUID, query.SeriesInstanceUID = study_uid, series_uid
+                    status = None
+                    for status, _ in assoc.send_c_move(query, self.ae_title, MOVE):
+                        pass
+                    code = int(status.Status) if status is not None and "Status" in status else None
+                    self._count("series_rerequested")
+                    log.info("study %s series %s re-requested from %s (C-MOVE status %s)", study_uid, series_uid,
+                             self.pacs.destination, "none" if code is None else f"0x{code:04X}")
+        finally:
+            assoc.release()
+
     def _load_result_names(self) -> None:
         import json
 
@@ -816,6 +881,7 @@ class Listener:
             max_associations=int(lc.get("max_associations", 10)),
             max_object_mb=lc.get("max_object_mb", 512.0), min_free_mb=float(lc.get("min_free_mb", 1024.0)),
             outbox_retry_seconds=float(lc.get("outbox_retry_seconds", 30.0)),
+            rerequest_on_start=bool(lc.get("rerequest_on_start", True)),
         )
         kwargs.update(overrides)
         return cls(**kwargs)
