@@ -49,9 +49,14 @@ Security:
 * ``test_deploy_logs_and_summaries_name_no_patient`` -- ``hippo.deploy`` on a good and a failing
   study: stdout, stderr, ``deploy.log``, ``summary.json``/``.md`` and ``result.json`` hold no
   patient name or ID.
-* ``test_network_orthanc_config_is_loopback_only_and_authentication_switches_on`` -- the
-  configuration ``hippo.network`` generates has ``RemoteAccessAllowed: false``; with
-  ``orthanc.users`` a real Orthanc answers 401 without or with wrong credentials, 200 with them.
+* ``test_network_orthanc_config_is_loopback_only_and_needs_credentials`` -- the configuration
+  ``hippo.network`` generates has ``RemoteAccessAllowed: false``, HTTP Basic authentication with
+  the generated service account and the Lua access filter; a real Orthanc answers 401 without or
+  with wrong credentials, 200 with the service account's or an ``orthanc.users`` user's. The
+  attacks from a web page (cross-origin ``POST /tools/shutdown``, ``DELETE``, ``POST /instances``,
+  ``?_method=DELETE``, a foreign Host) are in tests/test_orthanc.py::
+  test_http_access_needs_credentials_own_host_and_no_foreign_origin and tests/test_viewer.py
+  (test_only_its_own_host_is_answered, test_proxy_refuses_method_override_other_resources_and_cross_site_requests).
 * Unsafe UIDs (``../../x``) never become paths: tests/test_listener.py::
   test_unsafe_uids_are_refused_and_nothing_escapes and tests/test_pacs.py::
   test_bad_uids_never_become_paths. The generated Orthanc defaults (remote HTTP refused from a
@@ -661,7 +666,7 @@ def test_deploy_logs_and_summaries_name_no_patient(model_file, make_study, tmp_p
 
 
 @pytest.mark.service
-def test_network_orthanc_config_is_loopback_only_and_authentication_switches_on(tmp_path):
+def test_network_orthanc_config_is_loopback_only_and_needs_credentials(tmp_path):
     from hippo.network import orthanc as orth
     from hippo.network.stack import Network, load_config
 
@@ -669,7 +674,9 @@ def test_network_orthanc_config_is_loopback_only_and_authentication_switches_on(
     common = [f"paths.log_dir={tmp_path}", f"orthanc.dicom_port={ports[0]}", f"orthanc.http_port={ports[1]}",
               f"listener.port={ports[2]}", f"viewer.port={ports[3]}"]
     default = orth.build_config(Network(load_config(None, common)).orthanc, tmp_path / "default")
-    assert default["RemoteAccessAllowed"] is False and default["AuthenticationEnabled"] is False
+    assert default["RemoteAccessAllowed"] is False and default["AuthenticationEnabled"] is True
+    assert list(default["RegisteredUsers"]) == ["hippo"] and str(tmp_path / "default" / "access.lua") in \
+        default["LuaScripts"]
 
     if orth.find_orthanc() is None:
         pytest.skip("Orthanc is not installed (Debian: apt-get install orthanc orthanc-dicomweb)")
@@ -678,11 +685,14 @@ def test_network_orthanc_config_is_loopback_only_and_authentication_switches_on(
     try:
         written = json.loads((tmp_path / "network/orthanc/orthanc.json").read_text())
         assert written["RemoteAccessAllowed"] is False and written["AuthenticationEnabled"] is True
+        assert set(written["RegisteredUsers"]) == {"hippo", "alice"}
         url = net.orthanc.http_url
         with pytest.raises(orth.OrthancError, match="HTTP 401"):
             orth.OrthancClient(url, timeout=5).system()
         with pytest.raises(orth.OrthancError, match="HTTP 401"):
             orth.OrthancClient(url, timeout=5, auth=("alice", "wrong")).system()
         assert orth.OrthancClient(url, timeout=5, auth=("alice", "a-long-password")).system()["Name"]
+        service = orth.read_credentials(tmp_path / "network/orthanc/credentials.json")
+        assert orth.OrthancClient(url, timeout=5, auth=service).system()["Name"]
     finally:
         net.down()

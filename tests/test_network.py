@@ -2,7 +2,8 @@
 package, Lua auto-routing), the AI listener and the OHIF viewer on free loopback ports; the scanner
 emulator sends a study built from the real data; Orthanc routes its HippoCrop series to the
 listener, whose SC report, SEG and SR come back into the same study; the SR's volumes match the
-listener's record; ``down()`` leaves no process behind."""
+listener's record; ``down()`` leaves no process behind. Orthanc's REST API needs the generated
+credentials throughout (the readiness checks, this test's client and the viewer's proxy use them)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pydicom
 import pytest
 
 from conftest import ANY_VOLUME_OVERRIDES
-from hippo.network.orthanc import OrthancClient, free_port, pid_alive
+from hippo.network.orthanc import OrthancClient, OrthancError, free_port, pid_alive, read_credentials
 from hippo.network.stack import Network, load_config
 from hippo.scanner import send_study, write_study
 
@@ -56,10 +57,18 @@ def test_scanner_to_pacs_to_ai_and_back(real_data_root, model_file, tmp_path):
     try:
         status = net.up()
         assert status["up"] and all(s["running"] for s in status["services"].values()), status
+        assert status["services"]["orthanc"]["rest"] == "ok"
+        password = read_credentials(net.credentials_path)[1]
+        assert password not in net.state_path.read_text()            # no command line holds it
+        assert "--orthanc-credentials" in net.read_state()["processes"]["viewer"]["cmd"]
         sent = send_study(study_dir, "127.0.0.1", ports["dicom"], called_ae="ORTHANC", calling_ae="HIPPOSCANNER")
         assert sent["failed"] == 0 and sent["sent"] > 0
 
-        client = OrthancClient(f"http://127.0.0.1:{ports['http']}")
+        # authentication is on: nothing without the generated credentials (stored 0600 by `up`)
+        with pytest.raises(OrthancError, match="HTTP 401"):
+            OrthancClient(f"http://127.0.0.1:{ports['http']}").studies()
+        assert net.credentials_path.stat().st_mode & 0o777 == 0o600
+        client = OrthancClient(f"http://127.0.0.1:{ports['http']}", auth=read_credentials(net.credentials_path))
         deadline, descriptions = time.monotonic() + 240, set()
         while time.monotonic() < deadline:
             study_id = client.find_study(study_uid)
@@ -77,8 +86,7 @@ def test_scanner_to_pacs_to_ai_and_back(real_data_root, model_file, tmp_path):
         import io
         import urllib.request
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/instances/{sr_instance}/file") as r:
-            sr = pydicom.dcmread(io.BytesIO(r.read()))
+        sr = pydicom.dcmread(io.BytesIO(client.request("GET", f"/instances/{sr_instance}/file")))
         # the listener records the study in processed/ just after it sent the results: wait for it
         record_file = tmp_path / "outputs" / "network" / "listener" / "processed" / study_uid / "listener.json"
         deadline = time.monotonic() + 60
@@ -89,7 +97,8 @@ def test_scanner_to_pacs_to_ai_and_back(real_data_root, model_file, tmp_path):
         assert sorted(_numeric_items(sr)) == pytest.approx(
             sorted([volumes["anterior_mm3"], volumes["posterior_mm3"], volumes["total_mm3"]]))
 
-        # the viewer serves OHIF and proxies DICOMweb (QIDO finds the study, results included)
+        # the viewer serves OHIF and proxies DICOMweb (QIDO finds the study, results included), adding
+        # the credentials itself: the browser (here urllib) holds none
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['viewer']}/dicom-web/studies/{study_uid}/series") as r:
             qido = json.loads(r.read())
         assert len(qido) >= 2 + 3  # HippoCrop + distractors + SC, SEG, SR

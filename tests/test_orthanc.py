@@ -1,14 +1,20 @@
 """hippo.network.orthanc: configuration, the Orthanc process, REST helpers and the Lua auto-routing.
 
-The configuration tests need nothing installed. The ``service`` tests start Debian's ``Orthanc``
-(1.10.1 + DICOMweb 1.7) as a plain child process on free ports in a temporary directory (never the
-system service) and a pynetdicom Storage SCP as the fake "hippoai" modality; they are skipped with
-the reason when Orthanc is not installed.
+The configuration tests need nothing installed (the Lua access filter's decisions run in the Lua
+5.3 library Orthanc itself links, through ctypes, when it is there). The ``service`` tests start
+Debian's ``Orthanc`` (1.10.1 + DICOMweb 1.7) as a plain child process on free ports in a temporary
+directory (never the system service), with HTTP Basic authentication and the access filter on, and
+a pynetdicom Storage SCP as the fake "hippoai" modality; they are skipped with the reason when
+Orthanc is not installed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -22,9 +28,9 @@ from pynetdicom.sop_class import Verification
 
 from hippo.data.synthetic import make_case
 from hippo.network import orthanc as orth
-from hippo.network.orthanc import (OrthancClient, OrthancError, OrthancSettings, build_config, find_dicomweb_plugin,
-                                   find_orthanc, free_port, port_in_use, start_orthanc, stop, wait_ready,
-                                   write_config)
+from hippo.network.orthanc import (OrthancClient, OrthancError, OrthancSettings, build_config, ensure_credentials,
+                                   find_dicomweb_plugin, find_orthanc, free_port, new_credentials, port_in_use,
+                                   read_credentials, start_orthanc, stop, wait_ready, write_config)
 from hippo.pacs import PacsConfig, echo
 from hippo.scanner import StudyInfo, send_study, write_series, write_study
 from conftest import local_non_loopback_ip
@@ -52,6 +58,7 @@ def test_write_config_defaults(tmp_path: Path, fake_plugins: Path) -> None:
     cfg = json.loads(path.read_text())
     assert cfg["DicomAet"] == "ORTHANC" and cfg["DicomPort"] == 4242 and cfg["HttpPort"] == 8042
     assert cfg["RemoteAccessAllowed"] is False
+    # the library default has no users (hippo.network always adds its service account)
     assert cfg["AuthenticationEnabled"] is False and cfg["RegisteredUsers"] == {}
     assert cfg["StableAge"] == 3
     assert cfg["DicomAlwaysAllowStore"] is False and cfg["DicomAlwaysAllowEcho"] is False
@@ -65,11 +72,15 @@ def test_write_config_defaults(tmp_path: Path, fake_plugins: Path) -> None:
     assert cfg["DicomWeb"]["EnableWado"] is True and cfg["DicomWeb"]["Host"] == "127.0.0.1:8042"
     storage = Path(cfg["StorageDirectory"])
     assert storage == path.parent / "storage" and storage.is_dir() and cfg["IndexDirectory"] == str(storage)
-    lua = Path(cfg["LuaScripts"][0])
-    assert lua.parent == path.parent
-    text = lua.read_text()
+    access, routing = map(Path, cfg["LuaScripts"])       # the filter first, then the routing script
+    assert access == path.parent / "access.lua" and routing == path.parent / "routing.lua"
+    text = routing.read_text()
     assert 'HIPPO_ROUTE_TO = "hippoai"' in text and 'HIPPO_ROUTE_SCOPE = "series"' in text
     assert "function OnStableStudy(studyId, tags, metadata)" in text
+    text = access.read_text()
+    assert 'HIPPO_ALLOWED_HOSTS = { ["127.0.0.1:8042"] = true, ["localhost:8042"] = true }' in text
+    assert 'HIPPO_OWN_ORIGINS = { ["http://127.0.0.1:8042"] = true, ["http://localhost:8042"] = true }' in text
+    assert "function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)" in text
 
 
 def test_config_options(tmp_path: Path, fake_plugins: Path) -> None:
@@ -81,18 +92,28 @@ def test_config_options(tmp_path: Path, fake_plugins: Path) -> None:
     })
     cfg = build_config(settings, tmp_path)
     assert cfg["AuthenticationEnabled"] is True and cfg["RegisteredUsers"] == {"alice": "secret"}
+    assert cfg["LuaScripts"] == [str(tmp_path.resolve() / "access.lua"), str(tmp_path.resolve() / "routing.lua")]
     assert cfg["RemoteAccessAllowed"] is True
     assert cfg["DicomAlwaysAllowStore"] is True and cfg["DicomCheckModalityHost"] is False
     assert cfg["DicomModalities"]["ai"]["Port"] == 5002
     assert cfg["DicomWeb"]["Host"] == "127.0.0.1:3000"
     assert cfg["StorageDirectory"] == str((tmp_path / "db").resolve())
     no_routing = build_config(OrthancSettings(route_to=None, dicomweb=False), tmp_path)
-    assert no_routing["LuaScripts"] == [] and no_routing["Plugins"] == [] and "DicomWeb" not in no_routing
+    assert no_routing["LuaScripts"] == [str(tmp_path.resolve() / "access.lua")]
+    assert no_routing["Plugins"] == [] and "DicomWeb" not in no_routing
+    bare = build_config(OrthancSettings(route_to=None, dicomweb=False, http_filter=False), tmp_path)
+    assert bare["LuaScripts"] == []
+    hosts = OrthancSettings(http_port=5001, allowed_hosts=["LOCALHOST:3000", "pacs.example.org:5001", "[::1]:5001"])
+    assert hosts.accepted_hosts == ["127.0.0.1:5001", "[::1]:5001", "localhost:3000", "localhost:5001",
+                                    "pacs.example.org:5001"]
+    assert hosts.own_origins == ["http://127.0.0.1:5001", "http://localhost:5001"]
 
 
 @pytest.mark.parametrize("bad", [
     {"aet": "A" * 17}, {"dicom_port": 0}, {"dicom_port": 9000, "http_port": 9000}, {"stable_age": 0},
     {"route_to": "nowhere"}, {"route_scope": "patient"}, {"modalities": {"x": ["AE", "127.0.0.1"]}},
+    {"allowed_hosts": ["evil.example"]}, {"allowed_hosts": ["a b:80"]}, {"allowed_hosts": ['x"]=true}--:1']},
+    {"users": {"al:ice": "pw"}}, {"users": {"alice": ""}},
 ])
 def test_settings_validation(bad: dict) -> None:
     with pytest.raises(ValueError):
@@ -115,6 +136,140 @@ def test_free_port_and_port_in_use() -> None:
         s.bind(("127.0.0.1", port))
         s.listen()
         assert port_in_use(port)
+
+
+def test_config_with_passwords_is_never_readable_by_others(tmp_path: Path, fake_plugins: Path, monkeypatch) -> None:
+    # even the temporary file before the rename is 0600 (a umask of 0 would make 0666 files)
+    modes = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        modes.append((Path(dst).name, os.stat(src).st_mode & 0o777))
+        return real_replace(src, dst)
+
+    old = os.umask(0)
+    try:
+        monkeypatch.setattr(orth.os, "replace", replace)
+        write_config(OrthancSettings(plugins_dir=fake_plugins, users={"alice": "secret"}), tmp_path)
+    finally:
+        os.umask(old)
+    assert ("orthanc.json", 0o600) in modes
+    assert (tmp_path / "orthanc.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_credentials_are_generated_once_private_and_reused(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "orthanc" / "credentials.json"
+    user, password = ensure_credentials(path)
+    assert user == "hippo" and len(password) >= 40              # secrets.token_urlsafe(32)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert json.loads(path.read_text())["password"] == password
+    assert ensure_credentials(path) == (user, password)          # reused, never regenerated
+    assert ensure_credentials(path, candidate=("other", "pw")) == (user, password)
+    assert read_credentials(path) == (user, password)
+    assert new_credentials()[1] != new_credentials()[1]
+    assert [p.name for p in path.parent.iterdir()] == ["credentials.json"]   # no temporary left
+    # created by the given candidate when absent
+    assert ensure_credentials(tmp_path / "c2.json", candidate=("bob", "pw2")) == ("bob", "pw2")
+
+    os.chmod(path, 0o644)                                        # someone loosened it: tightened, warned
+    with caplog.at_level("WARNING", logger="hippo.network.orthanc"):
+        assert read_credentials(path) == (user, password)
+    assert path.stat().st_mode & 0o777 == 0o600 and "readable by others" in caplog.text
+    assert password not in caplog.text
+
+    bad = tmp_path / "bad.json"
+    for content in ("not json", "[]", '{"username": "x"}', '{"username": "a:b", "password": "p"}'):
+        bad.write_text(content)
+        with pytest.raises(OrthancError):
+            read_credentials(bad)
+    with pytest.raises(OrthancError, match="not found"):
+        read_credentials(tmp_path / "absent.json")
+
+
+# -- the Lua access filter, run in Lua 5.3 (the library Orthanc links) without Orthanc
+
+
+def _liblua():
+    for name in ("liblua5.3.so.0", "liblua5.3.so", ctypes.util.find_library("lua5.3")):
+        if name:
+            try:
+                lib = ctypes.CDLL(name)
+            except OSError:
+                continue
+            lib.luaL_newstate.restype = ctypes.c_void_p
+            for fn in ("luaL_openlibs", "lua_close"):
+                getattr(lib, fn).argtypes = [ctypes.c_void_p]
+            lib.luaL_loadstring.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            lib.lua_pcallk.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                       ctypes.c_void_p]
+            lib.lua_getglobal.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            lib.lua_tolstring.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+            lib.lua_tolstring.restype = ctypes.c_char_p
+            return lib
+    return None
+
+
+def _run_lua(code: str) -> str:
+    """Run ``code`` in a fresh Lua 5.3 state; return the global ``RESULT`` (or the error)."""
+    lib = _liblua()
+    if lib is None:
+        pytest.skip("the Lua 5.3 library is not installed (it comes with Debian's orthanc)")
+    state = lib.luaL_newstate()
+    try:
+        lib.luaL_openlibs(state)
+        if lib.luaL_loadstring(state, code.encode()) != 0 or lib.lua_pcallk(state, 0, 0, 0, None, None) != 0:
+            return "LUA ERROR: " + (lib.lua_tolstring(state, -1, None) or b"").decode()
+        lib.lua_getglobal(state, b"RESULT")
+        return (lib.lua_tolstring(state, -1, None) or b"").decode()
+    finally:
+        lib.lua_close(state)
+
+
+ACCESS_CASES = [
+    # (method, headers, allowed)
+    ("GET", {"host": "127.0.0.1:8042"}, True),
+    ("GET", {"host": "localhost:8042"}, True),
+    ("GET", {"host": "LocalHost:8042"}, True),
+    ("GET", {"host": "127.0.0.1:3000"}, True),                       # the viewer's proxy forwards its Host
+    ("GET", {"host": "evil.example:8042"}, False),                   # DNS rebinding
+    ("GET", {"host": "127.0.0.1"}, False),
+    ("GET", {"host": "127.0.0.1:8042.evil.example"}, False),
+    ("GET", {}, False),                                              # no Host at all
+    ("GET", {"host": "127.0.0.1:8042", "origin": "http://evil.example"}, True),   # reads: the browser's SOP
+    ("POST", {"host": "127.0.0.1:8042"}, True),                      # curl, OrthancClient
+    ("POST", {"host": "127.0.0.1:8042", "origin": "http://evil.example"}, False),
+    ("POST", {"host": "127.0.0.1:8042", "origin": "null"}, False),
+    ("POST", {"host": "127.0.0.1:8042", "origin": "http://127.0.0.1:3000"}, False),   # not even the viewer
+    ("POST", {"host": "127.0.0.1:8042", "origin": "http://127.0.0.1:8042"}, True),   # Orthanc Explorer
+    ("POST", {"host": "localhost:8042", "origin": "http://localhost:8042", "sec-fetch-site": "same-origin",
+              "referer": "http://localhost:8042/app/explorer.html"}, True),
+    ("DELETE", {"host": "127.0.0.1:8042", "sec-fetch-site": "cross-site"}, False),  # <img src=..?_method=DELETE>
+    ("DELETE", {"host": "127.0.0.1:8042", "sec-fetch-site": "same-site"}, False),   # another localhost port
+    ("DELETE", {"host": "127.0.0.1:8042", "sec-fetch-site": "none"}, True),         # typed into the address bar
+    ("PUT", {"host": "127.0.0.1:8042", "referer": "http://evil.example/page"}, False),
+    ("PUT", {"host": "127.0.0.1:8042", "referer": "http://127.0.0.1:8042.evil.example/"}, False),
+    ("PUT", {"host": "127.0.0.1:8042", "referer": "http://127.0.0.1:8042/app/explorer.html"}, True),
+    ("POST", {"host": "evil.example:8042", "origin": "http://127.0.0.1:8042"}, False),
+]
+
+
+def test_access_filter_decisions_in_lua() -> None:
+    settings = OrthancSettings(http_port=8042, allowed_hosts=["127.0.0.1:3000", "localhost:3000"])
+    lines = []
+    for method, headers, _ in ACCESS_CASES:
+        table = "{ " + ", ".join(f"[{orth._lua_string(k)}] = {orth._lua_string(v)}" for k, v in headers.items()) + " }"
+        lines.append(f"R[#R + 1] = tostring(IncomingHttpRequestFilter({orth._lua_string(method)}, '/tools/shutdown', "
+                     f"'127.0.0.1', 'hippo', {table}))")
+    code = (orth.access_header(settings) + orth.access_script() + "\nprint = function() end\nR = {}\n"
+            + "\n".join(lines) + "\nRESULT = table.concat(R, ',')\n")
+    got = _run_lua(code).split(",")
+    expected = [str(allowed).lower() for _, _, allowed in ACCESS_CASES]
+    wrong = [(m, h, g) for (m, h, _), g, e in zip(ACCESS_CASES, got, expected) if g != e]
+    assert not wrong and len(got) == len(expected), wrong or got
+    # the routing script still loads beside it in the same Lua state (Orthanc has one context)
+    both = orth.access_header(settings) + orth.access_script() + "\nHIPPO_ROUTE_TO = 'hippoai'\n" + \
+        orth.routing_script() + "\nRESULT = type(OnStableStudy) .. type(IncomingHttpRequestFilter)\n"
+    assert _run_lua(both) == "functionfunction"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,12 +328,15 @@ def pacs(tmp_path_factory):
         modalities={"hippoai": {"aet": "HIPPOAI", "host": "127.0.0.1", "port": ai.port},
                     "scanner": {"aet": "HIPPOSCANNER", "host": "127.0.0.1", "port": free_port()}},
         dicomweb=find_dicomweb_plugin() is not None, name="HippoVolume test PACS",
+        users=dict([new_credentials()]),         # as hippo.network runs it: credentials + the access filter
     )
     proc = start_orthanc(settings, base)
+    auth = next(iter(settings.users.items()))
     try:
-        info = wait_ready(settings.http_url, 30, proc=proc, name=settings.name, log_file=base / orth.LOG_NAME)
+        info = wait_ready(settings.http_url, 30, proc=proc, name=settings.name, log_file=base / orth.LOG_NAME,
+                          auth=auth)
         assert info["DicomAet"] == "ORTHANC" and info["DicomPort"] == settings.dicom_port
-        yield settings, proc, OrthancClient(settings.http_url), ai, base
+        yield settings, proc, OrthancClient(settings.http_url, auth=auth), ai, base
     finally:
         stop(proc)
         ai.shutdown()
@@ -197,12 +355,17 @@ def test_echo_and_access_rules(pacs) -> None:
     assert not echo(PacsConfig(port=settings.dicom_port, called_ae="NOTORTHANC", calling_ae="HIPPOSCANNER",
                                timeout=5, retries=0)), "the called AE must be Orthanc's"
     assert client.system()["Name"] == settings.name
+    auth = next(iter(settings.users.items()))
     with pytest.raises(OrthancError, match="another Orthanc"):
-        wait_ready(settings.http_url, 5, name="some other PACS")
+        wait_ready(settings.http_url, 5, name="some other PACS", auth=auth)
+    t0 = time.monotonic()
+    with pytest.raises(OrthancError, match="refused the credentials: HTTP 401"):   # at once, not after 5 s
+        wait_ready(settings.http_url, 5, auth=(auth[0], "wrong"))
+    assert time.monotonic() - t0 < 3
     ip = local_non_loopback_ip()
     if ip is not None:  # Orthanc 1.10 listens on all interfaces: remote HTTP is refused, DICOM by host
         with pytest.raises(OrthancError, match="HTTP 40[13]"):
-            OrthancClient(f"http://{ip}:{settings.http_port}", timeout=5).system()
+            OrthancClient(f"http://{ip}:{settings.http_port}", timeout=5, auth=auth).system()
         ae = AE(ae_title="HIPPOSCANNER")
         ae.add_requested_context(Verification)
         assoc = ae.associate(ip, settings.dicom_port, ae_title=settings.aet, bind_address=(ip, 0))
@@ -289,6 +452,90 @@ def test_store_and_route_hippocrop_once(pacs, tmp_path: Path) -> None:
     assert client.study(study_id)["IsStable"] is True
 
 
+def _raw(port: int, method: str, path: str, headers: dict[str, str] | None = None, body: bytes | None = None,
+         auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
+    """One request with exactly these headers (``Host`` included when given: http.client then
+    sends no other), as a browser or an attacker's page would send it."""
+    import base64
+
+    headers = dict(headers or {})
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host="Host" in headers, skip_accept_encoding=True)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.service
+def test_http_access_needs_credentials_own_host_and_no_foreign_origin(pacs, tmp_path: Path) -> None:
+    settings, proc, client, _, base = pacs
+    port, auth = settings.http_port, next(iter(settings.users.items()))
+    # a study of our own to attack (a single series, no HippoCrop: never routed)
+    write_series(np.ones((8, 8, 2), np.uint16), np.eye(4), tmp_path / "victim", study=StudyInfo(seed=31),
+                 series_description="T1 victim", series_number=2)
+    files = sorted((tmp_path / "victim").rglob("*.dcm"))
+    study_id = client.post_json("/instances", files[0].read_bytes())["ParentStudy"]
+    dicom = files[1].read_bytes()
+
+    # 1. without (or with wrong) credentials: 401 for everything, before any other rule
+    for method, path, body in (("GET", "/system", None), ("DELETE", f"/studies/{study_id}", None),
+                               ("POST", "/instances", dicom), ("POST", "/tools/shutdown", b""),
+                               ("GET", "/dicom-web/studies", None)):
+        assert _raw(port, method, path, body=body)[0] == 401, (method, path)
+        assert _raw(port, method, path, body=body, auth=(auth[0], "wrong"))[0] == 401, (method, path)
+    assert study_id in client.studies() and len(client.study(study_id)["Series"]) == 1
+    assert len(client.instances(client.study(study_id)["Series"][0])) == 1      # the POST stored nothing
+
+    # 2. with credentials, a page of another origin still cannot change anything (403), Orthanc keeps running
+    evil = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+    assert _raw(port, "POST", "/tools/shutdown", evil, b"", auth=auth)[0] == 403
+    assert _raw(port, "DELETE", f"/studies/{study_id}", {"Origin": "http://evil.example"}, auth=auth)[0] == 403
+    assert _raw(port, "POST", "/instances", evil, dicom, auth=auth)[0] == 403
+    assert _raw(port, "POST", "/instances", {"Origin": "null"}, dicom, auth=auth)[0] == 403
+    # Orthanc's method faking: a cross-site <img src=".../studies/ID?_method=DELETE"> is a DELETE
+    assert _raw(port, "GET", f"/studies/{study_id}?_method=DELETE", {"Sec-Fetch-Site": "cross-site"}, auth=auth)[0] == 403
+    assert _raw(port, "GET", f"/studies/{study_id}?_method=DELETE", {"Referer": "http://evil.example/x"},
+                auth=auth)[0] == 403
+    assert _raw(port, "POST", f"/studies/{study_id}", {"X-HTTP-Method-Override": "DELETE",
+                                                       "Origin": "http://evil.example"}, b"", auth=auth)[0] == 403
+    time.sleep(0.5)
+    assert proc.poll() is None and client.system()["Name"] == settings.name
+    assert study_id in client.studies() and len(client.instances(client.study(study_id)["Series"][0])) == 1
+    # reading is allowed (the browser's same-origin policy keeps the answer from the page)
+    assert _raw(port, "GET", "/system", {"Origin": "http://evil.example"}, auth=auth)[0] == 200
+
+    # 3. DNS rebinding: any Host but Orthanc's own (and the viewer's, here none) is refused, even for GET
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1:{port + 1}", f"localhost.evil.example:{port}"):
+        assert _raw(port, "GET", "/system", {"Host": host}, auth=auth)[0] == 403, host
+        assert _raw(port, "GET", "/dicom-web/studies", {"Host": host}, auth=auth)[0] == 403, host
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}"):
+        assert _raw(port, "GET", "/system", {"Host": host}, auth=auth)[0] == 200, host
+
+    # 4. what stays allowed: Orthanc Explorer (its own origin) and non-browser clients
+    own = {"Origin": f"http://localhost:{port}", "Sec-Fetch-Site": "same-origin", "Content-Type": "text/plain",
+           "Referer": f"http://localhost:{port}/app/explorer.html", "Host": f"localhost:{port}"}
+    status, body = _raw(port, "POST", "/tools/lookup", own, b"1.2.3.4.5.6.7.8.9", auth=auth)
+    assert status == 200 and json.loads(body) == []
+    assert _raw(port, "POST", "/instances", {"Content-Type": "application/dicom"}, dicom, auth=auth)[0] == 200
+    assert _raw(port, "DELETE", f"/studies/{study_id}", auth=auth)[0] == 200
+    assert study_id not in client.studies()
+    refused = _log_lines(base, "HippoVolume access: refused")
+    assert any("unexpected Host header" in line for line in refused)
+    assert any("POST /tools/shutdown: cross-origin POST (Origin)" in line for line in refused)
+    assert any("(Sec-Fetch-Site)" in line for line in refused) and any("(Referer)" in line for line in refused)
+    assert not any(auth[1] in line for line in orth.tail(base / orth.LOG_NAME, 100_000).splitlines())
+    assert proc.poll() is None
+
+
 @pytest.mark.service
 def test_port_taken_and_stop(tmp_path: Path) -> None:
     if find_orthanc() is None:
@@ -333,11 +580,44 @@ def test_network_commands(tmp_path: Path) -> None:
     assert f"model_path='{(tmp_path / 'my model.pt').resolve()}'" in lcmd  # quoted for Hydra
     vcmd = net.viewer_command()
     assert vcmd[1:3] == ["-m", "hippo.network.viewer"]
+    creds = tmp_path.resolve() / "network/orthanc/credentials.json"
     assert vcmd[3:] == ["--host", "127.0.0.1", "--port", str(net.viewer["port"]), "--dist",
-                        str(tmp_path.resolve() / "network/ohif/dist"), "--orthanc", net.orthanc.http_url]
+                        str(tmp_path.resolve() / "network/ohif/dist"), "--orthanc", net.orthanc.http_url,
+                        "--orthanc-credentials", str(creds)]
     # Orthanc routes to the listener's port and AE; DICOMweb links point at the viewer's origin
-    assert net.orthanc.modalities["hippoai"] == {"aet": "HIPPOAI", "host": "127.0.0.1", "port": net.listener["port"]}
+    assert net.orthanc.modalities["hippoai"] == {"aet": "HIPPOAI", "host": "127.0.0.1", "port": net.listener["port"], "allow_move": False}
     assert net.orthanc.dicomweb_host == f"127.0.0.1:{net.viewer['port']}" and net.orthanc.stable_age == 2
+    # credentials by default (a service account; nothing written before `up`); the proxy's Host accepted
+    assert net.authentication and list(net.orthanc.users) == ["hippo"] and not creds.exists()
+    assert password_not_in(net.orthanc.users["hippo"], lcmd + vcmd)
+    vport = net.viewer["port"]
+    assert net.orthanc.accepted_hosts == sorted({f"127.0.0.1:{net.orthanc.http_port}", f"localhost:{net.orthanc.http_port}",
+                                                 f"127.0.0.1:{vport}", f"localhost:{vport}"})
+    more = _network(tmp_path, "orthanc.users.alice=pw", "orthanc.allowed_hosts=[pacs.example.org:8042]",
+                    "viewer.allowed_hosts=[viewer.example.org:3000]")
+    assert set(more.orthanc.users) == {"hippo", "alice"}
+    assert {"pacs.example.org:8042", "viewer.example.org:3000"} <= set(more.orthanc.accepted_hosts)
+    assert more.viewer_command()[-2:] == ["--allow-host", "viewer.example.org:3000"]
+    off = _network(tmp_path, "orthanc.authentication=false")
+    assert off.orthanc.users == {} and "--orthanc-credentials" not in off.viewer_command()
+    with pytest.raises(ValueError, match="authentication is false"):
+        _network(tmp_path, "orthanc.authentication=false", "orthanc.users.alice=pw")
+    with pytest.raises(ValueError, match="service account"):
+        _network(tmp_path, "orthanc.users.hippo=pw")
+    # a broken credentials file: `down`/`status` still work, `up` says what is wrong
+    from hippo.network.stack import NetworkError
+
+    creds.parent.mkdir(parents=True)
+    creds.write_text("{broken")
+    broken = _network(tmp_path)
+    assert broken.down()["orthanc"] == "not running" and broken.status()["up"] is False
+    with pytest.raises(NetworkError, match="credentials file"):
+        broken.up(only=["orthanc"])
+    assert not broken.state_path.exists() or not broken.read_state()["processes"]
+
+
+def password_not_in(password: str, argv: list[str]) -> bool:
+    return not any(password in a for a in argv)
 
 
 def _tarball(path: Path, files: dict[str, bytes]) -> Path:
@@ -388,8 +668,17 @@ def test_network_up_status_down_orthanc_only(tmp_path: Path) -> None:
         state = json.loads(net.state_path.read_text())
         pid = state["processes"]["orthanc"]["pid"]
         assert state["processes"]["orthanc"]["ports"] == [net.orthanc.dicom_port, net.orthanc.http_port]
-        assert OrthancClient(net.orthanc.http_url).system()["Name"] == net.orthanc.name
-        assert (tmp_path / "network/orthanc/orthanc.json").is_file()
+        # the REST API needs the generated credentials (stored 0600), which `status` uses
+        creds_file = tmp_path / "network/orthanc/credentials.json"
+        assert status["credentials"] == str(creds_file) and creds_file.stat().st_mode & 0o777 == 0o600
+        assert status["services"]["orthanc"]["rest"] == "ok"
+        user, password = read_credentials(creds_file)
+        assert OrthancClient(net.orthanc.http_url, auth=(user, password)).system()["Name"] == net.orthanc.name
+        assert net.orthanc_client().system()["Name"] == net.orthanc.name
+        with pytest.raises(OrthancError, match="HTTP 401"):
+            OrthancClient(net.orthanc.http_url).system()
+        assert (tmp_path / "network/orthanc/orthanc.json").stat().st_mode & 0o777 == 0o600
+        assert password not in json.dumps(state)                    # not in any recorded command line
         with pytest.raises(NetworkError, match="already"):
             net.up(only=["orthanc"])
     finally:
@@ -398,4 +687,25 @@ def test_network_up_status_down_orthanc_only(tmp_path: Path) -> None:
     assert not orth.pid_alive(pid) and not orth.group_alive(pid) and not net.state_path.exists()
     assert not port_in_use(net.orthanc.http_port) and not port_in_use(net.orthanc.dicom_port)
     assert net.down()["orthanc"] == "not running"  # idempotent
-    assert net.status()["up"] is False
+    assert net.status()["up"] is False and "rest" not in net.status()["services"]["orthanc"]
+
+    # a later `up` (a new process: a new Network object) reuses the stored credentials
+    again = _network(tmp_path)
+    assert again.orthanc.users == {user: password}
+    again.up(only=["orthanc"])
+    try:
+        assert read_credentials(creds_file) == (user, password)
+        assert OrthancClient(again.orthanc.http_url, auth=(user, password)).system()["Name"] == again.orthanc.name
+        from hippo.network.__main__ import main as network_main
+
+        import contextlib
+        import io
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = network_main(["status", "--set", f"paths.log_dir={tmp_path}",
+                               "--set", f"orthanc.dicom_port={again.orthanc.dicom_port}",
+                               "--set", f"orthanc.http_port={again.orthanc.http_port}"])
+        assert rc == 0 and "REST API: ok" in out.getvalue() and str(creds_file) in out.getvalue()
+        assert password not in out.getvalue()
+    finally:
+        again.down()

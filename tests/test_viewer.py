@@ -7,6 +7,7 @@ study with its SC/SEG/SR, serves the real OHIF build and looks at it with headle
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import io
@@ -144,16 +145,17 @@ class _Upstream(BaseHTTPRequestHandler):
     def do_GET(self):
         type(self).requests.append((self.command, self.path, dict(self.headers.items())))
         path = self.path.split("?")[0]
-        if path == "/dicom-web/echo":
+        if path == "/dicom-web/studies/echo":
             body = json.dumps({"path": self.path, "headers": dict(self.headers.items())}).encode()
             self._send(200, body, "application/dicom+json",
                        {"Set-Cookie": "orthanc=secret", "X-Upstream-Secret": "1", "Content-Disposition": "inline"})
-        elif path.startswith("/dicom-web/status/"):
+        elif path.startswith("/dicom-web/studies/status/"):
             code = int(path.rsplit("/", 1)[1])
-            self._send(code, f"status {code}".encode(), "text/plain")
-        elif path == "/dicom-web/big":
+            extra = {"WWW-Authenticate": 'Basic realm="Orthanc Secure Area"'} if code == 401 else None
+            self._send(code, f"status {code}".encode(), "text/plain", extra)
+        elif path == "/dicom-web/studies/big":
             self._send(200, _big_body(), "multipart/related; type=\"application/octet-stream\"; boundary=b")
-        elif path == "/dicom-web/stream":
+        elif path == "/dicom-web/studies/stream":
             # chunked, no Content-Length; the second chunk waits until the test has read the first
             self.send_response(200)
             self.send_header("Content-Type", "multipart/related; boundary=s")
@@ -235,7 +237,7 @@ def _get(server, path: str, headers: dict | None = None, method: str = "GET") ->
 
 
 def test_proxy_passes_only_accept_and_content_type(site, upstream):
-    status, headers, body = _get(site, "/dicom-web/echo?limit=5&includefield=00081030,00080060", {
+    status, headers, body = _get(site, "/dicom-web/studies/echo?limit=5&includefield=00081030,00080060", {
         "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*, "
                   "multipart/related; type=image/jls",
         "Cookie": "session=abc", "Authorization": "Bearer xyz", "User-Agent": "test-agent",
@@ -251,20 +253,20 @@ def test_proxy_passes_only_accept_and_content_type(site, upstream):
     assert received["accept"] == "multipart/related; type=application/octet-stream; transfer-syntax=*"
     # the viewer's own origin: Orthanc then writes BulkDataURIs that point back at the proxy
     assert received["host"] == f"127.0.0.1:{site.server_address[1]}"
-    assert echo["path"] == "/dicom-web/echo?limit=5&includefield=00081030&includefield=00080060"
+    assert echo["path"] == "/dicom-web/studies/echo?limit=5&includefield=00081030&includefield=00080060"
 
 
 def test_proxy_relays_status_codes_and_bodies(site):
-    for code in (400, 404, 500, 503):
-        status, headers, body = _get(site, f"/dicom-web/status/{code}")
+    for code in (400, 401, 404, 500, 503):
+        status, headers, body = _get(site, f"/dicom-web/studies/status/{code}")
         assert (status, body) == (code, f"status {code}".encode())
         assert headers["content-type"] == "text/plain"
-    status, _, body = _get(site, "/dicom-web/nothing-here")
+    status, _, body = _get(site, "/dicom-web/studies/nothing-here")
     assert status == 404 and body == b"no such resource"
 
 
 def test_proxy_streams_large_and_chunked_bodies(site, upstream):
-    status, headers, body = _get(site, "/dicom-web/big")
+    status, headers, body = _get(site, "/dicom-web/studies/big")
     assert status == 200 and body == _big_body()
     assert headers["content-length"] == str(len(body))
     assert headers["content-type"].startswith("multipart/related")
@@ -272,7 +274,7 @@ def test_proxy_streams_large_and_chunked_bodies(site, upstream):
     # the first chunk reaches the client while the upstream still holds back the second one
     conn = http.client.HTTPConnection(*site.server_address[:2], timeout=10)
     try:
-        conn.request("GET", "/dicom-web/stream")
+        conn.request("GET", "/dicom-web/studies/stream")
         resp = conn.getresponse()
         assert resp.status == 200 and resp.getheader("Transfer-Encoding") == "chunked"
         assert resp.read(len(b"first-part|")) == b"first-part|"
@@ -284,7 +286,7 @@ def test_proxy_streams_large_and_chunked_bodies(site, upstream):
 
 
 def test_proxy_head_read_only_and_unreachable_upstream(site, dist):
-    status, headers, body = _get(site, "/dicom-web/big", method="HEAD")
+    status, headers, body = _get(site, "/dicom-web/studies/big", method="HEAD")
     assert status == 200 and body == b"" and headers["content-length"] == str(len(_big_body()))
     for method in ("POST", "PUT", "DELETE"):
         status, headers, _ = _get(site, "/dicom-web/studies", method=method)
@@ -303,6 +305,103 @@ def test_proxy_refuses_to_leave_dicom_web(site, upstream, path):
     status, _, _ = _get(site, path)
     assert status == 400
     assert upstream.requests == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Access: the Host header, credentials added by the proxy, nothing that writes or leaves DICOMweb
+
+
+def test_only_its_own_host_is_answered(site, upstream):
+    port = site.server_address[1]
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1:{port + 1}", f"localhost:{port}.evil.example",
+                 f"127.0.0.1.evil.example:{port}", ""):
+        for path in ("/", "/viewer?StudyInstanceUIDs=1.2", "/app-config.js", "/index.html",
+                     "/dicom-web/studies/echo", "/dicom-web/studies?limit=1"):
+            status, _, body = _get(site, path, {"Host": host})
+            assert status == 421 and b"Host" in body, (host, path, status)
+        assert _get(site, "/dicom-web/studies", {"Host": host}, method="POST")[0] == 421
+    assert upstream.requests == []                       # nothing reached Orthanc
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LocalHost:{port}"):
+        assert _get(site, "/", {"Host": host})[0] == 200
+        status, _, body = _get(site, "/dicom-web/studies/echo", {"Host": host})
+        assert status == 200
+        # the Host forwarded to Orthanc is the accepted one (so Orthanc's filter must accept it too)
+        assert json.loads(body)["headers"]["Host"] == host.lower()
+
+
+def test_proxy_refuses_method_override_other_resources_and_cross_site_requests(site, upstream):
+    for query in ("_method=DELETE", "limit=1&_method=delete", "%5Fmethod=DELETE", "_METHOD=POST", "_method",
+                  "a=1&%5f%6d%65%74%68%6f%64=PUT"):
+        status, _, body = _get(site, f"/dicom-web/studies/echo?{query}")
+        assert status == 400 and b"_method" in body, query
+    for path in ("/dicom-web", "/dicom-web/", "/dicom-web/servers", "/dicom-web/servers/remote/stow",
+                 "/dicom-web/info", "/dicom-web/studiesx"):
+        assert _get(site, path)[0] == 404, path
+    for site_value in ("cross-site", "same-site", "Cross-Site"):
+        status, _, body = _get(site, "/dicom-web/studies/echo", {"Sec-Fetch-Site": site_value})
+        assert status == 403 and b"cross-site" in body, site_value
+    assert upstream.requests == []
+    # OHIF's own fetches (same-origin) and a typed-in address (none) go through; so does a deep link
+    # opened from another site (navigation: only /dicom-web/ is guarded)
+    for site_value in ("same-origin", "none"):
+        assert _get(site, "/dicom-web/studies/echo", {"Sec-Fetch-Site": site_value})[0] == 200
+    assert _get(site, "/viewer?StudyInstanceUIDs=1.2", {"Sec-Fetch-Site": "cross-site"})[0] == 200
+    assert len(upstream.requests) == 2
+
+
+def test_proxy_adds_its_own_credentials_and_never_forwards_the_browsers(dist, upstream):
+    server = make_server("127.0.0.1", 0, dist=dist, orthanc_url=upstream.url, orthanc_auth=("hippo", "s3cret"))
+    with _serving(server):
+        status, headers, body = _get(server, "/dicom-web/studies/echo", {
+            "Accept": "application/dicom+json", "Authorization": "Basic ZXZpbDpldmls", "Cookie": "a=b"})
+        assert status == 200
+        received = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+        assert set(received) == {"host", "accept", "authorization"}
+        assert received["authorization"] == "Basic " + base64.b64encode(b"hippo:s3cret").decode()
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["cross-origin-resource-policy"] == "same-origin"
+        assert b"s3cret" not in body.replace(received["authorization"].encode(), b"")
+        # Orthanc refusing the proxy's credentials: the status, but no browser login prompt
+        status, headers, _ = _get(server, "/dicom-web/studies/status/401")
+        assert status == 401 and "www-authenticate" not in headers
+        # static files and app-config.js never carry the credentials
+        for path in ("/", "/app-config.js"):
+            assert b"s3cret" not in _get(server, path)[2]
+
+
+def test_command_line_reads_the_credentials_from_a_file(dist, upstream, tmp_path):
+    from hippo.network.orthanc import ensure_credentials
+
+    creds = tmp_path / "orthanc" / "credentials.json"
+    user, password = ensure_credentials(creds)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "hippo.network.viewer", "--port", str(port), "--dist", str(dist),
+           "--orthanc", upstream.url, "--orthanc-credentials", str(creds), "--allow-host", f"viewer.example:{port}"]
+    assert not any(password in a for a in cmd)             # never on the command line (`ps` shows it)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        site = type("S", (), {"server_address": ("127.0.0.1", port)})()
+        status = None
+        for _ in range(100):
+            try:
+                status, _, body = _get(site, "/dicom-web/studies/echo", {"Host": f"viewer.example:{port}"})
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        assert status == 200, proc.stdout.read() if proc.poll() is not None else status
+        auth = json.loads(body)["headers"]["Authorization"]
+        assert base64.b64decode(auth.split()[1]).decode() == f"{user}:{password}"
+        assert _get(site, "/", {"Host": f"other.example:{port}"})[0] == 421
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and password not in out
+    bad = subprocess.run([sys.executable, "-m", "hippo.network.viewer", "--port", "0", "--dist", str(dist),
+                          "--orthanc-credentials", str(tmp_path / "absent.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "credentials file not found" in bad.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,9 +461,9 @@ def test_symlink_out_of_dist_is_refused(site, dist, tmp_path):
 
 def test_request_log_never_contains_the_query(site, caplog):
     caplog.set_level(logging.DEBUG, logger="hippo.network.viewer")
-    _get(site, "/dicom-web/echo?PatientName=Doe^Jane")
+    _get(site, "/dicom-web/studies/echo?PatientName=Doe^Jane")
     _get(site, "/viewer?PatientName=Doe^Jane")
-    assert "/dicom-web/echo" in caplog.text and "Doe" not in caplog.text
+    assert "/dicom-web/studies/echo" in caplog.text and "Doe" not in caplog.text
 
 
 def test_make_server_needs_a_dist(tmp_path):
@@ -486,49 +585,35 @@ def _chromium() -> str | None:
 
 
 class _Orthanc:
-    """A throw-away Orthanc: its own config, storage and free ports under ``root``."""
+    """A throw-away Orthanc configured as ``hippo.network`` runs it (:mod:`hippo.network.orthanc`):
+    HTTP Basic authentication with generated credentials (``root/credentials.json``), the Lua access
+    filter accepting its own Host and the viewer's (``viewer_port``), DICOMweb links at the viewer."""
 
-    def __init__(self, root: Path, plugin: str):
+    def __init__(self, root: Path, plugin: str, viewer_port: int):
+        from hippo.network import orthanc as orth
+
+        self.orth = orth
         self.root = root
-        self.http_port, self.dicom_port = _free_port(), _free_port()
-        cfg = root / "config"
-        cfg.mkdir(parents=True)
-        (root / "db").mkdir()
-        (cfg / "orthanc.json").write_text(json.dumps({
-            "Name": "HIPPOTEST", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-            "HttpServerEnabled": True, "HttpPort": self.http_port, "DicomServerEnabled": False,
-            "DicomPort": self.dicom_port, "DicomAet": "ORTHANCTEST",
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False},
-        }, indent=2))
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.log = open(root / "orthanc.log", "wb")
-        self.proc = subprocess.Popen([shutil.which("Orthanc"), str(cfg)], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(self.url + "/system", timeout=2).read()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("Orthanc did not start: " + (root / "orthanc.log").read_text()[-2000:])
-                time.sleep(0.2)
+        self.credentials = root / "credentials.json"
+        auth = orth.ensure_credentials(self.credentials)
+        self.settings = orth.OrthancSettings(
+            dicom_port=_free_port(), http_port=_free_port(), route_to=None, modalities={}, name="HIPPOTEST",
+            plugins_dir=Path(plugin).parent, dicomweb_host=f"127.0.0.1:{viewer_port}",
+            allowed_hosts=[f"127.0.0.1:{viewer_port}", f"localhost:{viewer_port}"], users=dict([auth]))
+        self.url = self.settings.http_url
+        self.proc = orth.start_orthanc(self.settings, root)
+        try:
+            orth.wait_ready(self.url, 30, proc=self.proc, name="HIPPOTEST", auth=auth, log_file=root / orth.LOG_NAME)
+        except orth.OrthancError:
+            self.stop()
+            raise
+        self.client = orth.OrthancClient(self.url, timeout=30, auth=auth)
 
     def upload(self, path: Path) -> dict:
-        req = urllib.request.Request(self.url + "/instances", data=Path(path).read_bytes(), method="POST",
-                                     headers={"Content-Type": "application/dicom"})
-        return json.load(urllib.request.urlopen(req, timeout=30))
+        return json.loads(self.client.request("POST", "/instances", Path(path).read_bytes(), "application/dicom"))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
+        self.orth.stop(self.proc)
 
 
 class _OracleAgent:
@@ -541,6 +626,20 @@ class _OracleAgent:
     def segment(self, volume):
         assert volume.shape == self.label.shape
         return self.label
+
+
+def _orthanc_with_host(orthanc: "_Orthanc", host: str) -> None:
+    """GET /system on Orthanc with the right credentials but a foreign Host header."""
+    user, password = orthanc.orth.read_credentials(orthanc.credentials)
+    conn = http.client.HTTPConnection("127.0.0.1", orthanc.settings.http_port, timeout=10)
+    try:
+        conn.request("GET", "/system", headers={
+            "Host": host, "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
+        status = conn.getresponse().status
+    finally:
+        conn.close()
+    if status != 200:
+        raise orthanc.orth.OrthancError(f"GET /system with Host {host}: HTTP {status}", status)
 
 
 def _chrome(browser: str, profile: Path, url: str, *, screenshot: Path | None = None, timeout: float = 180) -> str:
@@ -596,7 +695,8 @@ def test_ohif_shows_the_study_list_and_images_from_orthanc(tmp_path):
     outcome = StudyProcessor(_OracleAgent(label.astype(np.uint8)), tmp_path / "results").process(tmp_path / "study")
     assert outcome.status == "ok", outcome.error
 
-    orthanc = _Orthanc(tmp_path / "orthanc", plugin)
+    viewer_port = _free_port()
+    orthanc = _Orthanc(tmp_path / "orthanc", plugin, viewer_port)
     records: list[str] = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = lambda record: records.append(record.getMessage())   # type: ignore[method-assign]
@@ -611,10 +711,27 @@ def test_ohif_shows_the_study_list_and_images_from_orthanc(tmp_path):
             assert orthanc.upload(f)["Status"] == "Success"
         seg_uid = pydicom.dcmread(outcome.files["seg"], stop_before_pixels=True).SeriesInstanceUID
 
-        server = make_server("127.0.0.1", 0, dist=dist, orthanc_url=orthanc.url)
+        # authentication on: Orthanc refuses the browser's direct calls; the proxy adds the
+        # credentials it read from the file (the browser never sees them)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{orthanc.url}/dicom-web/studies", timeout=10)
+        assert refused.value.code == 401
+        server = make_server("127.0.0.1", viewer_port, dist=dist, orthanc_url=orthanc.url,
+                             orthanc_auth=viewer.read_orthanc_credentials(orthanc.credentials))
         with _serving(server):
             base = server.url
             study_uid = manifest["study_instance_uid"]
+            with urllib.request.urlopen(f"{base}/dicom-web/studies?StudyInstanceUID={study_uid}", timeout=30) as r:
+                assert len(json.loads(r.read())) == 1
+            # a foreign Host (DNS rebinding) is refused by the viewer and, direct, by Orthanc
+            conn = http.client.HTTPConnection("127.0.0.1", viewer_port, timeout=10)
+            conn.request("GET", "/dicom-web/studies", headers={"Host": f"evil.example:{viewer_port}"})
+            assert conn.getresponse().status == 421
+            conn.close()
+            with pytest.raises(orthanc.orth.OrthancError, match="HTTP 403"):
+                _orthanc_with_host(orthanc, "evil.example")
+            _orthanc_with_host(orthanc, f"localhost:{viewer_port}")     # the proxy's Host is accepted
+            records.clear()                                    # from here on every proxied request must succeed
             shots = tmp_path / "shots"
             shots.mkdir()
 

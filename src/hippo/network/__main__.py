@@ -7,6 +7,10 @@ Examples::
     python -m hippo.network down
     python -m hippo.network up --config conf/network.yaml --set viewer.port=3001 --only orthanc,viewer
 
+Orthanc's REST API needs credentials: the generated service account is in
+``<root>/orthanc/credentials.json`` (mode 0600; ``status`` prints the path), e.g.
+``curl -u "hippo:$(python -c 'import json;print(json.load(open("outputs/network/orthanc/credentials.json"))["password"])')" http://127.0.0.1:8042/studies``.
+
 Exit codes: 0 ok (``status``: every recorded service running), 1 error (``status``: not up), 2 usage.
 """
 
@@ -46,6 +50,10 @@ def _print_status(status: dict, as_json: bool) -> None:
         ports = ", ".join(f"{p}{'' if ok else ' (closed)'}" for p, ok in s["listening"].items())
         state = f"running pid {s['pid']}" if s["running"] else "not running"
         print(f"  {name:9s} {state:22s} {s['url']}  ports {ports}" + (f"  log {s['log']}" if s["log"] else ""))
+        if "rest" in s:
+            print(f"  {'':9s} REST API: {s['rest']}")
+    if status.get("credentials"):
+        print(f"Orthanc's REST API needs HTTP Basic credentials: {status['credentials']} (mode 0600)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,16 @@
 """Orthanc, the local PACS: configuration, a plain background process, and a tiny REST client.
 
-* :class:`OrthancSettings` -- AE title, ports, storage, StableAge, known modalities, plugins.
-* :func:`write_config` -- ``<dir>/orthanc.json`` plus ``<dir>/routing.lua`` (the auto-routing script,
-  :mod:`hippo.network`'s ``routing.lua`` with a generated header naming the target modality).
+* :class:`OrthancSettings` -- AE title, ports, storage, StableAge, known modalities, plugins, users,
+  accepted ``Host`` values.
+* :func:`write_config` -- ``<dir>/orthanc.json`` (mode 0600), ``<dir>/access.lua`` (the HTTP access
+  filter, :mod:`hippo.network`'s ``access.lua`` with a generated header) and ``<dir>/routing.lua``
+  (the auto-routing script, ``routing.lua`` with a generated header naming the target modality).
+* :func:`ensure_credentials` / :func:`read_credentials` -- the generated service account
+  (``credentials.json``, mode 0600).
 * :func:`start_orthanc` / :func:`wait_ready` / :func:`stop` -- ``Orthanc <dir>/orthanc.json`` as an
   ordinary child process in its own session (never the Debian system service: no systemctl).
 * :class:`OrthancClient` -- urllib-only helper for the REST API (studies, series, instances,
-  lookup by StudyInstanceUID, delete).
+  lookup by StudyInstanceUID, delete), HTTP Basic when given credentials.
 
 What binds where (Orthanc 1.10.1, Debian bookworm)
 --------------------------------------------------
@@ -17,9 +21,8 @@ check with ``ss -ltnp``). The strongest restrictions that version offers are the
 
 * HTTP (REST, DICOMweb at ``/dicom-web/``, Orthanc Explorer): ``RemoteAccessAllowed: false`` --
   Orthanc serves only clients connecting from the loopback address; anyone else gets HTTP 401
-  (checked in tests/test_orthanc.py from this machine's non-loopback address).
-  ``AuthenticationEnabled: false`` with no ``RegisteredUsers`` (safe only because of the line
-  above). WebDAV, ``/tools/execute-script`` and REST writes to the file system are off.
+  (checked in tests/test_orthanc.py from this machine's non-loopback address). WebDAV,
+  ``/tools/execute-script`` and REST writes to the file system are off.
 * DICOM: ``DicomAlwaysAllowEcho``/``DicomAlwaysAllowStore``: ``false``, ``DicomCheckModalityHost``:
   ``true``, ``DicomCheckCalledAet``: ``true`` -- only the modalities listed in ``DicomModalities``
   (by default ``HIPPOAI`` and ``HIPPOSCANNER``, both at ``127.0.0.1``) may associate, only from their
@@ -29,14 +32,36 @@ check with ``ss -ltnp``). The strongest restrictions that version offers are the
 * For stronger isolation, firewall the two ports (``nft``/``iptables``) or run Orthanc in a network
   namespace/container publishing only ``127.0.0.1:<port>``.
 
-Switching authentication on (e.g. before allowing remote access)::
+Security of the REST API against the machine's own web browser
+---------------------------------------------------------------
+"Loopback only" is not enough: any web page open in a browser on the workstation can send
+requests to ``http://127.0.0.1:8042`` (a cross-origin ``POST /tools/shutdown`` with a text/plain
+body needs no CORS preflight; ``GET /studies/<id>?_method=DELETE`` is a DELETE to Orthanc), and a
+page whose DNS name is re-bound to 127.0.0.1 can even read the answers. Three layers:
 
-    OrthancSettings(remote_access=True, users={"alice": "a-long-password"})
+1. **Credentials** (HTTP Basic, ``AuthenticationEnabled``): on whenever ``users`` is non-empty
+   (``RegisteredUsers``). :class:`hippo.network.stack.Network` always adds a generated service
+   account (:func:`ensure_credentials`: user ``hippo``, a ``secrets.token_urlsafe(32)`` password,
+   stored in ``<root>/orthanc/credentials.json`` with mode 0600, created at the first ``up`` and
+   reused) -- its own readiness checks, ``status``, the viewer's proxy and the tests use it;
+   ``orthanc.users`` adds human users. A request without valid credentials gets 401 before
+   anything else runs. ``orthanc.json`` (passwords in clear) is written with mode 0600 from the
+   start. Put TLS in front (``SslEnabled``/``SslCertificate``) before ``remote_access=True``.
+2. **The Host header** (DNS rebinding): the Lua ``IncomingHttpRequestFilter`` in ``access.lua``
+   answers 403 unless ``Host`` is ``127.0.0.1:<HttpPort>``, ``localhost:<HttpPort>`` or one of
+   ``allowed_hosts`` (the network adds the viewer's ``127.0.0.1:<port>``/``localhost:<port>``: its
+   proxy forwards the browser's Host).
+3. **Origin** (CSRF): the same filter answers 403 to every method but GET/HEAD/OPTIONS (after
+   Orthanc's method faking) that carries an ``Origin`` other than Orthanc's own
+   (``http://127.0.0.1:<HttpPort>``, ``http://localhost:<HttpPort>``), a ``Sec-Fetch-Site`` other
+   than ``same-origin``/``none``, or a ``Referer`` outside Orthanc's own origin. Orthanc Explorer
+   (same origin) and non-browser clients keep working.
 
-writes ``"RemoteAccessAllowed": true, "AuthenticationEnabled": true, "RegisteredUsers":
-{"alice": ...}`` (HTTP Basic; passwords in clear in ``orthanc.json``, which is written with mode
-0600 -- put TLS in front, ``SslEnabled``/``SslCertificate``). Clients then pass ``auth=("alice",
-...)`` to :class:`OrthancClient`; the viewer's proxy needs the same credentials.
+Orthanc's internal calls (the routing script's ``RestApiGet``/``RestApiPost``) bypass HTTP
+authentication and the filter (checked on Orthanc 1.10.1 in tests/test_orthanc.py). The filter
+shares Orthanc's single Lua context with the routing script; it only does table lookups.
+``http_filter=False`` leaves it out (and ``users={}`` leaves authentication off) -- for a
+throw-away instance only.
 
 The DICOMweb plugin's ``Host`` (the ``host:port`` it writes into the URLs of its answers, e.g.
 RetrieveURL) is ``127.0.0.1:<HttpPort>`` unless ``dicomweb_host`` says otherwise; the packaged
@@ -53,10 +78,13 @@ import glob
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -81,6 +109,11 @@ __all__ = [
     "find_orthanc",
     "find_dicomweb_plugin",
     "routing_script",
+    "access_script",
+    "access_header",
+    "ensure_credentials",
+    "read_credentials",
+    "new_credentials",
     "port_in_use",
     "pid_alive",
     "group_alive",
@@ -88,11 +121,17 @@ __all__ = [
     "tail",
     "CONFIG_NAME",
     "LOG_NAME",
+    "CREDENTIALS_NAME",
+    "SERVICE_USER",
 ]
 
 #: Names inside the Orthanc directory given to :func:`write_config` / :func:`start_orthanc`.
 CONFIG_NAME = "orthanc.json"
 LUA_NAME = "routing.lua"
+ACCESS_LUA_NAME = "access.lua"        # the HTTP access filter (IncomingHttpRequestFilter)
+CREDENTIALS_NAME = "credentials.json"  # the generated service account (see ensure_credentials)
+#: The user name of the generated service account.
+SERVICE_USER = "hippo"
 LOG_NAME = "logs/orthanc.log"           # Orthanc's own log (--logfile)
 CONSOLE_LOG_NAME = "logs/orthanc.console.log"  # stdout/stderr (messages before logging starts)
 #: Where Debian's orthanc-dicomweb puts the plugin (searched first), then other usual places.
@@ -100,10 +139,18 @@ PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins", "/usr/l
                "/usr/lib/x86_64-linux-gnu/orthanc/plugins", "/usr/lib/aarch64-linux-gnu/orthanc/plugins")
 DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
 _AE_MAX = 16
+_HOST_PORT_RE = re.compile(r"^(?:[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?|\[[0-9a-f:.]{2,45}\]):[0-9]{1,5}$")
 
 
 class OrthancError(RuntimeError):
-    """Orthanc could not be configured, started, reached, or answered with an error."""
+    """Orthanc could not be configured, started, reached, or answered with an error.
+
+    ``status`` is the HTTP status when Orthanc answered with one (401, 403, 404, ...), else ``None``.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _default_modalities() -> dict[str, dict[str, Any]]:
@@ -139,7 +186,13 @@ class OrthancSettings:
             proxy forwards ``/dicom-web/``.)
         name: ``Name`` shown by ``/system`` (also used by :func:`wait_ready` to make sure it talks to
             *this* instance, not another Orthanc on the same port).
-        remote_access, users: see the module docstring (authentication is on iff ``users``).
+        remote_access, users: see the module docstring (HTTP Basic authentication is on iff
+            ``users``, ``{name: password}``).
+        allowed_hosts: ``Host`` header values (``host:port``) accepted besides
+            ``127.0.0.1:<http_port>`` and ``localhost:<http_port>`` (e.g. the viewer's origin, whose
+            proxy forwards the browser's Host; a DNS name when ``remote_access``).
+        http_filter: install the Lua access filter (``access.lua``: Host check, cross-origin
+            writes refused); ``False`` only for throw-away instances.
         allow_unknown_aets: accept C-ECHO/C-STORE from any calling AE and host.
         binary: the Orthanc executable (``None`` = :func:`find_orthanc`).
         extra: further top-level configuration keys (override the generated ones).
@@ -159,6 +212,8 @@ class OrthancSettings:
     name: str = "HippoVolume PACS"
     remote_access: bool = False
     users: dict[str, str] = field(default_factory=dict)
+    allowed_hosts: list[str] = field(default_factory=list)
+    http_filter: bool = True
     allow_unknown_aets: bool = False
     binary: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -178,6 +233,11 @@ class OrthancSettings:
         if self.route_scope not in ("series", "study"):
             raise ValueError(f"route_scope must be 'series' or 'study', got {self.route_scope!r}")
         self.users = {str(k): str(v) for k, v in dict(self.users or {}).items()}
+        for name, password in self.users.items():
+            if not name or ":" in name or not password:
+                raise ValueError(f"user {name!r}: HTTP Basic needs a non-empty name without ':' and a password")
+        self.allowed_hosts = [_check_host(h) for h in list(self.allowed_hosts or [])]
+        self.http_filter = bool(self.http_filter)
         self.extra = dict(self.extra or {})
 
     @classmethod
@@ -198,6 +258,17 @@ class OrthancSettings:
     @property
     def authentication(self) -> bool:
         return bool(self.users)
+
+    @property
+    def accepted_hosts(self) -> list[str]:
+        """Every ``Host`` header value the access filter accepts (lower case, sorted)."""
+        own = {f"127.0.0.1:{self.http_port}", f"localhost:{self.http_port}"}
+        return sorted(own | set(self.allowed_hosts))
+
+    @property
+    def own_origins(self) -> list[str]:
+        """Orthanc's own origins (Orthanc Explorer's pages): the only ``Origin`` allowed to write."""
+        return [f"http://127.0.0.1:{self.http_port}", f"http://localhost:{self.http_port}"]
 
 
 def _plain(value: Any) -> Any:
@@ -223,6 +294,13 @@ def _check_port(value: Any, what: str) -> int:
     return port
 
 
+def _check_host(value: Any) -> str:
+    host = str(value).strip().lower()
+    if not _HOST_PORT_RE.match(host):
+        raise ValueError(f"allowed_hosts entries must be host:port, got {value!r}")
+    return host
+
+
 def _modality(name: Any, value: Any) -> dict[str, Any]:
     value = _plain(value)
     if isinstance(value, (list, tuple)):
@@ -236,7 +314,8 @@ def _modality(name: Any, value: Any) -> dict[str, Any]:
     if missing:
         raise ValueError(f"modality {name!r}: missing {', '.join(sorted(missing))}")
     return {"aet": _check_ae(out["aet"], f"modality {name!r} aet"), "host": str(out["host"]),
-            "port": _check_port(out["port"], f"modality {name!r} port")}
+            "port": _check_port(out["port"], f"modality {name!r} port"),
+            "allow_move": bool(out.get("allow_move", False))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,12 +354,127 @@ def routing_script() -> str:
     return (Path(__file__).parent / LUA_NAME).read_text(encoding="utf-8")
 
 
+def access_script() -> str:
+    """The text of the packaged ``access.lua`` (the HTTP access filter)."""
+    return (Path(__file__).parent / ACCESS_LUA_NAME).read_text(encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
+# Credentials
+
+
+def _write_private(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``path`` atomically with mode 0600 from the first byte on (``mkstemp`` creates the
+    temporary file 0600; it is renamed over ``path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def new_credentials(username: str = SERVICE_USER) -> tuple[str, str]:
+    """``(username, password)`` with a fresh random password (``secrets.token_urlsafe(32)``)."""
+    return str(username), secrets.token_urlsafe(32)
+
+
+def read_credentials(path: str | os.PathLike) -> tuple[str, str]:
+    """``(username, password)`` from a credentials file (``{"username": ..., "password": ...}``).
+
+    A file readable by group or others is tightened to 0600 (with a warning: change the password
+    by deleting the file and running ``up`` again).
+
+    Raises:
+        OrthancError: the file is missing or malformed.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise OrthancError(f"Orthanc credentials file not found: {path}") from exc
+    except (OSError, ValueError) as exc:
+        raise OrthancError(f"cannot read the Orthanc credentials file {path}: {exc.__class__.__name__}") from exc
+    if mode & 0o077:
+        log.warning("%s was readable by others (mode %o): set to 0600; consider a new password (delete "
+                    "the file, then `python -m hippo.network down` and `up`)", path, mode & 0o777)
+        os.chmod(path, 0o600)
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) and data.get(k)
+                                             for k in ("username", "password")):
+        raise OrthancError(f"{path} must hold {{\"username\": ..., \"password\": ...}}")
+    if ":" in data["username"]:
+        raise OrthancError(f"{path}: the user name must not contain ':'")
+    return data["username"], data["password"]
+
+
+def ensure_credentials(path: str | os.PathLike, username: str = SERVICE_USER,
+                       candidate: tuple[str, str] | None = None) -> tuple[str, str]:
+    """The credentials stored in ``path``, created first when absent.
+
+    Creation is atomic and never overwrites: a temporary 0600 file is hard-linked to ``path``
+    (fails when another process created it meanwhile: then that one's content is used).
+
+    Args:
+        path: e.g. ``<root>/orthanc/credentials.json``.
+        username: the user name for new credentials.
+        candidate: the credentials to store when the file is absent (default: :func:`new_credentials`).
+
+    Returns:
+        ``(username, password)``.
+    """
+    path = Path(path)
+    if path.exists():
+        return read_credentials(path)
+    user, password = candidate or new_credentials(username)
+    body = json.dumps({"username": user, "password": password,
+                       "note": "HTTP Basic credentials of hippo.network's service account for Orthanc's "
+                               "REST API; generated, keep private (mode 0600)"}, indent=2) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return read_credentials(path)
+        log.info("generated Orthanc credentials for user %r in %s (mode 0600)", user, path)
+        return user, password
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
 
 def _lua_string(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r") + '"'
+
+
+def _lua_set(values: list[str]) -> str:
+    return "{ " + ", ".join(f"[{_lua_string(v)}] = true" for v in values) + " }"
+
+
+def access_header(settings: OrthancSettings) -> str:
+    """The generated lines put above ``access.lua`` (the accepted hosts and Orthanc's own origins)."""
+    return ("-- generated by hippo.network.orthanc.write_config: who may reach this Orthanc over HTTP\n"
+            f"HIPPO_ALLOWED_HOSTS = {_lua_set(settings.accepted_hosts)}\n"
+            f"HIPPO_OWN_ORIGINS = {_lua_set(settings.own_origins)}\n\n")
 
 
 def build_config(settings: OrthancSettings, dir: str | os.PathLike) -> dict[str, Any]:
@@ -290,7 +484,9 @@ def build_config(settings: OrthancSettings, dir: str | os.PathLike) -> dict[str,
     closed = not settings.allow_unknown_aets
     modalities = {
         name: {"AET": m["aet"], "Host": m["host"], "Port": m["port"], "AllowEcho": True, "AllowStore": True,
-               "AllowFind": False, "AllowFindWorklist": False, "AllowGet": False, "AllowMove": False,
+               "AllowFind": False, "AllowFindWorklist": False, "AllowGet": False,
+               # only the AI listener may ask for a series again (C-MOVE to itself) after a crash
+               "AllowMove": name == settings.route_to or bool(m.get("allow_move", False)),
                "AllowStorageCommitment": False}
         for name, m in settings.modalities.items()
     }
@@ -301,7 +497,7 @@ def build_config(settings: OrthancSettings, dir: str | os.PathLike) -> dict[str,
         "HttpServerEnabled": True,
         "HttpPort": settings.http_port,
         "RemoteAccessAllowed": bool(settings.remote_access),
-        # Off on loopback; switched on by giving users (see the module docstring).
+        # HTTP Basic, on iff users (the network always adds its service account; module docstring)
         "AuthenticationEnabled": settings.authentication,
         "RegisteredUsers": dict(settings.users),
         "WebDavEnabled": False,
@@ -326,8 +522,10 @@ def build_config(settings: OrthancSettings, dir: str | os.PathLike) -> dict[str,
         "LuaScripts": [],
         "Plugins": [],
     }
+    if settings.http_filter:
+        cfg["LuaScripts"].append(str(dir / ACCESS_LUA_NAME))
     if settings.route_to is not None:
-        cfg["LuaScripts"] = [str(dir / LUA_NAME)]
+        cfg["LuaScripts"].append(str(dir / LUA_NAME))
     if settings.dicomweb:
         plugin = find_dicomweb_plugin(settings.plugins_dir)
         if plugin is None:
@@ -348,11 +546,13 @@ def build_config(settings: OrthancSettings, dir: str | os.PathLike) -> dict[str,
 
 
 def write_config(settings: OrthancSettings, dir: str | os.PathLike) -> Path:
-    """Write ``<dir>/orthanc.json`` (mode 0600: it may hold passwords) and ``<dir>/routing.lua``.
+    """Write ``<dir>/orthanc.json`` (mode 0600 from the start: it may hold passwords),
+    ``<dir>/access.lua`` and ``<dir>/routing.lua``.
 
-    The Lua file is the packaged ``routing.lua`` preceded by a generated header that sets
-    ``HIPPO_ROUTE_TO`` (the modality name) and ``HIPPO_ROUTE_SCOPE`` (``"series"``/``"study"``).
-    Creates ``dir``, ``<dir>/logs`` and the storage directory.
+    ``access.lua`` is the packaged access filter preceded by :func:`access_header` (accepted Host
+    values, Orthanc's own origins); ``routing.lua`` is the packaged routing script preceded by a
+    generated header that sets ``HIPPO_ROUTE_TO`` (the modality name) and ``HIPPO_ROUTE_SCOPE``
+    (``"series"``/``"study"``). Creates ``dir``, ``<dir>/logs`` and the storage directory.
 
     Returns:
         The path of ``orthanc.json`` (pass it to ``Orthanc``; passing the directory would make
@@ -370,9 +570,10 @@ def write_config(settings: OrthancSettings, dir: str | os.PathLike) -> Path:
                   f"HIPPO_ROUTE_TO = {_lua_string(settings.route_to)}\n"
                   f"HIPPO_ROUTE_SCOPE = {_lua_string(settings.route_scope)}\n\n")
         write_bytes_atomic(dir / LUA_NAME, (header + routing_script()).encode("utf-8"))
+    if settings.http_filter:
+        write_bytes_atomic(dir / ACCESS_LUA_NAME, (access_header(settings) + access_script()).encode("utf-8"))
     path = dir / CONFIG_NAME
-    write_bytes_atomic(path, (json.dumps(cfg, indent=2) + "\n").encode("utf-8"))
-    os.chmod(path, 0o600)
+    _write_private(path, (json.dumps(cfg, indent=2) + "\n").encode("utf-8"))
     return path
 
 
@@ -462,10 +663,12 @@ def wait_ready(http_url: str, timeout: float = 30.0, *, proc: subprocess.Popen |
         proc: when given, fail at once if that process exits (with the log's last lines).
         name: when given, ``/system``'s ``Name`` must equal it (guards against another Orthanc
             answering on the same port).
+        auth: ``(user, password)`` when authentication is on.
         log_file: included in error messages (its tail).
 
     Raises:
-        OrthancError: timeout, the process died, or another instance answered.
+        OrthancError: timeout, the process died, another instance answered, or Orthanc refused
+            the credentials (401) or the request (403: the access filter) -- raised at once.
     """
     client = OrthancClient(http_url, timeout=2.0, auth=auth)
     deadline = time.monotonic() + timeout
@@ -476,7 +679,14 @@ def wait_ready(http_url: str, timeout: float = 30.0, *, proc: subprocess.Popen |
                                + (f"; last log lines:\n{tail(log_file)}" if log_file else ""))
         try:
             info = client.get_json("/system")
-        except (OrthancError, OSError) as exc:
+        except OrthancError as exc:
+            if exc.status in (401, 403):
+                what = "the credentials" if exc.status == 401 else "the request (access filter)"
+                raise OrthancError(f"Orthanc at {http_url} refused {what}: HTTP {exc.status}"
+                                   + ("" if auth or exc.status != 401 else " (no credentials given)"),
+                                   exc.status) from exc
+            last = str(exc)
+        except OSError as exc:
             last = str(exc)
         else:
             if name is not None and info.get("Name") != name:
@@ -616,7 +826,7 @@ class OrthancClient:
                 return resp.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:500].decode("utf-8", "replace")
-            raise OrthancError(f"{method} {path}: HTTP {exc.code} {detail}".strip()) from exc
+            raise OrthancError(f"{method} {path}: HTTP {exc.code} {detail}".strip(), exc.code) from exc
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise OrthancError(f"{method} {self.url}{path}: {reason}") from exc

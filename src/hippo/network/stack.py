@@ -3,14 +3,25 @@
 :class:`Network` starts, in this order,
 
 1. **Orthanc** (:mod:`hippo.network.orthanc`): ``Orthanc <root>/orthanc/orthanc.json`` -- waits
-   for ``GET /system`` (and that it is *this* instance: its ``Name``);
+   for ``GET /system`` with the service account's credentials (and that it is *this* instance: its
+   ``Name``);
 2. **the AI listener**: ``python -m hippo.listen listener.port=.. listener.ae_title=..
    pacs.host=127.0.0.1 pacs.port=<Orthanc DICOM port> pacs.called_ae=<Orthanc AET> paths.log_dir=..
    [model_path=..] listener.quiet_seconds=..`` (``conf/listen.yaml``: results go to ``pacs``) -- waits until
    its port accepts connections, it answers a C-ECHO (called as ``listener.ae_title`` by Orthanc's
    AE title) and Orthanc's own ``POST /modalities/<route_to>/echo`` succeeds (the path routing uses);
 3. **the viewer**: ``python -m hippo.network.viewer --host 127.0.0.1 --port .. --dist <ohif dist>
-   --orthanc http://127.0.0.1:<http_port>`` -- waits for ``GET /`` to answer 200.
+   --orthanc http://127.0.0.1:<http_port> --orthanc-credentials <root>/orthanc/credentials.json``
+   -- waits for ``GET /`` to answer 200.
+
+Access to Orthanc's REST API (see :mod:`hippo.network.orthanc`): unless ``orthanc.authentication``
+is false, HTTP Basic authentication is on with a generated service account (user ``hippo``, a
+random password) kept in ``<root>/orthanc/credentials.json`` (mode 0600), created by the first
+``up`` and reused by every later one; ``orthanc.users`` adds more users. Everything here that calls
+the REST API (readiness checks, ``status``, the viewer's proxy) uses that account; the viewer
+reads the file at start (the password is never on a command line). Orthanc's Lua access filter
+accepts the ``Host`` values ``127.0.0.1``/``localhost`` with Orthanc's port *and* with the viewer's
+port (the proxy forwards the browser's Host), plus ``orthanc.allowed_hosts``.
 
 Each process starts with ``start_new_session=True`` (its pid is its process group id), so ``down``
 ends the process and anything it started. Pids, process start times, commands, ports, URLs and
@@ -271,7 +282,31 @@ class Network:
         self.timeouts = {"orthanc": 30.0, "listener": 120.0, "viewer": 30.0, "stop": 15.0, "npm": 900.0}
         self.timeouts.update({k: float(v) for k, v in dict(c.get("timeouts") or {}).items()})
         ocfg = dict(c.get("orthanc", {}))
-        ocfg.setdefault("dicomweb_host", f"{HOST}:{int(self.viewer.get('port', 3000))}")
+        vport = int(self.viewer.get("port", 3000))
+        ocfg.setdefault("dicomweb_host", f"{HOST}:{vport}")
+        # the viewer's proxy forwards the browser's Host (its own origin): Orthanc must accept it
+        ocfg["allowed_hosts"] = [*(ocfg.get("allowed_hosts") or []), f"{HOST}:{vport}", f"localhost:{vport}",
+                                 *(self.viewer.get("allowed_hosts") or [])]
+        self.authentication = bool(ocfg.pop("authentication", True))
+        self.credentials_path = self.orthanc_dir / orth.CREDENTIALS_NAME
+        self._credentials: tuple[str, str] | None = None
+        if self.authentication:
+            # the stored service account, or (before the first `up` writes it) a fresh one
+            try:
+                self._credentials = (orth.read_credentials(self.credentials_path) if self.credentials_path.exists()
+                                     else orth.new_credentials())
+            except orth.OrthancError as exc:
+                # `down` and `status` must still work; `up` reports the broken file (_save_credentials)
+                log.warning("%s", exc)
+                self._credentials = orth.new_credentials()
+            users = dict(ocfg.get("users") or {})
+            if self._credentials[0] in users:
+                raise ValueError(f"orthanc.users must not define {self._credentials[0]!r}: that is the network's "
+                                 f"generated service account ({self.credentials_path})")
+            ocfg["users"] = {**users, self._credentials[0]: self._credentials[1]}
+        elif ocfg.get("users"):
+            raise ValueError("orthanc.users is set but orthanc.authentication is false: the network's own "
+                             "services would have no credentials; remove one of the two")
         self.orthanc = orth.OrthancSettings.from_mapping(ocfg)
         self._procs: dict[str, subprocess.Popen] = {}
         self._log_offsets: dict[str, int] = {}
@@ -294,10 +329,17 @@ class Network:
         return cmd
 
     def viewer_command(self) -> list[str]:
-        """``python -m hippo.network.viewer --host 127.0.0.1 --port P --dist DIR --orthanc URL``."""
-        return [sys.executable, "-m", "hippo.network.viewer", "--host", HOST,
-                "--port", str(int(self.viewer.get("port", 3000))), "--dist", str(self.ohif_dist),
-                "--orthanc", self.orthanc.http_url]
+        """``python -m hippo.network.viewer --host 127.0.0.1 --port P --dist DIR --orthanc URL
+        [--orthanc-credentials FILE] [--allow-host HOST:PORT ...]`` (the file, not the password: a
+        command line is visible to every user in ``ps``)."""
+        cmd = [sys.executable, "-m", "hippo.network.viewer", "--host", HOST,
+               "--port", str(int(self.viewer.get("port", 3000))), "--dist", str(self.ohif_dist),
+               "--orthanc", self.orthanc.http_url]
+        if self.authentication:
+            cmd += ["--orthanc-credentials", str(self.credentials_path)]
+        for host in self.viewer.get("allowed_hosts") or ():
+            cmd += ["--allow-host", str(host)]
+        return cmd
 
     @property
     def ohif_dist(self) -> Path:
@@ -366,6 +408,8 @@ class Network:
             raise NetworkError(f"port(s) already in use: {', '.join(taken)} (another instance? a system Orthanc "
                                f"on 4242/8042? see `ss -ltnp`); change them in conf/network.yaml")
         self.logs.mkdir(parents=True, exist_ok=True)
+        if self.authentication:
+            self._save_credentials()
         if "viewer" in wanted:
             ensure_ohif_dist(self.ohif_dist, str(self.ohif.get("version", "3.13.2")), tarball=self.ohif.get("tarball"),
                              log_file=self.logs / "npm.log", timeout=self.timeouts["npm"])
@@ -401,7 +445,28 @@ class Network:
         log.info("Orthanc up: %s, DICOM %s", self.orthanc.http_url, self.urls()["orthanc_dicom"])
 
     def _orthanc_auth(self) -> tuple[str, str] | None:
-        return next(iter(self.orthanc.users.items()), None)
+        """The service account's ``(user, password)`` (``None`` when authentication is off)."""
+        return self._credentials
+
+    def _save_credentials(self) -> None:
+        """Store the service account in ``credentials.json`` (0600) unless it is there already (then
+        use the stored one: another ``up`` may have written it since this object was made)."""
+        try:
+            stored = orth.ensure_credentials(self.credentials_path, candidate=self._credentials)
+        except orth.OrthancError as exc:
+            raise NetworkError(f"{exc}; fix or delete it (a new password is then generated)") from exc
+        if stored != self._credentials:
+            assert self._credentials is not None
+            self.orthanc.users.pop(self._credentials[0], None)
+            if stored[0] in self.orthanc.users:
+                raise NetworkError(f"orthanc.users must not define {stored[0]!r} (the service account in "
+                                   f"{self.credentials_path})")
+            self.orthanc.users[stored[0]] = stored[1]
+            self._credentials = stored
+
+    def orthanc_client(self, timeout: float = 10.0) -> orth.OrthancClient:
+        """A REST client for this network's Orthanc, with the service account's credentials."""
+        return orth.OrthancClient(self.orthanc.http_url, timeout=timeout, auth=self._orthanc_auth())
 
     def _spawn(self, state: dict[str, Any], name: str, cmd: list[str]) -> subprocess.Popen:
         log_file = self.logs / f"{name}.log"
@@ -450,7 +515,7 @@ class Network:
                    f"answer a C-ECHO as {aet} from {self.orthanc.aet}")
         route_to = self.orthanc.route_to
         if route_to is not None and "orthanc" in state["processes"]:
-            client = orth.OrthancClient(self.orthanc.http_url, auth=self._orthanc_auth())
+            client = self.orthanc_client()
             self._wait("listener", proc, lambda: client.echo_modality(route_to), 15.0,
                        f"answer Orthanc's C-ECHO (POST /modalities/{route_to}/echo)")
         log.info("listener up: %s", self.urls()["listener"])
@@ -517,8 +582,10 @@ class Network:
 
     # -- status -------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """``{"up": all recorded services alive, "state": path, "services": {name: {"running",
-        "pid", "ports", "listening", "url", "log"}}}`` (services never started: running False)."""
+        """``{"up": all recorded services alive, "state": path, "credentials": path or None,
+        "services": {name: {"running", "pid", "ports", "listening", "url", "log"}}}`` (services never
+        started: running False). A running Orthanc also gets ``"rest"``: ``"ok"`` when ``GET /system``
+        answers with the service account's credentials, else the error (e.g. ``HTTP 401``)."""
         state = self.read_state()
         services: dict[str, Any] = {}
         for name in SERVICES:
@@ -532,5 +599,12 @@ class Network:
                 "url": entry["url"] if entry else self.urls()[name],
                 "log": entry["log"] if entry else None,
             }
+        if services["orthanc"]["running"]:
+            try:
+                self.orthanc_client(timeout=3.0).system()
+                services["orthanc"]["rest"] = "ok"
+            except orth.OrthancError as exc:
+                services["orthanc"]["rest"] = str(exc)
         recorded = [services[n]["running"] for n in state["processes"] if n in services]
-        return {"up": bool(recorded) and all(recorded), "state": str(self.state_path), "services": services}
+        return {"up": bool(recorded) and all(recorded), "state": str(self.state_path),
+                "credentials": str(self.credentials_path) if self.authentication else None, "services": services}
