@@ -31,8 +31,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import (Comprehensive3DSRStorage, SecondaryCaptureImageStorage,
-                                  SegmentationStorage, Verification)
+from pynetdicom.sop_class import (Comprehensive3DSRStorage, KeyObjectSelectionDocumentStorage,
+                                  SecondaryCaptureImageStorage, SegmentationStorage, Verification)
 
 from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES, REAL_DATA, write_nifti
 from hippo.network.listener import STATUS_INVALID_UID, STATUS_OUT_OF_RESOURCES, Listener
@@ -62,7 +62,7 @@ class FakeOrthanc:
         self.received: list[tuple[str, str, str, str]] = []
         self._lock = threading.Lock()
         ae = AE(ae_title="ORTHANC")
-        for uid in RESULT_CLASSES:
+        for uid in (*RESULT_CLASSES, KeyObjectSelectionDocumentStorage):
             ae.add_supported_context(uid)
         ae.add_supported_context(Verification)
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
@@ -480,7 +480,7 @@ def test_series_sent_in_two_bursts_gives_one_result_of_the_whole_series(make_lis
     the rest completes it -- the PACS ends with exactly one result set, made from every instance."""
     folder, manifest = make_study(21)
     uid = manifest["study_instance_uid"]
-    files = sorted(Path(p) for p in manifest["files"]["HippoCrop"])
+    files = [Path(p) for p in manifest["files"]["HippoCrop"]]  # slice order
     first, rest = tmp_path / "first", tmp_path / "rest"
     for part, chunk in ((first, files[:20]), (rest, files[20:])):
         part.mkdir()
@@ -499,3 +499,37 @@ def test_series_sent_in_two_bursts_gives_one_result_of_the_whole_series(make_lis
     assert sorted(r[1] for r in got) == sorted(RESULT_CLASSES)  # one result set, not two
     record = json.loads((listener.processed_dir / uid / "listener.json").read_text())
     assert record["status"] == "ok" and record["instances"] == len(files)
+
+
+def test_new_result_of_a_study_rejects_the_earlier_one_the_iocm_way(make_listener, make_study, orthanc, tmp_path):
+    """A series without an announced count, sent in two bursts: the first part is measured, then the
+    whole series. The PACS gets the new result set and an IOCM rejection note (KOS, "Rejected for
+    Quality Reasons") listing exactly the earlier SC, SEG and SR, so one current result remains."""
+    folder, manifest = make_study(22)
+    uid = manifest["study_instance_uid"]
+    files = [Path(p) for p in manifest["files"]["HippoCrop"]]  # slice order
+    first, rest = tmp_path / "first", tmp_path / "rest"
+    for part, chunk in ((first, files[:20]), (rest, files[20:])):
+        part.mkdir()
+        for p in chunk:
+            ds = pydicom.dcmread(p)
+            del ds.ImagesInAcquisition  # nothing tells the listener that more is coming
+            ds.save_as(part / p.name)
+    listener = make_listener().start()
+    assert _send(listener, first)["failed"] == 0
+    _wait(lambda: orthanc.has_results(uid), what="the result of the first part")
+    assert listener.wait_idle(30)
+    earlier = {r[2] for r in orthanc.for_study(uid)}
+    assert _send(listener, rest)["failed"] == 0
+    _wait(lambda: any(r[1] == KeyObjectSelectionDocumentStorage for r in orthanc.for_study(uid)),
+          what="the rejection note")
+    assert listener.wait_idle(30)
+    got = orthanc.for_study(uid)
+    assert sorted(r[1] for r in got if r[2] not in earlier) == sorted([*RESULT_CLASSES, KeyObjectSelectionDocumentStorage])
+    record = json.loads((listener.processed_dir / uid / "listener.json").read_text())
+    assert record["instances"] == len(files) and set(record["supersedes"]) == earlier
+    note = pydicom.dcmread(listener.results_dir / uid / f"rejection_{record['rejection_note']}.dcm")
+    assert note.ConceptNameCodeSequence[0].CodeValue == "113001"
+    listed = {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in note.ContentSequence
+              if "ReferencedSOPSequence" in item}
+    assert listed == earlier

@@ -254,3 +254,51 @@ def make_sr(
         series_description=series_description,
         content_qualification=hd.ContentQualificationValues.RESEARCH,
     )
+
+
+REJECTION_SERIES_NUMBER = 9004
+REJECTION_SERIES_DESCRIPTION = "AI hippocampus results superseded, research use"
+
+
+def make_rejection_note(
+    rejected: Sequence[Dataset],
+    *,
+    model_version: str,
+    series_number: int = REJECTION_SERIES_NUMBER,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> hd.ko.KeyObjectSelectionDocument:
+    """An IHE IOCM rejection note: a Key Object Selection document titled "Rejected for Quality
+    Reasons" (DCM 113001) that lists result objects a newer result of the same study replaces.
+
+    An archive or viewer that implements IOCM hides the listed objects; any other keeps them but can
+    tell from the note (and from the newer objects' later series) which result is current.
+
+    Args:
+        rejected: the superseded SC, SEG and SR (headers suffice), all of one study.
+        model_version: recorded with the observer device.
+        series_number, series_instance_uid, sop_instance_uid: of the note (a series of its own).
+
+    Raises:
+        ValueError: nothing to reject, or objects of several studies.
+    """
+    rejected = list(rejected)
+    if not rejected:
+        raise ValueError("a rejection note needs at least one object to reject")
+    studies = {str(ds.StudyInstanceUID) for ds in rejected}
+    if len(studies) != 1:
+        raise ValueError(f"rejected objects must belong to one study, got {sorted(studies)}")
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_device_uid(model_version), name=ALGORITHM_NAME, manufacturer_name=MANUFACTURER,
+            model_name=ALGORITHM_NAME))
+    content = hd.ko.KeyObjectSelection(document_title=codes.DCM.RejectedForQualityReasons,
+                                       referenced_objects=rejected, observer_device_context=observer,
+                                       description="superseded by a newer result made from more of the study")
+    note = hd.ko.KeyObjectSelectionDocument(
+        evidence=rejected, content=content,
+        series_instance_uid=series_instance_uid or generate_uid(), series_number=int(series_number),
+        sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=1, manufacturer=MANUFACTURER)
+    note.SeriesDescription = REJECTION_SERIES_DESCRIPTION
+    return note

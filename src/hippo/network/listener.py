@@ -158,6 +158,15 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def _encode(ds: Dataset) -> bytes:
+    """``ds`` as a DICOM file (preamble, file meta) in memory."""
+    import io
+
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def _failure(status: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = status
@@ -649,6 +658,7 @@ class Listener:
 
         n_total = len(names) + len(merged)
         log.info("study %s: processing %d instance(s) (%d new)", uid, n_total, len(names))
+        previous = self._current_results(uid)  # read now: the new results overwrite their files
         t0 = time.perf_counter()
         outcome = processor.process(work)
         seconds = time.perf_counter() - t0
@@ -668,6 +678,9 @@ class Listener:
                 "results_dir": str(self.results_dir / uid), "result_sop_instance_uids": result_uids,
                 "timings_s": outcome.timings_s, "review": list(outcome.review),
             })
+            old = [str(ds.SOPInstanceUID) for ds in previous]
+            if previous and set(old) != set(result_uids):
+                record.update(self._reject(uid, previous, processor))
             write_json_atomic(work / "listener.json", record)
             _replace_dir(work, self.processed_dir / uid)
             shutil.rmtree(self.failed_dir / uid, ignore_errors=True)
@@ -694,6 +707,49 @@ class Listener:
     def _set_last(self, uid: str, status: str, **info: Any) -> None:
         with self._lock:
             self._last = {"study_instance_uid": uid, "status": status, "time": _now(), **info}
+
+    def _current_results(self, uid: str) -> list[Dataset]:
+        """The result objects (headers) this listener last sent for study ``uid``, or ``[]``."""
+        import json
+
+        try:
+            record = json.loads((self.processed_dir / uid / "listener.json").read_text())
+        except (OSError, ValueError):
+            return []
+        wanted = set(record.get("result_sop_instance_uids") or ())
+        found = []
+        for name in ("report_sc", "seg", "sr"):
+            with contextlib.suppress(Exception):
+                ds = pydicom.dcmread(self.results_dir / uid / f"{name}.dcm", stop_before_pixels=True)
+                if str(ds.SOPInstanceUID) in wanted:
+                    found.append(ds)
+        return found
+
+    def _reject(self, uid: str, previous: Sequence[Dataset], processor: Any) -> dict[str, Any]:
+        """Send an IOCM rejection note for the result set ``previous`` that a new result of study
+        ``uid`` (made from more of its instances) replaces; returns what to record about it."""
+        from hippo.dicom.objects import make_rejection_note
+        from hippo.pacs import deliver
+        from pydicom.uid import generate_uid
+
+        old = sorted(str(ds.SOPInstanceUID) for ds in previous)
+        version = str((getattr(getattr(processor, "agent", None), "metadata", None) or {}).get("hippo_version", "0"))
+        note = make_rejection_note(previous, model_version=version,
+                                   series_instance_uid=generate_uid(entropy_srcs=["rejection-series", *old]),
+                                   sop_instance_uid=generate_uid(entropy_srcs=["rejection", *old]))
+        path = write_bytes_atomic(self.results_dir / uid / f"rejection_{note.SOPInstanceUID}.dcm", _encode(note))
+        with self._lock:
+            self._result_names.add(f"{note.SOPInstanceUID}{_SUFFIX}")
+        queued = False
+        if self.pacs is not None:
+            report = deliver([path], self.pacs, Outbox(self.outbox_dir))
+            queued = bool(report.queued)
+            if report.lost:
+                log.error("study %s: rejection note %s neither delivered nor queued: %s", uid, note.SOPInstanceUID,
+                          report.lost)
+        log.info("study %s: the earlier result (%s) is superseded; rejection note %s %s", uid, ", ".join(old),
+                 note.SOPInstanceUID, "queued in the outbox" if queued else "sent")
+        return {"supersedes": old, "rejection_note": str(note.SOPInstanceUID)}
 
     @staticmethod
     def _result_uids(files: Mapping[str, str]) -> list[str]:
