@@ -8,7 +8,9 @@ credentials throughout (the readiness checks, this test's client and the viewer'
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 from conftest import ANY_VOLUME_OVERRIDES
 from hippo.network.orthanc import OrthancClient, OrthancError, free_port, pid_alive, read_credentials
 from hippo.network.stack import Network, load_config
+from hippo.pacs import PacsConfig, echo
 from hippo.scanner import send_study, write_study
 
 pytestmark = pytest.mark.service
@@ -107,6 +110,19 @@ def test_scanner_to_pacs_to_ai_and_back(real_data_root, model_file, tmp_path):
         time.sleep(4)
         assert sum(s["MainDicomTags"].get("SeriesDescription") in RESULT_DESCRIPTIONS
                    for s in client.series(study_id)) == 3
+
+        # the listener dies (SIGKILL) while Orthanc and the viewer run: `up` brings it back alone
+        before = {n: e["pid"] for n, e in net.read_state()["processes"].items()}
+        os.killpg(before["listener"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(before["listener"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = net.up()
+        after = {n: e["pid"] for n, e in net.read_state()["processes"].items()}
+        assert status["up"] and after["orthanc"] == before["orthanc"] and after["viewer"] == before["viewer"]
+        assert after["listener"] != before["listener"] and pid_alive(after["listener"])
+        assert echo(PacsConfig(port=ports["listener"], called_ae="HIPPOAI", calling_ae="ORTHANC", retries=0,
+                               timeout=5))
     finally:
         pids = [e["pid"] for e in net.read_state().get("processes", {}).values()]
         net.down()

@@ -387,22 +387,27 @@ class Network:
 
     # -- up -----------------------------------------------------------------------------------
     def up(self, only: Sequence[str] | None = None) -> dict[str, Any]:
-        """Start the services (all, or those named in ``only``, in start order) and wait until each
-        answers. Returns :meth:`status`.
+        """Start the services (all, or those named in ``only``, in start order) that are not running
+        and wait until each answers; services an earlier ``up`` started and that still run are kept
+        (so ``up`` brings back a listener that died while Orthanc and the viewer run). Returns
+        :meth:`status`.
 
         Raises:
-            NetworkError: something is already running from an earlier ``up``, a port is taken,
-                the OHIF viewer cannot be fetched, or a service does not come up in time (what was
-                started is stopped again; the message holds the service's last log lines).
+            NetworkError: a port is taken, the OHIF viewer cannot be fetched, or a service does not
+                come up in time (what this call started is stopped again; the message holds the
+                service's last log lines).
         """
         wanted = [s for s in SERVICES if only is None or s in only]
         unknown = sorted(set(only or ()) - set(SERVICES))
         if unknown:
             raise NetworkError(f"unknown service(s) {unknown}; choose from {list(SERVICES)}")
-        running = {n: e["pid"] for n, e in self.read_state()["processes"].items() if _same_process(e)}
+        running = {n: e for n, e in self.read_state()["processes"].items() if _same_process(e)}
+        wanted = [s for s in wanted if s not in running]
+        if not wanted:
+            log.info("already up: %s", ", ".join(f"{n} (pid {e['pid']})" for n, e in running.items()))
+            return self.status()
         if running:
-            raise NetworkError(f"the network is already (partly) up: {running} "
-                               f"(state {self.state_path}); run `python -m hippo.network down` first")
+            log.warning("restarting %s while %s keep(s) running", ", ".join(wanted), ", ".join(running))
         taken = [f"{name} port {p}" for name in wanted for p in self._ports()[name] if orth.port_in_use(p)]
         if taken:
             raise NetworkError(f"port(s) already in use: {', '.join(taken)} (another instance? a system Orthanc "
@@ -415,7 +420,7 @@ class Network:
                              log_file=self.logs / "npm.log", timeout=self.timeouts["npm"])
 
         state: dict[str, Any] = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                 "root": str(self.root), "urls": self.urls(), "processes": {}}
+                                 "root": str(self.root), "urls": self.urls(), "processes": dict(running)}
         self._write_state(state)
         try:
             if "orthanc" in wanted:
@@ -426,7 +431,15 @@ class Network:
                 self._up_viewer(state)
         except BaseException:
             with contextlib.suppress(Exception):
-                self.down()
+                if running:  # stop only what this call started; the others were fine before it
+                    for name in [n for n in state["processes"] if n not in running]:
+                        proc = self._procs.pop(name, None)
+                        orth.stop(proc if proc is not None else int(state["processes"][name]["pid"]),
+                                  timeout=self.timeouts["stop"])
+                        del state["processes"][name]
+                    self._write_state(state)
+                else:
+                    self.down()
             raise
         return self.status()
 
