@@ -127,3 +127,16 @@ def dciodvfy_problems(path) -> dict[str, list[str]]:
 #: stay as configured). As keyword / mapping, and as Hydra overrides for the command-line tools.
 ANY_VOLUME = {"anterior_mm3": [0.0, 1e12], "posterior_mm3": [0.0, 1e12], "total_mm3": [0.0, 1e12]}
 ANY_VOLUME_OVERRIDES = [f"plausibility.{key}=[0,1e12]" for key in ANY_VOLUME]
+
+
+def synthetic_crop_pair(root: Path) -> tuple[Path, Path]:
+    """A HippoCrop-sized (35 x 51 x 35) synthetic image and its label (anterior and posterior boxes,
+    brighter than the background) as NIfTI files under ``root``: a study for tests that need no real
+    anatomy."""
+    rng = np.random.default_rng(0)
+    shape = (35, 51, 35)
+    label = np.zeros(shape, np.uint8)
+    label[12:22, 15:25, 12:22] = 1
+    label[12:22, 25:38, 12:22] = 2
+    image = (rng.normal(60, 10, shape) + 80 * (label > 0)).clip(0).astype(np.float32)
+    return write_nifti(root / "image.nii.gz", image), write_nifti(root / "label.nii.gz", label)

@@ -27,7 +27,7 @@ from pynetdicom import (ALL_TRANSFER_SYNTAXES, AE, PYNETDICOM_IMPLEMENTATION_UID
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, CTImageStorage, MRImageStorage,
                                   SecondaryCaptureImageStorage, SegmentationStorage, Verification)
 
-from conftest import write_nifti
+from conftest import synthetic_crop_pair
 from hippo.network.listener import (STATUS_CANNOT_UNDERSTAND, STATUS_INVALID_UID, STATUS_OUT_OF_RESOURCES,
                                     STORAGE_SOP_CLASSES, Listener)
 from hippo.network.orthanc import free_port
@@ -412,13 +412,8 @@ def created(tmp_path_factory, model_file):
     from hippo.scanner import write_study
 
     root = tmp_path_factory.mktemp("created")
-    rng = np.random.default_rng(0)
-    shape = (35, 51, 35)
-    label = np.zeros(shape, np.uint8)
-    label[12:22, 15:25, 12:22] = 1
-    label[12:22, 25:38, 12:22] = 2
-    image = (rng.normal(60, 10, shape) + 80 * (label > 0)).clip(0).astype(np.float32)
-    manifest = write_study(write_nifti(root / "image.nii.gz", image), root / "study", seed=7, distractors=False)
+    image, _ = synthetic_crop_pair(root)
+    manifest = write_study(image, root / "study", seed=7, distractors=False)
     outcome = build_processor(model_file, root / "results", write_png=False, io_threads=2).process(root / "study")
     assert outcome.status != "failed", f"{outcome.stage}: {outcome.error}"
     source = pydicom.dcmread(manifest["files"]["HippoCrop"][0], stop_before_pixels=True)

@@ -25,7 +25,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -34,7 +33,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, KeyObjectSelectionDocumentStorage,
                                   SecondaryCaptureImageStorage, SegmentationStorage, Verification)
 
-from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES, REAL_DATA, write_nifti
+from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES, REAL_DATA, synthetic_crop_pair
 from hippo.network.listener import STATUS_INVALID_UID, STATUS_OUT_OF_RESOURCES, Listener
 from hippo.pacs import Outbox, PacsConfig, echo
 from hippo.scanner import ScannerSendError, send_study, write_study
@@ -94,14 +93,7 @@ def nifti_case(tmp_path_factory) -> tuple[Path, Path]:
     """(image, label) NIfTI: a real Decathlon case when ../shared/data is there, else synthetic."""
     if (REAL_DATA / "imagesTr" / "hippocampus_001.nii.gz").is_file():
         return (REAL_DATA / "imagesTr" / "hippocampus_001.nii.gz", REAL_DATA / "labelsTr" / "hippocampus_001.nii.gz")
-    root = tmp_path_factory.mktemp("synthetic")
-    rng = np.random.default_rng(0)
-    shape = (35, 51, 35)
-    label = np.zeros(shape, np.uint8)
-    label[12:22, 15:25, 12:22] = 1
-    label[12:22, 25:38, 12:22] = 2
-    image = (rng.normal(60, 10, shape) + 80 * (label > 0)).clip(0).astype(np.float32)
-    return (write_nifti(root / "image.nii.gz", image), write_nifti(root / "label.nii.gz", label))
+    return synthetic_crop_pair(tmp_path_factory.mktemp("synthetic"))
 
 
 @pytest.fixture(scope="module")
@@ -473,6 +465,21 @@ def test_outbox_is_retried_on_a_timer_not_only_when_a_study_comes(make_listener,
     assert [r[2] for r in orthanc.for_study(pending.StudyInstanceUID)] == [pending.SOPInstanceUID]
 
 
+def _two_bursts(files: list[Path], tmp_path: Path, at: int = 20, drop: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """The series ``files`` (slice order) split into folders ``first`` (``files[:at]``) and ``rest``,
+    with the attributes ``drop`` removed from every copy."""
+    parts = (tmp_path / "first", tmp_path / "rest")
+    for part, chunk in zip(parts, (files[:at], files[at:])):
+        part.mkdir()
+        for p in chunk:
+            ds = pydicom.dcmread(p)
+            for keyword in drop:
+                if keyword in ds:
+                    delattr(ds, keyword)
+            ds.save_as(part / p.name)
+    return parts
+
+
 def test_series_sent_in_two_bursts_gives_one_result_of_the_whole_series(make_listener, make_study, orthanc,
                                                                          tmp_path):
     """A sender pauses longer than the quiet period half-way through the HippoCrop series: the first
@@ -481,11 +488,7 @@ def test_series_sent_in_two_bursts_gives_one_result_of_the_whole_series(make_lis
     folder, manifest = make_study(21)
     uid = manifest["study_instance_uid"]
     files = [Path(p) for p in manifest["files"]["HippoCrop"]]  # slice order
-    first, rest = tmp_path / "first", tmp_path / "rest"
-    for part, chunk in ((first, files[:20]), (rest, files[20:])):
-        part.mkdir()
-        for p in chunk:
-            shutil.copy(p, part / p.name)
+    first, rest = _two_bursts(files, tmp_path)
     listener = make_listener().start()
     assert _send(listener, first)["failed"] == 0
     _wait(lambda: (listener.failed_dir / uid / "error.json").exists(), what="the partial series to wait in failed/")
@@ -508,13 +511,7 @@ def test_new_result_of_a_study_rejects_the_earlier_one_the_iocm_way(make_listene
     folder, manifest = make_study(22)
     uid = manifest["study_instance_uid"]
     files = [Path(p) for p in manifest["files"]["HippoCrop"]]  # slice order
-    first, rest = tmp_path / "first", tmp_path / "rest"
-    for part, chunk in ((first, files[:20]), (rest, files[20:])):
-        part.mkdir()
-        for p in chunk:
-            ds = pydicom.dcmread(p)
-            del ds.ImagesInAcquisition  # nothing tells the listener that more is coming
-            ds.save_as(part / p.name)
+    first, rest = _two_bursts(files, tmp_path, drop=("ImagesInAcquisition",))  # nothing says more is coming
     listener = make_listener().start()
     assert _send(listener, first)["failed"] == 0
     _wait(lambda: orthanc.has_results(uid), what="the result of the first part")

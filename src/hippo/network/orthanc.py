@@ -363,26 +363,6 @@ def access_script() -> str:
 # Credentials
 
 
-def _write_private(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``path`` atomically with mode 0600 from the first byte on (``mkstemp`` creates the
-    temporary file 0600; it is renamed over ``path``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def new_credentials(username: str = SERVICE_USER) -> tuple[str, str]:
     """``(username, password)`` with a fresh random password (``secrets.token_urlsafe(32)``)."""
     return str(username), secrets.token_urlsafe(32)
@@ -573,7 +553,7 @@ def write_config(settings: OrthancSettings, dir: str | os.PathLike) -> Path:
     if settings.http_filter:
         write_bytes_atomic(dir / ACCESS_LUA_NAME, (access_header(settings) + access_script()).encode("utf-8"))
     path = dir / CONFIG_NAME
-    _write_private(path, (json.dumps(cfg, indent=2) + "\n").encode("utf-8"))
+    write_bytes_atomic(path, (json.dumps(cfg, indent=2) + "\n").encode("utf-8"), mode=0o600)
     return path
 
 
