@@ -654,7 +654,6 @@ def test_ensure_ohif_dist(tmp_path: Path, monkeypatch) -> None:
 
 @pytest.mark.service
 def test_network_up_status_down_orthanc_only(tmp_path: Path) -> None:
-
     if find_orthanc() is None:
         pytest.skip("Orthanc is not installed (Debian: apt-get install orthanc orthanc-dicomweb)")
     net = _network(tmp_path)
