@@ -1,12 +1,14 @@
 """Atomic file writes: a result is written under a temporary name and renamed into place, so a
-crash never leaves a half-written file that looks complete."""
+crash never leaves a half-written file (or folder) that looks complete."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,6 +35,29 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, mode: int | None
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike, *, trash_prefix: str = ".trash-") -> Path:
+    """Put the finished directory ``src`` at ``dst`` by renames, replacing what was there.
+
+    An existing ``dst`` is first renamed aside (``<trash_prefix><name>-<random>`` in the same
+    parent, so a crash leaves either the old or the new folder under the real name, and a hidden
+    leftover a later run can delete), then ``src`` is renamed into place and the old one removed.
+    ``src`` and ``dst`` must be on one file system (build ``src`` beside ``dst``).
+    """
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    trash = None
+    if dst.exists() or dst.is_symlink():
+        trash = dst.parent / f"{trash_prefix}{dst.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, trash)
+    os.replace(src, dst)
+    if trash is not None:
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            trash.unlink(missing_ok=True)
+    return dst
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:

@@ -114,7 +114,7 @@ from hippo.data.nifti import (
     labels_to_uint8,
     load_nifti,
 )
-from hippo.fileio import to_plain, write_bytes_atomic
+from hippo.fileio import replace_dir, to_plain, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -714,13 +714,7 @@ def _write_clean_copy(root: Path, clean_dir: Path, clean: list[CasePaths], mode:
                     curation={"source": str(root), "mode": mode,
                               "note": "only the cases kept by hippo.data.curate; see ../manifest.json"})
         (tmp / "dataset.json").write_text(_dump_json(meta), encoding="utf-8")
-        if clean_dir.exists() or clean_dir.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=".clean.old.", dir=clean_dir.parent))
-            os.replace(clean_dir, old / "clean")
-            os.replace(tmp, clean_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, clean_dir)
+        replace_dir(tmp, clean_dir, trash_prefix=".clean.old.")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

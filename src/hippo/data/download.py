@@ -30,6 +30,8 @@ import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import Callable, TextIO
 
+from hippo.fileio import replace_dir
+
 DATASET_DIRNAME = "Task04_Hippocampus"
 ARCHIVE_NAME = "Task04_Hippocampus.tar"
 # The Google Drive original of the Decathlon is not script-friendly; this is the public mirror
@@ -257,7 +259,7 @@ def fetch_dataset(dest: str | os.PathLike = DEFAULT_DEST, url: str = DEFAULT_URL
     staging = Path(tempfile.mkdtemp(prefix=f".{DATASET_DIRNAME}.", suffix=".partial", dir=dest))
     try:
         safe_extract(archive, staging)
-        os.replace(_find_dataset_root(staging), final)
+        replace_dir(_find_dataset_root(staging), final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not keep_archive:

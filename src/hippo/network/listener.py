@@ -65,7 +65,6 @@ import shutil
 import signal
 import threading
 import time
-import uuid
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -89,7 +88,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from hippo.fileio import write_bytes_atomic, write_json_atomic
+from hippo.fileio import replace_dir, write_bytes_atomic, write_json_atomic
 from hippo.pacs import TCP_NODELAY_HANDLERS, Outbox, PacsConfig, validate_uid
 
 log = logging.getLogger(__name__)
@@ -147,15 +146,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Put directory ``src`` at ``dst``, replacing what was there (renames; the old one is removed)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    trash = None
-    if dst.exists():
-        trash = dst.parent / f"{_TRASH}{dst.name}-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, trash)
-    os.replace(src, dst)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+    """Put directory ``src`` at ``dst``, replacing what was there (:func:`hippo.fileio.replace_dir`)."""
+    replace_dir(src, dst, trash_prefix=_TRASH)
 
 
 def _encode(ds: Dataset) -> bytes:

@@ -59,7 +59,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from hippo.fileio import write_json_atomic
+from hippo.fileio import replace_dir, write_json_atomic
 from hippo.network import orthanc as orth
 
 log = logging.getLogger(__name__)
@@ -149,9 +149,7 @@ def ensure_ohif_dist(dist: str | os.PathLike, version: str, *, tarball: str | os
                 raise NetworkError(f"{tarball} holds no package/dist/index.html (not an @ohif/app package?)")
             kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tar.extractall(tmp, members=members, **kwargs)
-        if dist.exists():
-            shutil.rmtree(dist)
-        os.replace(tmp, dist)
+        replace_dir(tmp, dist, trash_prefix=".old-")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -63,6 +63,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from hippo.fileio import replace_dir
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -289,11 +291,7 @@ def _extract_dist(tarball: Path, dest: Path, version: str) -> None:
         (staging / _MARKER).write_text(version + "\n")
         if _dist_ready(dest, version):     # another process won the race
             return
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(staging, dest)
+        replace_dir(staging, dest, trash_prefix=".old-")
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
