@@ -92,7 +92,7 @@ def _net_and_data(payload: dict[str, Any], cases: list, batch_size: int):
     import torch
 
     from hippo.data.datamodule import SlicesDataset
-    from hippo.data.nifti import pad_or_crop
+    from hippo.preprocessing import pad_or_crop
     from hippo.infer import build_net
 
     payload = first_member(payload)
@@ -252,7 +252,7 @@ def bench_inference(model_path: Path, payload: dict[str, Any], cases: list, repe
                     compile_net: bool = True) -> dict[str, Any]:
     import torch
 
-    from hippo.data.nifti import pad_or_crop, with_neighbours
+    from hippo.preprocessing import pad_or_crop, with_neighbours
     from hippo.infer import InferenceAgent, build_net
 
     payload = first_member(payload)

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import require_real_data, tiny_pair
 from hippo.data.datamodule import HippocampusDataModule, cross_validation_fold, load_cases, split_by_volume
-from hippo.data.nifti import CaseError, find_pairs, pad_or_crop
+from hippo.data.nifti import CaseError, find_pairs
+from hippo.preprocessing import pad_or_crop
 from hippo.data.synthetic import generate_dataset
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

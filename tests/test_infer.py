@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import hippo
-from hippo.data.nifti import LABEL_NAMES, normalize_minmax
-from hippo.infer import MODEL_FORMAT, InferenceAgent, load_model_file, save_model_file, segment_slices
+from hippo.preprocessing import LABEL_NAMES, normalize_minmax
+from hippo.infer import MODEL_FORMAT, InferenceAgent, load_model_file, save_model_file
+from hippo.model.slicewise import segment_slices
 from hippo.model.unet import UNet
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -248,7 +249,7 @@ def test_segment_slices_rejects_2d() -> None:
 
 
 def test_keep_largest_component_removes_islands_only() -> None:
-    from hippo.infer import keep_largest_component
+    from hippo.model.slicewise import keep_largest_component
 
     labels = np.zeros((12, 12, 12), np.uint8)
     labels[2:7, 2:7, 2:5] = 1            # main structure: anterior and posterior touching
@@ -280,7 +281,7 @@ def test_context_model_round_trip_applies_context_and_postprocessing(tmp_path: P
 
 
 def test_agent_applies_the_model_files_normalisation(tmp_path: Path) -> None:
-    from hippo.data.nifti import normalize_percentile
+    from hippo.preprocessing import normalize_percentile
 
     net = _net()
     path = save_model_file(tmp_path / "p.pt", net, preprocessing={**PREPROCESSING, "normalization": "percentile_per_volume"})

@@ -8,19 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_pair, write_nifti
-from hippo.data.nifti import (
-    CaseError,
-    CasePaths,
-    case_name,
-    find_pairs,
-    label_volumes_mm3,
-    load_case,
-    load_nifti,
-    normalize_minmax,
-    pad_or_crop,
-    undo_pad_or_crop,
-    voxel_volume_mm3,
-)
+from hippo.data.nifti import CaseError, CasePaths, case_name, find_pairs, load_case, load_nifti
+from hippo.preprocessing import label_volumes_mm3, normalize_minmax, pad_or_crop, undo_pad_or_crop, voxel_volume_mm3
 
 # ---- normalize_minmax --------------------------------------------------------------------------
 
@@ -392,7 +381,7 @@ def test_tiny_pair_helper_round_trips(tmp_path: Path) -> None:
 
 
 def test_with_neighbours_stacks_context_and_repeats_edges() -> None:
-    from hippo.data.nifti import with_neighbours
+    from hippo.preprocessing import with_neighbours
 
     volume = np.arange(4 * 2 * 3, dtype=np.float32).reshape(4, 2, 3)
     assert with_neighbours(volume, 0).shape == (4, 1, 2, 3)
@@ -408,7 +397,7 @@ def test_with_neighbours_stacks_context_and_repeats_edges() -> None:
 
 
 def test_percentile_normalisation_ignores_a_few_bright_voxels() -> None:
-    from hippo.data.nifti import normalize, normalize_percentile
+    from hippo.preprocessing import normalize, normalize_percentile
 
     rng = np.random.default_rng(0)
     image = rng.uniform(0, 100, size=(20, 20, 20)).astype(np.float32)

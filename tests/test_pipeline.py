@@ -19,7 +19,8 @@ from pynetdicom.sop_class import (Comprehensive3DSRStorage, SecondaryCaptureImag
                                   SegmentationStorage, Verification)
 
 from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES
-from hippo.data.nifti import label_volumes_mm3, load_nifti
+from hippo.data.nifti import load_nifti
+from hippo.preprocessing import label_volumes_mm3
 from hippo.dicom.volume import load_series
 from hippo.pipeline import StudyProcessor, find_studies, run_batch
 from hippo.scanner import StudyInfo, write_series, write_study

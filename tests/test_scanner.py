@@ -15,7 +15,8 @@ import pytest
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
-from hippo.data.nifti import label_volumes_mm3, load_nifti
+from hippo.data.nifti import load_nifti
+from hippo.preprocessing import label_volumes_mm3
 from hippo.dicom.volume import load_series
 from hippo.scanner import DISTRACTOR_DESCRIPTIONS, MANUFACTURER, ScannerSendError, StudyInfo, main, send_study, \
     write_series, write_study

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hippo.data import synthetic
-from hippo.data.nifti import find_pairs, label_volumes_mm3, load_case, load_nifti
+from hippo.data.nifti import find_pairs, load_case, load_nifti
+from hippo.preprocessing import label_volumes_mm3
 from hippo.data.synthetic import SHAPE_MAX, SHAPE_MIN, generate_dataset, make_case
 
 N_CASES = 12

@@ -1,6 +1,7 @@
 """Hippocampal volumes in mm³ from a label mask, and an indicative normative comparison.
 
-numpy only (plus the shared voxel-volume helper of :mod:`hippo.data.nifti`): no torch, no DICOM.
+numpy only (plus the voxel-volume helper of the preprocessing contract, :mod:`hippo.preprocessing`):
+no torch, no DICOM.
 
 Conventions
 -----------
@@ -34,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hippo.data.nifti import voxel_volume_mm3
+from hippo.preprocessing import voxel_volume_mm3
 
 #: Label values of the mask.
 ANTERIOR, POSTERIOR = 1, 2

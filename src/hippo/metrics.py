@@ -14,7 +14,7 @@ import numpy as np
 
 from hippo import __version__
 from hippo.fileio import write_json_atomic
-from hippo.data.nifti import LABEL_NAMES, label_volumes_mm3
+from hippo.preprocessing import LABEL_NAMES, label_volumes_mm3
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:

@@ -49,7 +49,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
-from hippo.data.nifti import label_volumes_mm3, labels_to_uint8, load_nifti
+from hippo.data.nifti import labels_to_uint8, load_nifti
+from hippo.preprocessing import label_volumes_mm3
 from hippo.fileio import write_bytes_atomic, write_json_atomic
 
 __all__ = [

@@ -103,17 +103,8 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import nibabel as nib
 import numpy as np
 
-from hippo.data.nifti import (
-    LABEL_NAMES,
-    CaseError,
-    CasePaths,
-    case_name,
-    find_pairs,
-    is_nifti,
-    label_volumes_mm3,
-    labels_to_uint8,
-    load_nifti,
-)
+from hippo.data.nifti import CaseError, CasePaths, case_name, find_pairs, is_nifti, labels_to_uint8, load_nifti
+from hippo.preprocessing import LABEL_NAMES, label_volumes_mm3
 from hippo.fileio import replace_dir, to_plain, write_bytes_atomic
 
 log = logging.getLogger(__name__)

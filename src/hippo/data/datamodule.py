@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hippo.fileio import write_json_atomic
-from hippo.data.nifti import (NORMALIZATIONS, Case, CaseError, CasePaths, find_pairs, is_nifti, load_case,
-                              pad_or_crop)
+from hippo.data.nifti import Case, CaseError, CasePaths, find_pairs, is_nifti, load_case
+from hippo.preprocessing import NORMALIZATIONS, pad_or_crop
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class SlicesDataset(Dataset):
 
     Items: ``{"image": (2 * context + 1, H, W) float32, "label": (H, W) int64, "volume": int,
     "slice": int}``; the middle channel is the labelled slice, edge slices repeat beyond the ends
-    (as :func:`hippo.data.nifti.with_neighbours`).
+    (as :func:`hippo.preprocessing.with_neighbours`).
     """
 
     def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], context: int = 0):

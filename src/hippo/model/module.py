@@ -22,7 +22,7 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassJaccardIndex
 from torchmetrics.segmentation import DiceScore
 
-from hippo.infer import segment_slices
+from hippo.model.slicewise import segment_slices
 from hippo.metrics import summarize, volume_metrics
 
 # RGB colours of the label overlay: background black, anterior orange, posterior cyan.
