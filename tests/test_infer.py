@@ -385,3 +385,27 @@ def test_model_file_without_weights_is_refused(tmp_path: Path) -> None:
     torch.save({"format": MODEL_FORMAT, "members": []}, path)
     with pytest.raises(ValueError, match="members list"):
         load_model_file(path)
+
+
+def test_deploy_listen_and_eval_read_one_inference_group():
+    """model_path, device, batch_size and precision come from conf/inference/default.yaml for all
+    three commands (one set of defaults), read once into InferenceSettings; overrides keep their
+    top-level names."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from hippo.config import config_dir
+    from hippo.infer import InferenceSettings
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        read = {name: InferenceSettings.from_config(OmegaConf.to_container(
+                    compose(config_name=name), resolve=False))
+                for name in ("deploy", "listen", "eval")}
+        tuned = InferenceSettings.from_config(OmegaConf.to_container(
+            compose(config_name="deploy", overrides=["precision=bfloat16", "model_path=/m.pt"]), resolve=False))
+    assert read["deploy"] == read["listen"] == read["eval"] == InferenceSettings(None, "cpu", 64, "float32")
+    assert (tuned.precision, tuned.model_path) == ("bfloat16", "/m.pt")
+    with pytest.raises(KeyError, match="inference"):
+        InferenceSettings.from_config({"device": "cpu"})
+    with pytest.raises(ValueError, match="precision"):
+        InferenceSettings.from_config({"model_path": None, "device": "cpu", "batch_size": 1, "precision": "fp8"})

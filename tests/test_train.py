@@ -81,7 +81,7 @@ def test_short_16_mixed_run_writes_results_events_and_model(synthetic_root, tmp_
     assert agent.metadata["metrics"]["dice_mean"] == pytest.approx(results["summary"]["dice_mean"]["mean"])
     eval_dir = tmp_path / "eval"
     proc = subprocess.run(
-        [sys.executable, "-m", "hippo.eval", f"ckpt_path={out / 'model.pt'}", f"data.root={synthetic_root}",
+        [sys.executable, "-m", "hippo.eval", f"model_path={out / 'model.pt'}", f"data.root={synthetic_root}",
          f"data.split_file={out / 'split.json'}", f"hydra.run.dir={eval_dir}"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -92,7 +92,7 @@ def test_short_16_mixed_run_writes_results_events_and_model(synthetic_root, tmp_
     assert "dice_anterior" in proc.stdout
     # compare_to: the same model against its training run's test figures differs by nothing, case by case
     proc = subprocess.run(
-        [sys.executable, "-m", "hippo.eval", f"ckpt_path={out / 'model.pt'}", f"data.root={synthetic_root}",
+        [sys.executable, "-m", "hippo.eval", f"model_path={out / 'model.pt'}", f"data.root={synthetic_root}",
          f"data.split_file={out / 'split.json'}", f"compare_to={out / 'results.json'}",
          f"hydra.run.dir={tmp_path / 'eval_compare'}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -105,7 +105,7 @@ def test_short_16_mixed_run_writes_results_events_and_model(synthetic_root, tmp_
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"per_volume": results["per_volume"][1:]}))
     proc = subprocess.run(
-        [sys.executable, "-m", "hippo.eval", f"ckpt_path={out / 'model.pt'}", f"data.root={synthetic_root}",
+        [sys.executable, "-m", "hippo.eval", f"model_path={out / 'model.pt'}", f"data.root={synthetic_root}",
          f"data.split_file={out / 'split.json'}", f"compare_to={other}", f"hydra.run.dir={tmp_path / 'eval_bad'}"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and str(other) in proc.stderr and results["per_volume"][0]["name"] in proc.stderr
@@ -239,7 +239,7 @@ def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root
     assert agent.context_slices == 2 and agent.postprocessing == {"largest_component": True}
     eval_dir = tmp_path / "eval"
     proc = subprocess.run(
-        [sys.executable, "-m", "hippo.eval", f"ckpt_path={out['model']}", f"data.root={synthetic_root}",
+        [sys.executable, "-m", "hippo.eval", f"model_path={out['model']}", f"data.root={synthetic_root}",
          f"data.split_file={out['split']}", f"hydra.run.dir={eval_dir}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     evaluated = json.loads((eval_dir / "results.json").read_text())["summary"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hippo.pacs import Outbox, PacsConfig
-from hippo.models import resolve_model_path
+from hippo.infer import InferenceSettings
 from hippo.pipeline import (StudyOutcome, build_processor, find_studies, run_batch,
                             summary_table, write_summary)
 
@@ -58,8 +58,9 @@ def run_deploy(cfg: Mapping[str, Any]) -> int:
     if bool(cfg.get("study")) == bool(cfg.get("studies")):
         raise SystemExit("error: give exactly one of study=DIR (one study) or studies=ROOT (every sub-directory)")
 
+    settings = InferenceSettings.from_config(cfg)
     try:
-        model_path = resolve_model_path(cfg.get("model_path"), cfg["paths"]["log_dir"])
+        model_path = settings.resolve_model(cfg["paths"]["log_dir"])
         studies = [Path(cfg["study"])] if cfg.get("study") else \
             find_studies(cfg["studies"], exclude=[cfg["results_dir"], cfg["outbox_dir"]])
     except (FileNotFoundError, ValueError) as exc:
@@ -67,21 +68,19 @@ def run_deploy(cfg: Mapping[str, Any]) -> int:
     results_dir = Path(cfg["results_dir"])
     report = cfg.get("report", {})
     factory = functools.partial(
-        build_processor, model_path, results_dir,
-        device=cfg.get("device", "cpu"), batch_size=int(cfg.get("batch_size", 64)),
-        precision=str(cfg.get("precision", "float32")),
+        build_processor, model_path, results_dir, **settings.agent_options,
         pacs=cfg["pacs"] if send else None, outbox_dir=cfg["outbox_dir"],
-        rules=dict(cfg.get("series") or {}), io_threads=int(cfg.get("io_threads", 8)),
+        rules=dict(cfg.get("series") or {}), io_threads=int(cfg["io_threads"]),
         normative_comparison=bool(report.get("normative_comparison", False)),
         series_numbers=report.get("series_numbers"), write_png=bool(report.get("write_png", True)),
         plausibility=dict(cfg.get("plausibility") or {}),
     )
     log.info("model %s; %d study(ies); results in %s", model_path, len(studies), results_dir)
     t0 = time.perf_counter()
-    outcomes = run_batch(studies, factory, workers=int(cfg.get("workers", 1)), on_done=_print_outcome)
+    outcomes = run_batch(studies, factory, workers=int(cfg["workers"]), on_done=_print_outcome)
     wall = time.perf_counter() - t0
     summary = write_summary(results_dir, outcomes, model_path=str(model_path), wall_seconds=round(wall, 3),
-                            workers=int(cfg.get("workers", 1)), outbox_flushed=flushed)
+                            workers=int(cfg["workers"]), outbox_flushed=flushed)
     if len(outcomes) > 1:
         print(summary_table(outcomes))
     print(f"{summary['n_ok']} ok, {summary['n_review']} for review, {summary['n_failed']} failed in {wall:.1f} s; "

@@ -1,4 +1,4 @@
-"""Entrypoint: ``python -m hippo.eval [ckpt_path=MODEL.pt] data.root=DIR [compare_to=RESULTS.json]`` —
+"""Entrypoint: ``python -m hippo.eval [model_path=MODEL.pt] data.root=DIR [compare_to=RESULTS.json]`` —
 3D Dice/Jaccard of an exported model (default: the shipped one, on its held-out test split) on the
 labelled pairs in DIR, written as ``results.json`` in the run directory; with ``compare_to``, also
 the paired per-volume difference against an earlier evaluation of the same cases."""
@@ -18,19 +18,19 @@ from hippo.config import config_dir
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
     from hippo.evaluation import evaluate_model, format_comparison, format_summary, select_pairs
-    from hippo.infer import InferenceAgent
+    from hippo.infer import InferenceAgent, InferenceSettings
     from hippo.metrics import paired_difference, write_results
-    from hippo.models import default_split_path, resolve_model_path
+    from hippo.models import default_split_path
 
+    settings = InferenceSettings.from_config(cfg)
     split_file = cfg.data.split_file
-    if split_file is None and cfg.ckpt_path is None:
+    if split_file is None and settings.model_path is None:
         split_file = default_split_path()
     if cfg.data.split_part == "all":
         split_file = None
     try:
-        model_path = resolve_model_path(cfg.ckpt_path, cfg.paths.log_dir)
-        agent = InferenceAgent.from_file(model_path, device=cfg.device, batch_size=cfg.batch_size,
-                                         precision=cfg.get("precision", "float32"))
+        model_path = settings.resolve_model(cfg.paths.log_dir)
+        agent = InferenceAgent.from_file(model_path, **settings.agent_options)
         if cfg.get("largest_component") is not None:
             agent.postprocessing["largest_component"] = bool(cfg.largest_component)
         pairs, unpaired = select_pairs(cfg.data.root, cfg.data.manifest, split_file, cfg.data.split_part)

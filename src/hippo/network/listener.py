@@ -894,19 +894,18 @@ class Listener:
     def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> "Listener":
         """From ``conf/listen.yaml`` resolved to a plain dict. ``model_path: null`` takes the shipped
         default model, ``latest`` the newest ``<paths.log_dir>/**/model.pt`` (:mod:`hippo.models`)."""
-        lc = dict(cfg.get("listener") or {})
-        model_path = cfg.get("model_path")
-        if "processor_factory" not in overrides:
-            from hippo.models import resolve_model_path
+        from hippo.infer import InferenceSettings  # imports torch: the listener runs the model anyway
 
-            model_path = resolve_model_path(model_path, cfg["paths"]["log_dir"])
+        lc = dict(cfg.get("listener") or {})
+        settings = InferenceSettings.from_config(cfg)
+        model_path = settings.model_path
+        if "processor_factory" not in overrides:
+            model_path = settings.resolve_model(cfg["paths"]["log_dir"])
         report = dict(cfg.get("report") or {})
         options = {
             "rules": dict(cfg.get("series") or {}),
-            "io_threads": int(cfg.get("io_threads", 4)),
-            "device": cfg.get("device", "cpu"),
-            "batch_size": int(cfg.get("batch_size", 64)),
-            "precision": str(cfg.get("precision", "float32")),
+            "io_threads": int(cfg["io_threads"]),
+            **settings.agent_options,
             "normative_comparison": bool(report.get("normative_comparison", False)),
             "series_numbers": report.get("series_numbers"),
             "write_png": bool(report.get("write_png", True)),
