@@ -89,7 +89,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, MRImageStorage, SecondaryCaptureImageStorage,
                                   SegmentationStorage, Verification)
 
-from conftest import ANY_VOLUME_OVERRIDES, REAL_DATA, write_nifti
+from conftest import ANY_VOLUME_OVERRIDES, REAL_DATA, synthetic_crop_pair
 from hippo.fileio import write_bytes_atomic, write_json_atomic
 from hippo.network.listener import _instances
 from hippo.pacs import Outbox, PacsConfig, deliver, echo
@@ -298,13 +298,7 @@ def make_study(tmp_path_factory):
         image, label = (REAL_DATA / "imagesTr" / "hippocampus_001.nii.gz",
                         REAL_DATA / "labelsTr" / "hippocampus_001.nii.gz")
     else:
-        rng = np.random.default_rng(0)
-        shape = (35, 51, 35)
-        lab = np.zeros(shape, np.uint8)
-        lab[12:22, 15:25, 12:22] = 1
-        lab[12:22, 25:38, 12:22] = 2
-        img = (rng.normal(60, 10, shape) + 80 * (lab > 0)).clip(0).astype(np.float32)
-        image, label = write_nifti(root / "image.nii.gz", img), write_nifti(root / "label.nii.gz", lab)
+        image, label = synthetic_crop_pair(root)
 
     def make(seed: int, distractors: bool = False) -> tuple[Path, dict]:
         out = root / f"study_{seed}_{int(distractors)}"
