@@ -406,7 +406,14 @@ class Network:
             return self.status()
         if running:
             log.warning("restarting %s while %s keep(s) running", ", ".join(wanted), ", ".join(running))
-        taken = [f"{name} port {p}" for name in wanted for p in self._ports()[name] if orth.port_in_use(p)]
+        def taken_ports() -> list[str]:
+            return [f"{name} port {p}" for name in wanted for p in self._ports()[name] if orth.port_in_use(p)]
+
+        taken = taken_ports()
+        deadline = time.monotonic() + (self.timeouts["stop"] if running else 0)
+        while taken and time.monotonic() < deadline:  # a service that just died may still hold its port
+            time.sleep(0.2)
+            taken = taken_ports()
         if taken:
             raise NetworkError(f"port(s) already in use: {', '.join(taken)} (another instance? a system Orthanc "
                                f"on 4242/8042? see `ss -ltnp`); change them in conf/network.yaml")
