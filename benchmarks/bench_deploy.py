@@ -36,6 +36,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from machine_load import CpuMeter  # benchmarks/machine_load.py (the script's folder is on sys.path)
+
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,36 +195,6 @@ def check_scp(scp: CountingScp, study_uids: list[str], label: str, settle_s: flo
         raise BenchmarkError(f"{label}: SCP expected {OBJECTS_PER_STUDY} objects for each of {len(study_uids)} "
                              f"studies ({len(study_uids) * OBJECTS_PER_STUDY}), got {sum(got.values())}; "
                              f"wrong counts {missing}, unexpected studies {extra}")
-
-
-class CpuMeter:
-    """Busy CPU time of the whole machine (/proc/stat) against this process's and its waited-for
-    children's CPU time: the difference is what other jobs used while the benchmark ran."""
-
-    def __init__(self) -> None:
-        self.t0, self.busy0, self.ours0 = time.perf_counter(), self._busy(), self._ours()
-
-    @staticmethod
-    def _busy() -> float | None:
-        try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _ours() -> float:
-        a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
-
-    def read(self) -> dict[str, float | None]:
-        wall = time.perf_counter() - self.t0
-        busy = self._busy()
-        ours = self._ours() - self.ours0
-        if busy is None or self.busy0 is None or wall <= 0:
-            return {"wall_s": wall, "ours_cores": ours / wall if wall > 0 else None, "others_cores": None}
-        return {"wall_s": wall, "ours_cores": ours / wall, "others_cores": max(0.0, (busy - self.busy0 - ours) / wall)}
 
 
 def rss_mib() -> dict[str, float]:

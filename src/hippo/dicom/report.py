@@ -79,7 +79,7 @@ def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont | ImageFont.I
     return ImageFont.load_default(size=size)
 
 
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+def wrap_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
     """Greedy word wrap of ``text`` to lines no wider than ``width`` pixels."""
     lines: list[str] = []
     for paragraph in text.split("\n"):
@@ -99,7 +99,7 @@ def _text_block(draw, xy, text, font, width, fill=_TEXT, spacing=4) -> int:
     """Draw wrapped text at ``xy``; return the y just below it."""
     x, y = xy
     line_h = font.size + spacing if hasattr(font, "size") else 14
-    for line in _wrap(draw, text, font, width):
+    for line in wrap_text(draw, text, font, width):
         draw.text((x, y), line, font=font, fill=fill)
         y += line_h
     return y
@@ -407,7 +407,7 @@ def render_report(
     # Review flag ----------------------------------------------------------------------------------
     if review:
         text = "Review recommended before using these numbers: " + "; ".join(review) + "."
-        lines = _wrap(draw, _CONTROL_CHARS.sub(" ", text), _font(17, bold=True), inner - 24)
+        lines = wrap_text(draw, _CONTROL_CHARS.sub(" ", text), _font(17, bold=True), inner - 24)
         box_h = 16 + 23 * len(lines)
         draw.rectangle((margin, y, W - margin, y + box_h), fill=(255, 236, 179), outline=(200, 120, 0), width=3)
         for i, line in enumerate(lines):

@@ -1,0 +1,209 @@
+"""The whole-head report page (PNG): volumes per side, asymmetry, eTIV, review reasons, and views
+through each hippocampus with the anterior (orange) / posterior (cyan) overlay.
+
+pillow + numpy only. Image conventions as :mod:`hippo.dicom.report`: ``(X, Y, Z)`` arrays in
+closest canonical RAS; views drawn the radiological way (the patient's right on the viewer's left
+for coronal views, anterior on the left for sagittal views, superior up), with the same colours.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from hippo.dicom.report import wrap_text
+
+__all__ = ["render_wholehead_report", "write_report_png"]
+
+PAGE_WIDTH = 1200
+DISCLAIMER = "Research use only — not for diagnostic use"
+#: Overlay colours (the same as the DICOM report's): anterior orange, posterior cyan.
+COLOURS = {1: (255, 140, 0), 2: (0, 200, 255)}
+ALPHA = 0.45
+_NAVY, _RED, _TEXT, _MUTED = (20, 40, 80), (170, 20, 20), (20, 20, 20), (90, 90, 90)
+
+
+def _font(size: int, bold: bool = False):
+    for name in (("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"),
+                 ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf" if bold
+                  else "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _window(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(finite, [1.0, 99.5])
+    return float(lo), float(hi if hi > lo else lo + 1.0)
+
+
+def _view(image: np.ndarray, labels: np.ndarray, spacing, view: str, centre_idx, half_mm: float | None,
+          window: tuple[float, float], size: int) -> Image.Image:
+    """One square tile: coronal (fixed y) or sagittal (fixed x) slice around ``centre_idx``."""
+    c = [int(round(v)) for v in centre_idx]
+    if view == "coronal":
+        plane, lab = image[:, c[1], :], labels[:, c[1], :]  # (x, z)
+        axes = (0, 2)
+        flip_cols = True   # patient's right (high x) on the viewer's left
+    else:
+        plane, lab = image[c[0], :, :], labels[c[0], :, :]  # (y, z)
+        axes = (1, 2)
+        flip_cols = True   # anterior (high y) on the left
+    if half_mm is not None:
+        lo = [max(0, int(c[a] - half_mm / spacing[a])) for a in axes]
+        hi = [min(image.shape[a], int(c[a] + half_mm / spacing[a]) + 1) for a in axes]
+        plane, lab = plane[lo[0]:hi[0], lo[1]:hi[1]], lab[lo[0]:hi[0], lo[1]:hi[1]]
+    g = np.clip((plane - window[0]) / (window[1] - window[0]), 0, 1).T[::-1]   # rows: superior first
+    lab = lab.T[::-1]
+    if flip_cols:
+        g, lab = g[:, ::-1], lab[:, ::-1]
+    rgb = np.repeat(g[..., None] * 255.0, 3, axis=2)
+    for value, colour in COLOURS.items():
+        sel = lab == value
+        rgb[sel] = (1 - ALPHA) * rgb[sel] + ALPHA * np.asarray(colour, np.float64)
+    tile_img = Image.fromarray(np.clip(np.round(rgb), 0, 255).astype(np.uint8), "RGB")
+    h_mm, w_mm = g.shape[0] * spacing[axes[1]], g.shape[1] * spacing[axes[0]]
+    scale = min(size / max(w_mm, 1e-6), size / max(h_mm, 1e-6))
+    tile_img = tile_img.resize((max(1, int(w_mm * scale)), max(1, int(h_mm * scale))), Image.Resampling.BILINEAR)
+    tile = Image.new("RGB", (size, size), (0, 0, 0))
+    tile.paste(tile_img, ((size - tile_img.width) // 2, (size - tile_img.height) // 2))
+    d = ImageDraw.Draw(tile)
+    f = _font(15, bold=True)
+    style = dict(font=f, fill=(255, 255, 0), stroke_width=2, stroke_fill=(0, 0, 0))
+    left, right = ("R", "L") if view == "coronal" else ("A", "P")
+    d.text((5, size // 2), left, anchor="lm", **style)
+    d.text((size - 5, size // 2), right, anchor="rm", **style)
+    d.text((size // 2, 4), "S", anchor="mt", **style)
+    d.text((size // 2, size - 4), "I", anchor="mb", **style)
+    return tile
+
+
+def render_wholehead_report(image: np.ndarray, labels: np.ndarray, spacing, summary: Mapping[str, Any],
+                            *, title: str = "") -> Image.Image:
+    """Draw the page.
+
+    Args:
+        image: ``(X, Y, Z)`` scan intensities (closest canonical RAS).
+        labels: ``(X, Y, Z)`` combined labels (1/2 left anterior/posterior, 3/4 right).
+        spacing: voxel size (mm).
+        summary: ``WholeHeadResult.as_dict()`` (volumes, asymmetry, eTIV, review, notes).
+        title: the scan's name.
+
+    Returns:
+        An RGB image ``PAGE_WIDTH`` wide.
+    """
+    spacing = tuple(float(s) for s in spacing)
+    win = _window(image[::2, ::2, ::2])
+    tile = 280
+    margin = 30
+    views = []
+    for side, offset in (("right", 2), ("left", 0)):   # radiological order: right first
+        side_labels = np.where((labels > offset) & (labels <= offset + 2), labels - offset, 0).astype(np.uint8)
+        idx = np.argwhere(side_labels > 0)
+        centre = idx.mean(0) if idx.size else np.asarray(image.shape) / 2.0
+        views.append((side, side_labels, centre))
+    both = np.where(labels > 2, labels - 2, labels).astype(np.uint8)
+    mean_centre = np.mean([v[2] for v in views], axis=0)
+
+    page = Image.new("RGB", (PAGE_WIDTH, 2000), "white")
+    d = ImageDraw.Draw(page)
+    y = margin
+    d.text((margin, y), "HippoVolume — hippocampus, whole-head T1", font=_font(30, True), fill=_NAVY)
+    y += 42
+    d.text((margin, y), DISCLAIMER, font=_font(18, True), fill=_RED)
+    y += 30
+    if title:
+        d.text((margin, y), title, font=_font(17), fill=_MUTED)
+        y += 28
+    # volumes table
+    cols = [margin, margin + 200, margin + 400, margin + 600, margin + 800]
+    d.text((cols[0], y), "mm³", font=_font(18, True), fill=_TEXT)
+    for x, head in zip(cols[1:], ("anterior", "posterior", "total")):
+        d.text((x, y), head, font=_font(18, True), fill=_TEXT)
+    y += 28
+    for side in ("left", "right"):
+        s = summary.get(side, {})
+        d.text((cols[0], y), side.capitalize(), font=_font(18), fill=_TEXT)
+        for x, key in zip(cols[1:], ("anterior_mm3", "posterior_mm3", "total_mm3")):
+            v = s.get(key)
+            d.text((x, y), "—" if v is None else f"{v:,.0f}", font=_font(18), fill=_TEXT)
+        y += 26
+    ai = summary.get("asymmetry_index_percent")
+    etiv = summary.get("etiv_mm3")
+    reg = summary.get("registration", {})
+    y += 6
+    d.text((margin, y), f"Asymmetry index 100·(L−R)/((L+R)/2): {'—' if ai is None else f'{ai:+.1f} %'}    "
+                        f"eTIV (from the registration's scaling): {'—' if etiv is None else f'{etiv / 1e6:.2f} L'}    "
+                        f"registration score: {reg.get('score_mattes_mi', float('nan')):.2f}",
+           font=_font(16), fill=_TEXT)
+    y += 30
+    review = list(summary.get("review") or [])
+    if review:
+        d.text((margin, y), "REVIEW RECOMMENDED", font=_font(18, True), fill=_RED)
+        y += 26
+        for r in review:
+            for line in wrap_text(d, "• " + r, _font(16), PAGE_WIDTH - 2 * margin):
+                d.text((margin, y), line, font=_font(16), fill=_RED)
+                y += 22
+    else:
+        d.text((margin, y), "No review flags.", font=_font(16), fill=_MUTED)
+        y += 24
+    for note in summary.get("notes") or []:
+        for line in wrap_text(d, "Note: " + note, _font(15), PAGE_WIDTH - 2 * margin):
+            d.text((margin, y), line, font=_font(15), fill=_MUTED)
+            y += 20
+    y += 10
+    # images: overview coronal, then per side a zoomed coronal and sagittal
+    x = margin
+    row = [("Coronal, both sides", _view(image, both, spacing, "coronal", mean_centre, None, win, tile))]
+    for side, side_labels, centre in views:
+        row.append((f"{side.capitalize()}: coronal", _view(image, side_labels, spacing, "coronal", centre, 30.0, win, tile)))
+    for label, img in row:
+        d.text((x, y), label, font=_font(15, True), fill=_TEXT)
+        page.paste(img, (x, y + 22))
+        x += tile + 20
+    y += tile + 40
+    x = margin + tile + 20
+    for side, side_labels, centre in views:
+        img = _view(image, side_labels, spacing, "sagittal", centre, 35.0, win, tile)
+        d.text((x, y), f"{side.capitalize()}: sagittal", font=_font(15, True), fill=_TEXT)
+        page.paste(img, (x, y + 22))
+        x += tile + 20
+    y += tile + 40
+    legend_y = y
+    for i, (value, name) in enumerate(((1, "anterior (head)"), (2, "posterior (body + tail)"))):
+        d.rectangle((margin + 260 * i, legend_y, margin + 260 * i + 16, legend_y + 16), fill=COLOURS[value])
+        d.text((margin + 260 * i + 24, legend_y - 1), name, font=_font(15), fill=_TEXT)
+    y += 30
+    for line in wrap_text(d, "Volumes are measured on the scan's own grid from a 2.5D UNet ensemble trained on the "
+                         "Decathlon hippocampus labels (anterior/posterior protocol): they run lower than "
+                         "FreeSurfer's. eTIV = det(affine to MNI) × 1948.106 cm³ (FreeSurfer's scale factor).",
+                      _font(14), PAGE_WIDTH - 2 * margin):
+        d.text((margin, y), line, font=_font(14), fill=_MUTED)
+        y += 19
+    return page.crop((0, 0, PAGE_WIDTH, y + margin))
+
+
+def write_report_png(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray, spacing,
+                     summary: Mapping[str, Any], *, title: str = "") -> Path:
+    """Render the page and write it as a PNG (atomically). Returns the path."""
+    import io
+
+    from hippo.fileio import write_bytes_atomic
+
+    page = render_wholehead_report(image, labels, spacing, summary, title=title)
+    buf = io.BytesIO()
+    page.save(buf, format="PNG", optimize=False, compress_level=3)
+    return write_bytes_atomic(path, buf.getvalue())

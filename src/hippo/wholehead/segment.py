@@ -1,0 +1,378 @@
+"""Both hippocampi of a whole-head T1, end to end, on the scan's own grid.
+
+:func:`segment_wholehead` takes an ``(X, Y, Z)`` array in closest canonical RAS with its voxel ->
+RAS affine (what :func:`hippo.scan_io.read_scan` and :func:`hippo.dicom.volume.load_series` give),
+and an inference agent (:class:`hippo.infer.InferenceAgent` or anything with its ``segment``):
+
+1. register the scan to the MNI template (:mod:`hippo.wholehead.register`);
+2. per side, centre a 35 x 50 x 36 mm crop (1 mm, template-aligned, the right side mirrored) on
+   the MNI hippocampus centroid mapped into the scan (:mod:`hippo.wholehead.crops`) and segment it;
+3. refine: re-centre the crop on the first segmentation's centroid (where the training crops
+   have theirs) and segment again;
+4. map the crop's class probabilities back onto the scan grid and measure the volumes there
+   (mm³ from the scan's voxel size);
+5. review checks in plain words (:mod:`hippo.wholehead.review`).
+
+Output labels on the scan grid (:data:`LABELS`): 1 left anterior, 2 left posterior, 3 right
+anterior, 4 right posterior hippocampus; per side, masks use the model's 1 anterior, 2 posterior.
+
+Imports no torch itself (the agent brings it), never Lightning or Hydra.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from hippo.measure import Volumes, measure_volumes
+from hippo.wholehead.crops import (CROP_SHAPE, CropGeometry, crop_edge_faces, crop_geometry, probabilities_to_scan,
+                                   sample_crop)
+from hippo.wholehead.register import Registration, RegistrationSettings, register_to_template
+from hippo.wholehead.review import ReviewRules, coverage_reasons, volume_reasons
+from hippo.wholehead.template import HIPPOCAMPUS_CENTROIDS_MNI
+
+__all__ = ["LABELS", "SideResult", "WholeHeadResult", "segment_wholehead", "asymmetry_index", "MIN_FOV_MM",
+           "locator_agent"]
+
+#: Label values of the combined label map on the scan grid.
+LABELS: dict[int, str] = {0: "background", 1: "left anterior hippocampus", 2: "left posterior hippocampus",
+                          3: "right anterior hippocampus", 4: "right posterior hippocampus"}
+#: First label value of each side in the combined map (anterior = offset + 1, posterior = offset + 2).
+SIDE_OFFSET = {"left": 0, "right": 2}
+#: A whole-head scan spans at least this (mm) along every axis.
+MIN_FOV_MM = 100.0
+
+
+class SegmentingAgent(Protocol):  # what segment_wholehead needs of hippo.infer.InferenceAgent
+    def segment(self, volume: np.ndarray, return_probabilities: bool = False) -> Any: ...
+
+
+@dataclass
+class SideResult:
+    """One hippocampus.
+
+    Attributes:
+        side: ``"left"`` or ``"right"`` (the patient's).
+        labels: ``(X, Y, Z) uint8`` on the scan grid: 0 background, 1 anterior, 2 posterior.
+        volumes: measured on the scan grid (:class:`hippo.measure.Volumes`, mm³).
+        crop_volumes_mm3: ``{"anterior", "posterior", "total"}`` counted on the 1 mm crop grid.
+        geometry: the final crop (:class:`CropGeometry`).
+        crop_image: ``geometry.shape`` ``float32`` crop as segmented (left-hippocampus orientation).
+        crop_labels: the model's labels on the crop grid.
+        centroid_scan_mm: labelled centroid in scan RAS mm (``None`` when nothing was found).
+        centroid_mni: the same in MNI mm through the registration.
+        edge_faces: crop faces the mask touches (``"lateral"``, ``"anterior"``...).
+        outside_fraction: fraction of the crop outside the scan's field of view.
+        refine_shift_mm: how far the refinement moved the crop (mm, summed over passes).
+        passes: crops segmented for this side (locator and ensemble).
+        settled: the final segmentation's centroid lies within ``settle_mm`` of the crop's centre.
+        final_offset_mm: that distance (mm).
+    """
+
+    side: str
+    labels: np.ndarray
+    volumes: Volumes
+    crop_volumes_mm3: dict[str, float]
+    geometry: CropGeometry
+    crop_image: np.ndarray
+    crop_labels: np.ndarray
+    centroid_scan_mm: np.ndarray | None
+    centroid_mni: np.ndarray | None
+    edge_faces: list[str]
+    outside_fraction: float
+    refine_shift_mm: float
+    passes: int = 0
+    settled: bool = True
+    final_offset_mm: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        v = self.volumes
+        return {
+            "anterior_mm3": round(v.anterior_mm3, 1), "posterior_mm3": round(v.posterior_mm3, 1),
+            "total_mm3": round(v.total_mm3, 1),
+            "voxels": {"anterior": v.anterior_voxels, "posterior": v.posterior_voxels},
+            "crop_grid_mm3": {k: round(x, 1) for k, x in self.crop_volumes_mm3.items()},
+            "centroid_scan_mm": None if self.centroid_scan_mm is None else np.round(self.centroid_scan_mm, 2).tolist(),
+            "centroid_mni_mm": None if self.centroid_mni is None else np.round(self.centroid_mni, 2).tolist(),
+            "touches_crop_edge": self.edge_faces,
+            "crop_outside_scan_fraction": round(self.outside_fraction, 4),
+            "refine_shift_mm": round(self.refine_shift_mm, 2),
+            "passes": self.passes, "settled": self.settled, "final_offset_mm": round(self.final_offset_mm, 2),
+            "crop": self.geometry.as_dict(),
+        }
+
+
+@dataclass
+class WholeHeadResult:
+    """Both hippocampi of one scan.
+
+    Attributes:
+        left, right: :class:`SideResult` per side.
+        registration: the MNI -> scan affine and its score.
+        spacing: scan voxel size (mm).
+        review: reasons in plain words to review this result (empty: nothing flagged).
+        notes: remarks that do not call for review.
+        timings_s: seconds per stage: register, crop, infer, map_back, review (and total).
+    """
+
+    left: SideResult
+    right: SideResult
+    registration: Registration
+    spacing: tuple[float, float, float]
+    review: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def side(self, name: str) -> SideResult:
+        return {"left": self.left, "right": self.right}[name]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """``(X, Y, Z) uint8`` on the scan grid with :data:`LABELS` (1/2 left, 3/4 right)."""
+        out = np.zeros(self.left.labels.shape, np.uint8)
+        for s in (self.left, self.right):
+            sel = s.labels > 0
+            out[sel] = s.labels[sel] + SIDE_OFFSET[s.side]
+        return out
+
+    @property
+    def asymmetry_index(self) -> float | None:
+        """``100 (L - R) / ((L + R) / 2)`` of the total volumes (percent), None when both are 0."""
+        return asymmetry_index(self.left.volumes.total_mm3, self.right.volumes.total_mm3)
+
+    @property
+    def etiv_mm3(self) -> float:
+        """Estimated total intracranial volume (mm³) from the registration's scaling."""
+        return self.registration.etiv_mm3
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able: volumes per side, asymmetry, eTIV, registration, review, timings."""
+        return {
+            "labels": {str(k): v for k, v in LABELS.items()},
+            "left": self.left.as_dict(),
+            "right": self.right.as_dict(),
+            "asymmetry_index_percent": None if self.asymmetry_index is None else round(self.asymmetry_index, 2),
+            "etiv_mm3": round(self.etiv_mm3, 0),
+            "registration": self.registration.as_dict(),
+            "spacing_mm": [round(s, 5) for s in self.spacing],
+            "review": list(self.review),
+            "notes": list(self.notes),
+            "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
+        }
+
+
+def asymmetry_index(left_mm3: float, right_mm3: float) -> float | None:
+    """``100 (L - R) / ((L + R) / 2)`` in percent; ``None`` when ``L + R == 0``."""
+    mean = (left_mm3 + right_mm3) / 2.0
+    return None if mean <= 0 else 100.0 * (left_mm3 - right_mm3) / mean
+
+
+def _centroid(labels: np.ndarray) -> np.ndarray | None:
+    idx = np.argwhere(labels > 0)
+    return None if idx.size == 0 else idx.mean(axis=0)
+
+
+def locator_agent(agent: Any) -> Any:
+    """A lighter agent for the localisation pass: for each slicing axis of the ensemble, its member
+    with the fewest parameters (the shipped model: its three 16-filter members, one per axis,
+    instead of all five), with the same device, precision and post-processing. ``agent`` itself
+    when it is not an :class:`hippo.infer.InferenceAgent` ensemble of more than one axis' worth.
+
+    One light network alone localised worse: on the right side of a turned head one of them
+    landed 9 mm off, where the three together stay within about 1 mm of the final centre.
+    """
+    members = getattr(agent, "members", None)
+    if not members or len(members) < 2:
+        return agent
+    size = lambda m: sum(p.numel() for p in m[0].parameters())  # noqa: E731
+    by_axis: dict[int, tuple] = {}
+    for m in members:
+        axis = int(m[1].get("slice_axis", 0))
+        if axis not in by_axis or size(m) < size(by_axis[axis]):
+            by_axis[axis] = m
+    chosen = [m for m in members if any(m is v for v in by_axis.values())]
+    if len(chosen) == len(members):
+        return agent
+    return type(agent)(*chosen[0], agent.labels, device=str(agent.device), batch_size=agent.batch_size,
+                       metadata=agent.metadata, postprocessing=agent.postprocessing, more_members=chosen[1:],
+                       precision=agent.precision)
+
+
+def _segment_crop(agent: SegmentingAgent, array, affine, geometry, timings: dict[str, float] | None = None):
+    t = time.perf_counter()
+    crop, outside = sample_crop(array, affine, geometry)
+    t1 = time.perf_counter()
+    labels, probs = agent.segment(crop, return_probabilities=True)
+    if timings is not None:
+        timings["crop"] = timings.get("crop", 0.0) + t1 - t
+        timings["infer"] = timings.get("infer", 0.0) + time.perf_counter() - t1
+    return crop, outside, np.asarray(labels, np.uint8), np.asarray(probs, np.float32)
+
+
+def segment_wholehead(
+    array: np.ndarray,
+    affine: np.ndarray,
+    agent: SegmentingAgent,
+    *,
+    spacing: Sequence[float] | None = None,
+    registration: Registration | None = None,
+    settings: RegistrationSettings | None = None,
+    refine_passes: int = 1,
+    crop_shape: tuple[int, int, int] = CROP_SHAPE,
+    rules: ReviewRules | None = None,
+    map_back: str = "nearest",
+    locator: SegmentingAgent | None = None,
+    settle_mm: float = 2.0,
+    extra_passes: int = 2,
+) -> WholeHeadResult:
+    """Segment both hippocampi of a whole-head T1 scan.
+
+    Args:
+        array: ``(X, Y, Z)`` intensities in closest canonical RAS (any numeric dtype; a different
+            voxel order works too as long as ``affine`` describes it).
+        affine: ``(4, 4)`` voxel index -> RAS mm of ``array``.
+        agent: the model (``agent.segment(crop, return_probabilities=True)`` ->
+            ``((X, Y, Z) uint8 labels {0, 1, 2}, (3, X, Y, Z) probabilities)``).
+        spacing: voxel size (mm); checked against ``affine`` when given (a DICOM ``SeriesVolume``
+            carries both).
+        registration: a precomputed MNI -> scan registration (skips step 1).
+        settings: registration settings (default: the ``fast`` preset).
+        refine_passes: how many times to re-centre on the segmentation and segment again (the
+            passes before run with ``locator``).
+        crop_shape: crop size (voxels at 1 mm).
+        rules: review limits (:class:`ReviewRules`).
+        map_back: ``"nearest"`` (the default: the crop's labels sampled at each scan voxel's
+            centre, which keeps volumes unbiased across voxel sizes) or ``"linear"`` (trilinear
+            probabilities, then the most probable class: smoother, but thin parts shrink ~5 %).
+        locator: the agent for the first ``refine_passes`` (localisation) passes, e.g.
+            :func:`locator_agent` (one network instead of the ensemble); default ``agent``.
+        settle_mm: a final segmentation whose centroid lies further than this (mm) from where the
+            crop meant to put it (the training crops' centroid position) is re-centred and run
+            again with ``agent``, at most ``extra_passes`` times; still unsettled, it is flagged
+            for review.
+
+    Returns:
+        A :class:`WholeHeadResult`: per-side masks on ``array``'s grid, volumes (mm³), the
+        registration, eTIV, review reasons and timings.
+
+    Raises:
+        ValueError: not a 3D array, an affine that does not match ``spacing``, or a field of view
+            too small for a whole head (e.g. a hippocampus crop).
+    """
+    rules = rules or ReviewRules()
+    t_all = time.perf_counter()
+    array = np.asarray(array)
+    affine = np.asarray(affine, np.float64)
+    if array.ndim != 3:
+        raise ValueError(f"expected an (X, Y, Z) volume, got shape {array.shape}")
+    voxel = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if spacing is not None and not np.allclose(voxel, np.asarray(spacing, float), rtol=1e-3, atol=1e-4):
+        raise ValueError(f"spacing {tuple(spacing)} mm does not match the affine's voxel size {tuple(np.round(voxel, 4))}")
+    extent = voxel * np.asarray(array.shape)
+    if extent.min() < MIN_FOV_MM:
+        raise ValueError(f"field of view {' x '.join(f'{e:.0f}' for e in extent)} mm is too small for a whole head "
+                         f"(at least {MIN_FOV_MM:.0f} mm per axis); a hippocampus crop goes to hippo.deploy / "
+                         "InferenceAgent.segment directly")
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    if registration is None:
+        registration = register_to_template(array, affine, settings=settings)
+    timings["register"] = time.perf_counter() - t
+    rotation = registration.rotation
+    timings.update(crop=0.0, infer=0.0, map_back=0.0)
+
+    sides: dict[str, SideResult] = {}
+    for side in ("left", "right"):
+        t = time.perf_counter()
+        geometry = crop_geometry(rotation, registration.to_scan(HIPPOCAMPUS_CENTROIDS_MNI[side]), side, shape=crop_shape)
+        timings["crop"] += time.perf_counter() - t
+        shift, offset, passes = 0.0, 0.0, 0
+        planned = max(0, int(refine_passes))
+        loc = locator
+        for attempt in range(1 + planned + max(0, int(extra_passes))):
+            final = attempt >= planned  # from here on each result may be the final one
+            use = agent if final or loc is None else loc
+            crop, outside, labels, probs = _segment_crop(use, array, affine, geometry, timings)
+            passes += 1
+            centre = _centroid(labels)
+            if centre is None and use is not agent:  # the locator found nothing: ask the ensemble
+                crop, outside, labels, probs = _segment_crop(agent, array, affine, geometry, timings)
+                centre, loc, final = _centroid(labels), None, True
+                passes += 1
+            if centre is None:
+                break
+            target = geometry.to_scan(centre)
+            offset = float(np.linalg.norm(target - geometry.centre_scan_mm))
+            if final and (offset <= settle_mm or attempt == planned + max(0, int(extra_passes))):
+                break
+            t = time.perf_counter()
+            geometry = crop_geometry(rotation, target, side, shape=crop_shape)
+            shift += offset
+            timings["crop"] += time.perf_counter() - t
+        t = time.perf_counter()
+        sub, box = probabilities_to_scan(probs, geometry, array.shape, affine, keep=labels > 0, method=map_back)
+        full = np.zeros(array.shape, np.uint8)
+        if sub.size:
+            full[box] = sub
+        volumes = measure_volumes(full, tuple(float(v) for v in voxel))
+        centroid_idx = _centroid(full)
+        centroid_scan = None if centroid_idx is None else affine[:3, :3] @ centroid_idx + affine[:3, 3]
+        sides[side] = SideResult(
+            side=side, labels=full, volumes=volumes,
+            crop_volumes_mm3={"anterior": float(np.count_nonzero(labels == 1)) * geometry.spacing_mm ** 3,
+                              "posterior": float(np.count_nonzero(labels == 2)) * geometry.spacing_mm ** 3,
+                              "total": float(np.count_nonzero(labels)) * geometry.spacing_mm ** 3},
+            geometry=geometry, crop_image=crop, crop_labels=labels, centroid_scan_mm=centroid_scan,
+            centroid_mni=None if centroid_scan is None else registration.to_mni(centroid_scan),
+            edge_faces=crop_edge_faces(labels, side), outside_fraction=outside, refine_shift_mm=shift,
+            passes=passes, settled=centre is not None and offset <= settle_mm, final_offset_mm=offset)
+        timings["map_back"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    review, notes = _review(sides, registration, array.shape, affine, tuple(voxel), rules)
+    timings["review"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_all
+    return WholeHeadResult(sides["left"], sides["right"], registration, tuple(float(v) for v in voxel),  # type: ignore[arg-type]
+                           review, notes, timings)
+
+
+def _review(sides: dict[str, SideResult], registration: Registration, shape, affine, voxel, rules: ReviewRules
+            ) -> tuple[list[str], list[str]]:
+    review: list[str] = []
+    notes: list[str] = []
+    if registration.score > rules.max_score:
+        review.append(f"the registration to the MNI template is poor (score {registration.score:.2f}; good "
+                      f"alignments score below {rules.max_score:.2f}): the hippocampi may be mislocated")
+    lo, hi = rules.determinant_range
+    if not lo <= registration.determinant <= hi:
+        review.append(f"the registration scaled the head by {registration.determinant:.2f} (volume) relative to MNI, "
+                      f"outside {lo:.2f}-{hi:.2f}: the registration probably failed")
+    review.extend(coverage_reasons(registration.to_scan, shape, affine))
+    for side, s in sides.items():
+        if s.outside_fraction > rules.max_outside_fraction:
+            review.append(f"the scan does not cover the {side} hippocampus region "
+                          f"({100 * s.outside_fraction:.0f} % of its crop lies outside the field of view)")
+        missing = volume_reasons(side, s.volumes.anterior_mm3, s.volumes.posterior_mm3, rules)
+        review.extend(missing)
+        if not s.settled and s.volumes.total_mm3 > 0:
+            review.append(f"the {side} hippocampus segmentation did not settle in its crop (its centre stays "
+                          f"{s.final_offset_mm:.1f} mm from where the crop puts it after {s.passes} passes)")
+        if s.edge_faces and s.volumes.total_mm3 > 0:
+            review.append(f"the {side} hippocampus mask touches the {', '.join(s.edge_faces)} edge(s) of its crop: "
+                          "part of it may be cut off or the crop mislocated")
+    ai = asymmetry_index(sides["left"].volumes.total_mm3, sides["right"].volumes.total_mm3)
+    if ai is not None and sides["left"].volumes.total_mm3 > 0 and sides["right"].volumes.total_mm3 > 0 \
+            and abs(ai) > rules.max_asymmetry_percent:
+        review.append(f"left/right asymmetry of {ai:+.0f} % is larger than {rules.max_asymmetry_percent:.0f} %: "
+                      "check both segmentations")
+    if max(voxel) > rules.max_voxel_mm or min(voxel) < rules.min_voxel_mm:
+        review.append(f"voxel size {' x '.join(f'{v:.2f}' for v in voxel)} mm is outside "
+                      f"{rules.min_voxel_mm:g}-{rules.max_voxel_mm:g} mm: the crops are interpolated far from the "
+                      "model's 1 mm training data")
+    elif max(voxel) > 1.3:
+        notes.append(f"coarse voxels ({max(voxel):.2f} mm): the 1 mm crops are interpolated and the scan-grid "
+                     "volumes carry more partial-volume error")
+    return review, notes
