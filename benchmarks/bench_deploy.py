@@ -41,7 +41,7 @@ from machine_load import CpuMeter  # benchmarks/machine_load.py (the script's fo
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / "src/hippo/models/hippocampus_25d.pt"  # the shipped default model
+DEFAULT_MODEL = REPO / "src/hippo/weights/hippocampus_25d.pt"  # the shipped default model
 DEFAULT_DATA = REPO.parent / "shared/data/Task04_Hippocampus"  # ../shared/data beside the project
 DEFAULT_OUT = REPO / "outputs/benchmarks/deploy.json"
 STAGES = ("ingest", "volume", "infer", "measure", "report", "write", "send", "total")
@@ -206,7 +206,7 @@ def rss_mib() -> dict[str, float]:
 
 # -------------------------------------------------------------------------------------- phases
 def stage_timings(model: Path, studies: list[Path], work: Path, scp: CountingScp, uids: dict[str, str]) -> dict:
-    from hippo.pipeline import build_processor
+    from hippo.deploy.pipeline import build_processor
 
     t = time.perf_counter()
     processor = build_processor(model, work / "stages" / "results", pacs=scp.pacs_config(),
@@ -241,7 +241,7 @@ def stage_timings(model: Path, studies: list[Path], work: Path, scp: CountingScp
 
 def batch_throughput(model: Path, studies: list[Path], workers: list[int], work: Path, scp: CountingScp,
                      uids: dict[str, str]) -> list[dict]:
-    from hippo.pipeline import build_processor, run_batch
+    from hippo.deploy.pipeline import build_processor, run_batch
 
     rows = []
     for w in workers:

@@ -72,7 +72,7 @@ from bench_deploy import (  # noqa: E402  (shared helpers of the benchmarks)
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / "src/hippo/models/hippocampus_25d.pt"  # the shipped default model
+DEFAULT_MODEL = REPO / "src/hippo/weights/hippocampus_25d.pt"  # the shipped default model
 DEFAULT_DATA = REPO.parent / "shared/data/Task04_Hippocampus"  # ../shared/data beside the project
 DEFAULT_OUT = REPO / "outputs/benchmarks/load.json"
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "hippo_bench_load"

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_deploy import CpuMeter, log, rss_mib  # noqa: E402  (benchmarks/ is not a package)
 
-DEFAULT_MODEL = REPO / "src/hippo/models/hippocampus_25d.pt"
+DEFAULT_MODEL = REPO / "src/hippo/weights/hippocampus_25d.pt"
 DEFAULT_DATA = REPO.parent / "shared/data/Task04_Hippocampus"
 DEFAULT_OUT = REPO / "outputs/benchmarks/model.json"
 SECTIONS = ("loading", "training", "inference")

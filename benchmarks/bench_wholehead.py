@@ -65,7 +65,7 @@ def volumes(outcome) -> tuple[float, float]:
 
 
 def stage_section(scan_paths: dict[str, Path], repeat: int, work: Path) -> dict[str, Any]:
-    from hippo.models import resolve_model_path
+    from hippo.weights import resolve_model_path
     from hippo.scan_io import ScanInput
     from hippo.wholehead.run import ScanProcessor
 

@@ -123,10 +123,14 @@ def dciodvfy_problems(path) -> dict[str, list[str]]:
 
 
 #: A random network measures anything: tests that run one (``model_file``) widen the believable
-#: volume ranges of :mod:`hippo.plausibility` so that its studies can end "ok" (the input checks
-#: stay as configured). As keyword / mapping, and as Hydra overrides for the command-line tools.
-ANY_VOLUME = {"anterior_mm3": [0.0, 1e12], "posterior_mm3": [0.0, 1e12], "total_mm3": [0.0, 1e12]}
-ANY_VOLUME_OVERRIDES = [f"plausibility.{key}=[0,1e12]" for key in ANY_VOLUME]
+#: volume ranges of :mod:`hippo.plausibility` and switch off the mask checks of :mod:`hippo.quality`
+#: so that its studies can end "ok" (the input checks stay as configured). As keyword / mapping, and
+#: as Hydra overrides for the command-line tools.
+ANY_VOLUME = {"anterior_mm3": [0.0, 1e12], "posterior_mm3": [0.0, 1e12], "total_mm3": [0.0, 1e12],
+              "min_member_agreement": 0.0, "max_member_volume_cv": 1e12, "min_largest_piece": 0.0,
+              "max_removed_fraction": 1.0, "max_edge_voxels": 1e12}
+ANY_VOLUME_OVERRIDES = [f"plausibility.{key}={'[' + ','.join(map(str, v)) + ']' if isinstance(v, list) else v}"
+                        for key, v in ANY_VOLUME.items()]
 
 
 def synthetic_crop_pair(root: Path) -> tuple[Path, Path]:

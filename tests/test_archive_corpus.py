@@ -3,7 +3,7 @@
 A HippoCrop study is written from a real Decathlon crop (``hippo.scanner``), then every attribute that
 archives and anonymisers drop or mangle is, in turn, removed, emptied or given a malformed value in
 every file of the study. Each mutated study goes through the whole pipeline
-(:class:`hippo.pipeline.StudyProcessor`). The promise tested: for every mutation either the SC, SEG and
+(:class:`hippo.deploy.pipeline.StudyProcessor`). The promise tested: for every mutation either the SC, SEG and
 SR are written and pass ``dciodvfy`` (Debian ``dicom3tools``) without errors, with the empty Type 2
 values the source implies and ``result.json`` naming the field, or -- only for a missing Type 1
 attribute without which there is no volume -- the study fails with an error naming the attribute and
@@ -95,7 +95,7 @@ def base_study(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def processor(model_file, tmp_path_factory):
-    from hippo.pipeline import build_processor
+    from hippo.deploy.pipeline import build_processor
 
     return build_processor(model_file, tmp_path_factory.mktemp("corpus_out"), write_png=False, plausibility=ANY_VOLUME)
 

@@ -1,9 +1,9 @@
 """A bad-input corpus, generated here (no committed binaries), for deployment and training.
 
 Deployment: every case is one study directory (built with the scanner emulator, then damaged) run
-through :meth:`hippo.pipeline.StudyProcessor.process`, and all of them together with a good study
+through :meth:`hippo.deploy.pipeline.StudyProcessor.process`, and all of them together with a good study
 through ``python -m hippo.deploy studies=ROOT send=false workers=2``. Training: broken NIfTI cases
-beside good ones through :meth:`HippocampusDataModule.setup` and :func:`hippo.data.curate.curate`.
+beside good ones through :meth:`HippocampusDataModule.setup` and :func:`hippo.curate.curation.curate`.
 
 Each case asserts the expected clear error (or the correct handling), that every input file is
 byte-for-byte unchanged (SHA-256 of each file, and no file added or removed), and that the batch
@@ -29,14 +29,14 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import (EnhancedMRImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless,
                          JPEGLSLossless, generate_uid)
 
-import hippo.pipeline as pipeline
+import hippo.deploy.pipeline as pipeline
 from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES, tiny_pair, write_nifti
-from hippo.data.curate import curate
+from hippo.curate.curation import curate
 from hippo.data.datamodule import HippocampusDataModule
 from hippo.data.nifti import CaseError
 from hippo.dicom.volume import load_series
 from hippo.infer import InferenceAgent
-from hippo.pipeline import StudyProcessor
+from hippo.deploy.pipeline import StudyProcessor
 from hippo.scanner import StudyInfo, write_series
 
 # ------------------------------------------------------------------------------------ helpers

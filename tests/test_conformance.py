@@ -408,7 +408,7 @@ def test_ae_titles_and_ports_are_documented(tables):
 def created(tmp_path_factory, model_file):
     """(outcome, source dataset) of the real pipeline (a small random model) on a synthetic study
     written by the scanner emulator."""
-    from hippo.pipeline import build_processor
+    from hippo.deploy.pipeline import build_processor
     from hippo.scanner import write_study
 
     root = tmp_path_factory.mktemp("created")

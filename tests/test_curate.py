@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hippo.data.curate import CaseRecord, curate, read_manifest, robust_z
+from hippo.curate.curation import CaseRecord, curate, read_manifest, robust_z
 from hippo.data.nifti import CaseError, CasePaths
 
 SHAPE = (10, 12, 8)

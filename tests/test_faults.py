@@ -519,7 +519,7 @@ def test_result_uids_repeat_only_for_the_same_inputs_model_and_options():
     PACS (it keeps the first instance of a SOPInstanceUID): the result UIDs change with the inputs."""
     from types import SimpleNamespace
 
-    from hippo.pipeline import result_uid_maker
+    from hippo.deploy.pipeline import result_uid_maker
 
     def scan(*sops):
         return SimpleNamespace(series=[SimpleNamespace(instances=[SimpleNamespace(sop_instance_uid=u) for u in sops])])

@@ -198,7 +198,7 @@ def test_study_is_processed_and_results_reach_the_pacs(make_listener, make_study
 
 
 def test_studies_arriving_during_processing_are_queued_not_lost(make_listener, make_study, orthanc, model_file):
-    from hippo.pipeline import build_processor
+    from hippo.deploy.pipeline import build_processor
 
     (fa, ma), (fb, mb) = make_study(2), make_study(3)
     ua, ub = ma["study_instance_uid"], mb["study_instance_uid"]

@@ -22,7 +22,7 @@ from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES
 from hippo.data.nifti import load_nifti
 from hippo.preprocessing import label_volumes_mm3
 from hippo.dicom.volume import load_series
-from hippo.pipeline import StudyProcessor, find_studies, run_batch
+from hippo.deploy.pipeline import StudyProcessor, find_studies, run_batch
 from hippo.scanner import StudyInfo, write_series, write_study
 from hippo.network.orthanc import free_port as _free_port
 
@@ -205,7 +205,7 @@ def test_batch_continues_past_bad_studies_and_exits_nonzero(studies, model_file,
 def test_serial_and_parallel_batches_agree(studies, model_file, tmp_path):
     import functools
 
-    from hippo.pipeline import build_processor
+    from hippo.deploy.pipeline import build_processor
 
     dirs = find_studies(studies)
     serial = run_batch(dirs, functools.partial(build_processor, model_file, tmp_path / "s", plausibility=ANY_VOLUME),
@@ -262,7 +262,7 @@ def test_batch_never_takes_its_own_output_folder_for_a_study(tmp_path):
 def test_results_neither_delivered_nor_queued_fail_the_study(studies, model_file, tmp_path):
     """PACS down and the outbox not writable (disk full, a file in its place): the objects would be
     lost, so the study is "failed" at the send stage, naming why -- never "ok" with a result missing."""
-    from hippo.pipeline import build_processor
+    from hippo.deploy.pipeline import build_processor
 
     outbox = tmp_path / "outbox"
     processor = build_processor(model_file, tmp_path / "out", pacs={"port": _free_port(), "retries": 0, "timeout": 2},

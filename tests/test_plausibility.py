@@ -105,8 +105,8 @@ def test_regrid_round_trip_keeps_labelled_volume(factor):
 # ---------------------------------------------------------------------------------------- real data
 @pytest.fixture(scope="module")
 def shipped_processor(tmp_path_factory):
-    from hippo.models import resolve_model_path
-    from hippo.pipeline import build_processor
+    from hippo.weights import resolve_model_path
+    from hippo.deploy.pipeline import build_processor
 
     return build_processor(resolve_model_path(None, "outputs"), tmp_path_factory.mktemp("plaus_out"), write_png=False)
 
@@ -165,7 +165,7 @@ def test_implausible_volume_is_made_but_marked_review(real_crop, tmp_path):
     study's status is "review" with the reason, never "ok"."""
     import json
 
-    from hippo.pipeline import StudyProcessor
+    from hippo.deploy.pipeline import StudyProcessor
 
     class Everything:  # labels the whole crop anterior: 60,000 mm³
         metadata = {"hippo_version": "test", "path": "x", "metrics": {}, "training": {}}

@@ -48,7 +48,7 @@ def test_entrypoint_stays_thin():
     """hippo.predict only calls hippo.wholehead.run.run_predict; the whole-head modules and scan_io
     never import Lightning or Hydra."""
     code = ("import sys, hippo.scan_io, hippo.wholehead.run, hippo.wholehead.segment, hippo.wholehead.register, "
-            "hippo.wholehead.report; bad = [m for m in ('lightning', 'hydra', 'pytorch_lightning', 'torch') "
+            "hippo.wholehead.page; bad = [m for m in ('lightning', 'hydra', 'pytorch_lightning', 'torch') "
             "if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -17,7 +17,7 @@ from hippo.dicom.report import (
     DISCLAIMER, PAGE_SIZE, SC_SERIES_DESCRIPTION, SC_SOP_CLASS_UID, patient_study_from_dataset,
     render_report, secondary_capture,
 )
-from hippo.measure import compare, measure_volumes
+from hippo.measure import measure_volumes
 
 #: Where the test writes the page it renders, for a person to look at (HIPPO_REPORT_DIR overrides).
 REPORT_PNG = Path(os.environ.get("HIPPO_REPORT_DIR", "/tmp/hippo_report")) / "test_report.png"
@@ -70,8 +70,7 @@ def _render(image, mask, age, sex, spacing=(1.0, 1.0, 1.0)):
     patient, study = patient_study_from_dataset(_source())
     patient.update(age=age, sex=sex)
     vols = measure_volumes(mask, spacing)
-    return render_report(image, mask, spacing, patient=patient, study=study, volumes=vols,
-                         norm=compare(vols, age, sex), model=MODEL,
+    return render_report(image, mask, spacing, patient=patient, study=study, volumes=vols, model=MODEL,
                          timestamp=dt.datetime(2025, 3, 11, 14, 5, tzinfo=dt.timezone.utc))
 
 
@@ -94,7 +93,7 @@ def test_render_report_without_age_sex_and_anisotropic():
     assert page.size == PAGE_SIZE
     page.save(REPORT_PNG.with_name("test_report_no_age.png"))
     page2 = render_report(image, mask, (1, 1, 1), patient={}, study={}, volumes=measure_volumes(mask, (1, 1, 1)),
-                          norm=None, model={})
+                          model={})
     assert page2.size == PAGE_SIZE
 
 
@@ -102,7 +101,7 @@ def test_render_report_rejects_mismatched_shapes():
     image, mask = _case()
     with pytest.raises(ValueError, match="shape"):
         render_report(image[:-1], mask, (1, 1, 1), patient={}, study={},
-                      volumes=measure_volumes(mask, (1, 1, 1)), norm=None, model={})
+                      volumes=measure_volumes(mask, (1, 1, 1)), model={})
 
 
 def test_secondary_capture_round_trip(tmp_path):

@@ -17,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hippo.config import config_dir
 from hippo.data.synthetic import generate_dataset
 from hippo.infer import InferenceAgent
-from hippo.training import run_training
+from hippo.train.fit import run_training
 
 GROUPS = ["data", "model", "trainer", "callbacks", "logger", "debug", "hparams_search", "experiment"]
 
@@ -210,7 +210,7 @@ def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root
     assert set(splits[0]["val"]) | set(splits[1]["val"]) == development and splits[0]["test"] == splits[1]["test"]
     assert 0.0 <= cv["pooled"]["dice_anterior"]["mean"] <= 1.0 and "cross-validation (2 folds" in proc.stdout
 
-    from hippo.models.publish import publish
+    from hippo.weights.publish import publish
 
     dest = tmp_path / "shipped"
     out = publish([sweep / "0"], dest, cv_dirs=[sweep], ablations=[sweep / "0", sweep / "1"])
@@ -221,7 +221,7 @@ def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root
     assert f"{test_summary['mean']:.4f} ± {test_summary['std']:.4f} ({test_summary['ci_low']:.4f}–" in card
     assert "| cv/0 | (the reference) |" in card and "| cv/1 | (the same configuration) |" in card
     # the folds given one by one pool to the same figures; one fold twice is refused
-    from hippo.sweep import summarize_cross_validation
+    from hippo.train.sweep_summary import summarize_cross_validation
 
     assert summarize_cross_validation(sweep / "0", sweep / "1")["pooled"] == cv["pooled"]
     with pytest.raises(ValueError, match="fold 0 twice"):
@@ -230,7 +230,7 @@ def test_cross_validation_sweep_pools_folds_and_publishes_a_model(synthetic_root
     trains = [line for line in card.splitlines() if line.startswith("python -m hippo.train ")]
     assert len(trains) == 2 and all(f"data.fold={f} " in trains[f] and trains[f].endswith(f"hydra.run.dir={sweep / str(f)}")
                                     for f in (0, 1))
-    assert f"python -m hippo.models.publish {sweep / '0'} --cv {sweep / '0'} {sweep / '1'}" in card
+    assert f"python -m hippo.weights.publish {sweep / '0'} --cv {sweep / '0'} {sweep / '1'}" in card
     assert "2-fold cross-validation" in card and "CC-BY-SA 4.0" in card and "member: fold 0, slicing axis 0, alone, test (held out)" in card
     # where and how long each member was fitted, as recorded by the run
     device = json.loads((sweep / "0" / "results.json").read_text())["training"]["device"]
@@ -261,7 +261,7 @@ def test_model_card_reproduces_trainer_settings_of_a_member():
     """A member fitted elsewhere (a GPU, a time limit) is re-trained with those settings: the card's
     command carries the trainer keys that differ, ``+key`` where today's configuration lacks the key,
     and never the per-run paths."""
-    from hippo.models.publish import _config_diff, _where
+    from hippo.weights.publish import _config_diff, _where
 
     reference = {"data": {"fold": 1, "root": "a"}, "model": {"net": {"initial_filters": 16}},
                  "trainer": {"accelerator": "cpu", "max_epochs": 30, "default_root_dir": "runs/1"}}
@@ -316,7 +316,7 @@ def test_wheel_ships_the_configs(tmp_path):
                 "trainer/default.yaml", "hydra/default.yaml"):
         assert f"hippo/_conf/{cfg}" in names, f"{cfg} missing from {wheel.name}"
     for shipped in ("hippocampus_25d.pt", "hippocampus_25d.split.json", "MODEL_CARD.md"):
-        assert f"hippo/models/{shipped}" in names, f"{shipped} missing from {wheel.name}"
+        assert f"hippo/weights/{shipped}" in names, f"{shipped} missing from {wheel.name}"
 
 
 @pytest.mark.slow

@@ -394,8 +394,8 @@ def test_ingest_selects_the_hippocrop_series(studies, syntax):
 
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
-    from hippo.models import resolve_model_path
-    from hippo.pipeline import build_processor
+    from hippo.weights import resolve_model_path
+    from hippo.deploy.pipeline import build_processor
 
     return build_processor(resolve_model_path(None, "outputs"), tmp_path_factory.mktemp("results"),
                            write_png=False, io_threads=2)
@@ -462,7 +462,7 @@ def test_a_syntax_nothing_decodes_is_refused_naming_file_and_syntax(tmp_path):
 
 
 def test_the_pipeline_reports_an_undecodable_series_at_the_volume_stage(tmp_path, model_file):
-    from hippo.pipeline import build_processor
+    from hippo.deploy.pipeline import build_processor
 
     paths = _small_series(tmp_path / "study")
     for p in paths:

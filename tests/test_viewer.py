@@ -684,7 +684,7 @@ def test_ohif_shows_the_study_list_and_images_from_orthanc(tmp_path):
 
     from hippo.data.nifti import load_nifti
     from hippo.data.synthetic import generate_dataset
-    from hippo.pipeline import StudyProcessor
+    from hippo.deploy.pipeline import StudyProcessor
     from hippo.scanner import write_study
 
     data = generate_dataset(tmp_path / "data", n_cases=1)

@@ -364,7 +364,7 @@ def test_review_sentences():
 @pytest.fixture(scope="module")
 def agent():
     from hippo.infer import InferenceAgent
-    from hippo.models import resolve_model_path
+    from hippo.weights import resolve_model_path
 
     return InferenceAgent.from_file(resolve_model_path(None, "outputs"), precision="bfloat16")
 

@@ -204,7 +204,7 @@ class InferenceSettings:
 
     Attributes:
         model_path: the model file; ``None`` = the shipped default model, ``"latest"`` = the newest
-            ``<log_dir>/**/model.pt`` (:func:`hippo.models.resolve_model_path`).
+            ``<log_dir>/**/model.pt`` (:func:`hippo.weights.resolve_model_path`).
         device: ``"cpu"``, ``"cuda"``, ...
         batch_size: slices per forward pass.
         precision: ``"float32"`` or ``"bfloat16"`` (autocast).
@@ -240,10 +240,30 @@ class InferenceSettings:
         return {"device": self.device, "batch_size": self.batch_size, "precision": self.precision}
 
     def resolve_model(self, log_dir: str | os.PathLike) -> Path:
-        """The model file to load (:func:`hippo.models.resolve_model_path`)."""
-        from hippo.models import resolve_model_path
+        """The model file to load (:func:`hippo.weights.resolve_model_path`)."""
+        from hippo.weights import resolve_model_path
 
         return resolve_model_path(self.model_path, log_dir)
+
+
+@dataclass(frozen=True)
+class MemberSegmentation:
+    """One volume segmented by every member of a model (:meth:`InferenceAgent.segment_members`).
+
+    Attributes:
+        labels: ``(X, Y, Z) uint8`` final labels (0 background, 1 anterior, 2 posterior), after the
+            model's post-processing: what :meth:`InferenceAgent.segment` returns.
+        probabilities: ``(C, X, Y, Z) float32`` class probabilities averaged over the members.
+        member_probabilities: one ``(C, X, Y, Z) float32`` array per member (a single-network model
+            has one, equal to ``probabilities``).
+        unprocessed_labels: ``(X, Y, Z) uint8`` argmax of ``probabilities`` before post-processing
+            (what the largest-component step removed is the difference).
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+    member_probabilities: tuple[np.ndarray, ...]
+    unprocessed_labels: np.ndarray
 
 
 class InferenceAgent:
@@ -358,6 +378,37 @@ class InferenceAgent:
             labels, probs = self._segment_member(self.net, self.preprocessing, volume, return_probabilities,
                                                  largest_component=largest)
             return (labels, probs) if return_probabilities else labels
+        probs = np.sum(self._member_probabilities(volume), axis=0) / len(self.members)
+        labels = probs.argmax(0).astype(np.uint8)
+        if largest:
+            labels = keep_largest_component(labels)
+        return (labels, probs) if return_probabilities else labels
+
+    def segment_members(self, volume: np.ndarray) -> "MemberSegmentation":
+        """Segment one raw volume and keep what each ensemble member said (one inference pass: the
+        same work as :meth:`segment`, whose labels and probabilities it returns too).
+
+        Args:
+            volume: ``(X, Y, Z)`` raw intensities, as for :meth:`segment`.
+
+        Returns:
+            A :class:`MemberSegmentation`: the final labels, the averaged probabilities, and each
+            member's ``(C, X, Y, Z)`` probabilities (one member for a single-network model file).
+        """
+        volume = np.asarray(volume)
+        if volume.ndim != 3:
+            raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
+        if not np.isfinite(volume).all():
+            raise ValueError("volume holds NaN or infinite values")
+        parts = self._member_probabilities(volume)
+        probs = parts[0] if len(parts) == 1 else np.sum(parts, axis=0) / len(parts)
+        raw = probs.argmax(0).astype(np.uint8)
+        labels = keep_largest_component(raw) if self.postprocessing.get("largest_component", False) else raw
+        return MemberSegmentation(labels=labels, probabilities=probs.astype(np.float32, copy=False),
+                                  member_probabilities=tuple(parts), unprocessed_labels=raw)
+
+    def _member_probabilities(self, volume: np.ndarray) -> list[np.ndarray]:
+        """Every member's ``(C, X, Y, Z) float32`` softmax probabilities of one checked raw volume."""
         def member_probs(member: tuple[UNet, dict[str, Any]]) -> np.ndarray:
             return self._segment_member(member[0], member[1], volume, True, largest_component=False)[1]
 
@@ -371,11 +422,7 @@ class InferenceAgent:
                 torch.set_num_threads(intra)
         else:
             parts = [member_probs(m) for m in self.members]
-        probs = np.sum(parts, axis=0) / len(self.members)
-        labels = probs.argmax(0).astype(np.uint8)
-        if largest:
-            labels = keep_largest_component(labels)
-        return (labels, probs) if return_probabilities else labels
+        return parts
 
     def _segment_member(self, net: UNet, pre: Mapping[str, Any], volume: np.ndarray, return_probabilities: bool,
                         largest_component: bool) -> tuple[np.ndarray, np.ndarray | None]:

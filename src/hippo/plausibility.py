@@ -48,6 +48,9 @@ class PlausibilityRules:
         anterior_mm3, posterior_mm3, total_mm3: ``(min, max)`` believable volumes of one hippocampus
             (Decathlon protocol: the 234 training labels span 1054-2593 / 993-2169 / 2382-4401 mm³;
             the ranges leave room for atrophy and large heads).
+        min_member_agreement, max_member_volume_cv, min_largest_piece, max_removed_fraction,
+            max_edge_voxels: when a segmentation is flagged for review by :mod:`hippo.quality`
+            (:func:`hippo.quality.assess_quality` documents each).
     """
 
     model_spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -60,6 +63,12 @@ class PlausibilityRules:
     anterior_mm3: tuple[float, float] = (400.0, 4000.0)
     posterior_mm3: tuple[float, float] = (400.0, 3500.0)
     total_mm3: tuple[float, float] = (1000.0, 7000.0)
+    # segmentation quality (hippo.quality)
+    min_member_agreement: float = 0.85
+    max_member_volume_cv: float = 0.10
+    min_largest_piece: float = 0.90
+    max_removed_fraction: float = 0.10
+    max_edge_voxels: float = 0
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "PlausibilityRules":

@@ -58,6 +58,7 @@ __all__ = [
     "ScannerSendError",
     "write_series",
     "write_study",
+    "write_wholehead_study",
     "send_study",
     "find_dicom_files",
     "main",
@@ -613,6 +614,108 @@ def write_study(
         }
     if nested:
         manifest["junk_files"] = [str(p) for p in _write_junk(out_dir, study_dir, study)]
+    return manifest
+
+
+#: Whole-head study (:func:`write_wholehead_study`): description of the T1 series per orientation
+WHOLEHEAD_T1_DESCRIPTIONS = {"sagittal": "t1_mprage_sag", "axial": "t1_mprage_tra"}
+_WHOLEHEAD_SLICE_AXIS = {"sagittal": 0, "axial": 2}
+
+
+def _subsample(volume: np.ndarray, affine: np.ndarray, steps: Sequence[int],
+               starts: Sequence[int] = (0, 0, 0), counts: Sequence[int | None] = (None, None, None)
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Every ``steps[i]``-th voxel from ``starts[i]`` (at most ``counts[i]``) and the matching affine."""
+    index = tuple(slice(b, None if n is None else b + n * k, k) for b, k, n in zip(starts, steps, counts))
+    scale = np.diag([float(k) for k in steps] + [1.0])
+    scale[:3, 3] = starts
+    return np.ascontiguousarray(volume[index]), np.asarray(affine, float) @ scale
+
+
+def write_wholehead_study(
+    scan_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    orientation: Literal["sagittal", "axial"] = "sagittal",
+    t1: bool = True,
+    distractors: bool = True,
+    localizer: bool = True,
+    seed: int | None = None,
+    study: StudyInfo | None = None,
+) -> dict[str, Any]:
+    """Write an emulated brain MR study around a real whole-head T1 (NIfTI or MGZ): the T1 as a 3D
+    MPRAGE series ("t1_mprage_sag" or "t1_mprage_tra", MRAcquisitionType 3D, its own voxels and
+    geometry), plus what a real study holds beside it.
+
+    Args:
+        scan_path: the whole-head T1 (read with :func:`hippo.scan_io.read_scan`: closest canonical RAS).
+        out_dir: destination folder (created); every instance flat, named by SOPInstanceUID.
+        orientation: slices of the T1 series: ``"sagittal"`` (voxel axis 0) or ``"axial"`` (axis 2).
+        t1: write the T1 series (``False``: a study without it, e.g. a localizer only).
+        distractors: also write "t2_tse_tra" (2D, every 2nd voxel in-plane, 4 slices thick),
+            "t2_flair_tra" (2D, 5 slices thick) and "t1_mprage_tra_MPR" (a DERIVED\\SECONDARY\\MPR
+            reformat, every 3rd slice), all sampled from the scan.
+        localizer: write three 3-slice localizer series ("localizer", 2D; sagittal, coronal, axial).
+        seed: deterministic patient/study attributes and UIDs.
+        study: patient/study attributes (default ``StudyInfo(seed=seed)``).
+
+    Returns:
+        Manifest: ``study_instance_uid``, ``scan``, ``t1_description``, ``series`` (description ->
+        {series_instance_uid, series_number, n_instances, shape, slice_axis}), ``files``
+        (description -> paths).
+
+    Raises:
+        hippo.scan_io.NotAScanError: the scan cannot be read; ValueError: a bad ``orientation``.
+    """
+    from hippo.scan_io import read_scan
+
+    if orientation not in _WHOLEHEAD_SLICE_AXIS:
+        raise ValueError(f"write_wholehead_study: orientation must be 'sagittal' or 'axial', got {orientation!r}")
+    out_dir = Path(out_dir)
+    study = study or StudyInfo(seed=seed, study_description="MRI BRAIN")
+    scan = read_scan(scan_path)
+    image, affine = scan.array, scan.affine
+    shape = np.asarray(image.shape)
+    t1_description = WHOLEHEAD_T1_DESCRIPTIONS[orientation]
+    t1_headers = dict(_SEQUENCE_HEADERS["T1"], ProtocolName=t1_description)
+    # (description, volume, affine, slice_axis, headers)
+    plans: list[tuple[str, np.ndarray, np.ndarray, int, dict[str, Any]]] = []
+    if localizer:
+        loc_headers = dict(ScanningSequence=["GR"], SequenceVariant=["SP"], MRAcquisitionType="2D",
+                           RepetitionTime="8.6", EchoTime="4", FlipAngle="20", SequenceName="*fl2d1",
+                           ProtocolName="localizer")
+        for axis, name in ((0, "sag"), (1, "cor"), (2, "tra")):
+            step = max(1, int(round(10.0 / scan.spacing[axis])))   # 3 slices 10 mm apart at the centre
+            starts, steps, counts = [0, 0, 0], [2, 2, 2], [None, None, None]
+            starts[axis], steps[axis], counts[axis] = int(shape[axis] // 2 - step), step, 3
+            vol, aff = _subsample(image, affine, steps, starts, counts)
+            plans.append((f"localizer_{name}", vol, aff, axis, loc_headers))
+    if t1:
+        plans.append((t1_description, image, affine, _WHOLEHEAD_SLICE_AXIS[orientation], t1_headers))
+    if distractors:
+        t2, t2_aff = _subsample(image, affine, (2, 2, 4))
+        flair, flair_aff = _subsample(image, affine, (2, 2, 5))
+        mpr, mpr_aff = _subsample(image, affine, (1, 1, 3))
+        plans += [
+            ("t2_tse_tra", t2.max() - t2, t2_aff, 2, dict(_SEQUENCE_HEADERS["T2"], ProtocolName="t2_tse_tra")),
+            ("t2_flair_tra", flair, flair_aff, 2, dict(_SEQUENCE_HEADERS["FLAIR"], ProtocolName="t2_flair_tra")),
+            ("t1_mprage_tra_MPR", mpr, mpr_aff, 2,
+             dict(t1_headers, ImageType=["DERIVED", "SECONDARY", "MPR"], ProtocolName=t1_description)),
+        ]
+    manifest: dict[str, Any] = {"study_instance_uid": study.study_instance_uid, "patient_id": study.patient_id,
+                                "scan": str(scan_path), "out_dir": str(out_dir), "t1_description": t1_description,
+                                "orientation": orientation, "series": {}, "files": {}}
+    base_time = _dt.datetime.strptime(str(study.study_time), "%H%M%S")
+    for i, (desc, vol, aff, axis, headers) in enumerate(plans):
+        number = i + 1
+        series_uid = study._uid("series", desc, number)
+        series_time = (base_time + _dt.timedelta(minutes=3 * i)).strftime("%H%M%S")
+        paths = write_series(vol, aff, out_dir, study=study, series_description=desc, series_number=number,
+                             slice_axis=axis, file_names="uid", series_instance_uid=series_uid,
+                             series_time=series_time, extra=headers)
+        manifest["files"][desc] = [str(p) for p in paths]
+        manifest["series"][desc] = {"series_instance_uid": series_uid, "series_number": number,
+                                    "n_instances": len(paths), "shape": list(vol.shape), "slice_axis": axis}
     return manifest
 
 

@@ -225,6 +225,9 @@ class InstanceHeader:
     images_in_acquisition: int | None = None  # ImagesInAcquisition (0020,1002): the expected count
     #: per-frame headers of a functional-group (enhanced) instance, in file frame order; () else.
     frames: tuple[FrameHeader, ...] = ()
+    mr_acquisition_type: str = ""             # MRAcquisitionType (0018,0023): "2D" / "3D" / ""
+    protocol_name: str = ""                   # ProtocolName (0018,1030)
+    slice_thickness: float | None = None      # SliceThickness (0018,0050), mm
 
     @property
     def is_enhanced(self) -> bool:
@@ -460,6 +463,9 @@ def _header_from_dataset(path: Path, ds: Dataset, *, pos: int, size: int
             b_value=_float_or_none(ds.get("DiffusionBValue")),
             images_in_acquisition=_int_or_none(ds.get("ImagesInAcquisition")),
             frames=_frame_headers(ds),
+            mr_acquisition_type=str(ds.get("MRAcquisitionType", "") or "").strip().upper(),
+            protocol_name=str(ds.get("ProtocolName", "") or ""),
+            slice_thickness=_float_or_none(ds.get("SliceThickness")),
         )
     except Exception as exc:  # a malformed value somewhere in the header
         return None, f"unreadable DICOM header: {type(exc).__name__}: {exc}"
@@ -1167,6 +1173,7 @@ class SelectionRules:
         """Rules from a mapping (e.g. an OmegaConf node converted to a dict); ``_target_`` and
         other ``_underscore_`` keys are ignored, unknown keys raise ``TypeError`` naming them."""
         cfg = dict(cfg or {})
+        cfg.pop("wholehead", None)  # the whole-head T1 fallback's own rules (hippo.dicom.wholehead_select)
         known = {f.name for f in fields(cls)}
         unknown = [k for k in cfg if k not in known and not k.startswith("_")]
         if unknown:

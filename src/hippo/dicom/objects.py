@@ -19,12 +19,13 @@ ContentQualification is RESEARCH.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from hippo.measure import Volumes, validate_mask
@@ -108,36 +109,57 @@ def make_seg(
         more than one series / frame of reference.
     """
     sources = _check_sources(source_datasets)
+    frames = validate_mask(_aligned_frames(sources, mask_frames))
+
+    algorithm = _algorithm_identification(model_version)
+    descriptions = [_segment_description(number, label, [modifier], rgb, algorithm, sop_instance_uid)
+                    for number, (label, modifier, rgb) in SEGMENTS.items()]
+    return _segmentation(sources, frames, descriptions, model_version=model_version,
+                         series_number=series_number, series_description=series_description,
+                         series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
+                         device_serial_number=device_serial_number)
+
+
+def _aligned_frames(sources: list[Dataset], mask_frames: np.ndarray) -> np.ndarray:
+    """``mask_frames`` as an array, checked to be ``(n_frames, Rows, Columns)`` of the sources."""
     frames = np.asarray(mask_frames)
     n_frames = sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in sources)
     expected = (n_frames, int(sources[0].Rows), int(sources[0].Columns))
     if frames.shape != expected:
         raise ValueError(f"mask_frames shape {frames.shape} does not match the sources "
                          f"(n_slices, Rows, Columns) = {expected}")
-    frames = validate_mask(frames)
+    return frames
 
-    algorithm = _algorithm_identification(model_version)
-    descriptions = []
-    for number, (label, modifier, rgb) in SEGMENTS.items():
-        desc = hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=label,
-            segmented_property_category=ANATOMICAL_STRUCTURE,
-            segmented_property_type=HIPPOCAMPUS,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            # fixed with the SOP Instance UID: the same SEG made again names its findings the same
-            tracking_uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", label])
-            if sop_instance_uid else generate_uid(),
-            tracking_id=label,
-            display_color=hd.color.CIELabColor.from_rgb(*rgb),
-        )
-        # which part of the hippocampus: a modifier of the property type, nested in its code item
-        # (PS3.3 C.8.20.2, Segmented Property Type Code Sequence)
-        desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
-            hd.sr.CodedConcept.from_code(modifier)]
-        descriptions.append(desc)
 
+def _segment_description(number: int, label: str, modifiers: Sequence, rgb: tuple[int, int, int],
+                         algorithm: hd.AlgorithmIdentificationSequence,
+                         sop_instance_uid: str | None) -> hd.seg.SegmentDescription:
+    """One automatic hippocampus segment; ``modifiers`` (codes: part, laterality) qualify the
+    property type."""
+    desc = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label,
+        segmented_property_category=ANATOMICAL_STRUCTURE,
+        segmented_property_type=HIPPOCAMPUS,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        # fixed with the SOP Instance UID: the same SEG made again names its findings the same
+        tracking_uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", label])
+        if sop_instance_uid else generate_uid(),
+        tracking_id=label,
+        display_color=hd.color.CIELabColor.from_rgb(*rgb),
+    )
+    # which part (and side) of the hippocampus: modifiers of the property type, nested in its code
+    # item (PS3.3 C.8.20.2, Segmented Property Type Code Sequence; laterality: CID 244)
+    desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+        hd.sr.CodedConcept.from_code(m) for m in modifiers]
+    return desc
+
+
+def _segmentation(sources: list[Dataset], frames: np.ndarray, descriptions: list, *, model_version: str,
+                  series_number: int, series_description: str, series_instance_uid: str | None,
+                  sop_instance_uid: str | None, device_serial_number: str) -> hd.seg.Segmentation:
+    """The BINARY, pixel-aligned, uncompressed SEG of ``frames`` (labels = segment numbers)."""
     return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=frames,
@@ -175,6 +197,8 @@ def make_sr(
     series_description: str = SR_SERIES_DESCRIPTION,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    prior_comparison: Mapping[str, Any] | None = None,
+    quality: Mapping[str, Any] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A Comprehensive 3D SR (TID 1500 Measurement Report) with the hippocampal volumes in mm³.
 
@@ -188,6 +212,10 @@ def make_sr(
         seg: the Segmentation from :func:`make_seg` (or one read back from a file).
         volumes: the volumes to record (:func:`hippo.measure.measure_volumes`).
         model_version: recorded in the Algorithm Identification.
+        prior_comparison: :func:`hippo.prior.prior_comparison`'s block; when available, groups with
+            the change since the prior study follow (:func:`prior_comparison_groups`).
+        quality: :meth:`hippo.quality.QualityAssessment.as_dict`; when given, a group with the
+            segmentation quality score and flag follows (:func:`quality_group`).
 
     Raises:
         ValueError: ``seg`` lacks segment 1 or 2, or belongs to another study than the sources.
@@ -201,17 +229,9 @@ def make_sr(
         raise ValueError(f"the SEG must hold segments {sorted(SEGMENTS)}, has {sorted(numbers)}")
 
     algorithm = hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=str(model_version))
-    observation_context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=_device_uid(model_version), name=ALGORITHM_NAME, manufacturer_name=MANUFACTURER,
-                model_name=ALGORITHM_NAME),
-        ),
-    )
 
     def volume(value_mm3: float) -> hd.sr.Measurement:
-        return hd.sr.Measurement(name=VOLUME, value=float(value_mm3), unit=MM3, algorithm_id=algorithm)
+        return _volume_measurement(value_mm3, algorithm)
 
     groups: list = []
     for number, value in ((1, volumes.anterior_mm3), (2, volumes.posterior_mm3)):
@@ -235,13 +255,85 @@ def make_sr(
         algorithm_id=algorithm,
         measurements=[volume(volumes.total_mm3)],
     ))
+    change_groups = prior_comparison_groups(prior_comparison, algorithm, sop_instance_uid=sop_instance_uid)
+    if quality is not None:
+        groups.append(quality_group(quality, algorithm, sop_instance_uid=sop_instance_uid))
+    sr = _measurement_report_sr([seg, *sources], groups + change_groups, model_version=model_version,
+                                series_number=series_number, series_description=series_description,
+                                series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid)
+    if change_groups:
+        sr.CodingSchemeIdentificationSequence = [prior_coding_scheme()]
+    return sr
+
+
+QUALITY_TRACKING_ID = "Segmentation quality"
+QUALITY_SCORE = codes.DCM.AnalysisQualityRating  # DCM 111693
+QUALITY_ASSESSMENT = codes.DCM.QualityAssessment  # DCM 111050
+QUALITY_MET = codes.DCM.UsableMeetsTheQualityControlStandard  # DCM 111237
+QUALITY_NOT_MET = codes.DCM.UsableDoesNotMeetTheQualityControlStandard  # DCM 111236
+QUALITY_ISSUE = codes.DCM.QualityIssue  # DCM 113010
+NO_UNITS = codes.UCUM.NoUnits  # UCUM "1"
+
+
+def quality_group(quality: Mapping[str, Any], algorithm: hd.sr.AlgorithmIdentification, *,
+                  sop_instance_uid: str | None = None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A TID 1501 measurement group "Segmentation quality" (:mod:`hippo.quality`).
+
+    Content: the score as Analysis Quality Rating (DCM 111693, unit ``1``, 0-1; left out when the
+    model has one network and no score), the flag as a Quality Assessment (DCM 111050) qualitative
+    evaluation -- "Usable - Meets the quality control standard" (DCM 111237) or "Usable - Does not
+    meet the quality control standard" (DCM 111236) -- and one Quality Issue (DCM 113010) TEXT item
+    per reason to review.
+
+    Args:
+        quality: ``score`` (float or None), ``flagged`` (bool), ``reasons`` (list of str).
+        algorithm: the Algorithm Identification of the measurements.
+        sop_instance_uid: the SR's UID, from which the group's tracking UID is derived (stable).
+    """
+    score = quality.get("score")
+    measurements = [] if score is None else [
+        hd.sr.Measurement(name=QUALITY_SCORE, value=float(score), unit=NO_UNITS, algorithm_id=algorithm)]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", "quality"]) if sop_instance_uid
+            else generate_uid(), identifier=QUALITY_TRACKING_ID),
+        finding_type=HIPPOCAMPUS,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=HIPPOCAMPUS)],
+        algorithm_id=algorithm,
+        measurements=measurements or None,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            name=QUALITY_ASSESSMENT, value=QUALITY_NOT_MET if quality.get("flagged") else QUALITY_MET)],
+    )
+    for reason in quality.get("reasons") or ():
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=QUALITY_ISSUE, value=str(reason)[:1024], relationship_type="CONTAINS"))
+    return group
+
+
+def _volume_measurement(value_mm3: float, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+    """A Volume (SCT 118565006) NUM item in mm³."""
+    return hd.sr.Measurement(name=VOLUME, value=float(value_mm3), unit=MM3, algorithm_id=algorithm)
+
+
+def _measurement_report_sr(evidence: list, groups: list, *, model_version: str, series_number: int,
+                           series_description: str, series_instance_uid: str | None,
+                           sop_instance_uid: str | None) -> hd.sr.Comprehensive3DSR:
+    """A Comprehensive 3D SR holding a TID 1500 report of ``groups``, the algorithm as the observer."""
+    observation_context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=_device_uid(model_version), name=ALGORITHM_NAME, manufacturer_name=MANUFACTURER,
+                model_name=ALGORITHM_NAME),
+        ),
+    )
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=codes.LN.BrainMRI,
         imaging_measurements=groups,
     )
     return hd.sr.Comprehensive3DSR(
-        evidence=[seg, *sources],
+        evidence=evidence,
         content=report,
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=int(series_number),
@@ -302,3 +394,215 @@ def make_rejection_note(
         sop_instance_uid=sop_instance_uid or generate_uid(), instance_number=1, manufacturer=MANUFACTURER)
     note.SeriesDescription = REJECTION_SERIES_DESCRIPTION
     return note
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole-head T1: both hippocampi (four segments with laterality), an SR per side
+# ---------------------------------------------------------------------------------------------------
+WHOLEHEAD_SEG_SERIES_DESCRIPTION = "AI hippocampus segmentation L/R, research use"
+WHOLEHEAD_SR_SERIES_DESCRIPTION = "AI hippocampus volumes L/R (TID 1500), research use"
+LEFT, RIGHT = codes.SCT.Left, codes.SCT.Right  # SCT 7771000, 24028007 (CID 244 Laterality)
+#: codes of this application (private coding scheme: no standard concept exists for these)
+LOCAL_SCHEME = "99HIPPO"
+ASYMMETRY_INDEX = hd.sr.CodedConcept("HV001", LOCAL_SCHEME, "Hippocampal asymmetry index")
+ETIV = hd.sr.CodedConcept("HV002", LOCAL_SCHEME, "Estimated total intracranial volume")
+PERCENT = codes.UCUM.Percent
+
+#: segment number (= label value of :data:`hippo.wholehead.segment.LABELS`) ->
+#: (label, part modifier, laterality, display colour RGB)
+WHOLEHEAD_SEGMENTS = {
+    1: ("Left anterior hippocampus", codes.SCT.Anterior, LEFT, (255, 140, 0)),
+    2: ("Left posterior hippocampus", codes.SCT.Posterior, LEFT, (0, 200, 255)),
+    3: ("Right anterior hippocampus", codes.SCT.Anterior, RIGHT, (255, 60, 120)),
+    4: ("Right posterior hippocampus", codes.SCT.Posterior, RIGHT, (60, 220, 90)),
+}
+
+
+def make_wholehead_seg(
+    source_datasets: Sequence[Dataset],
+    label_frames: np.ndarray,
+    *,
+    model_version: str,
+    series_number: int = SEG_SERIES_NUMBER,
+    series_description: str = WHOLEHEAD_SEG_SERIES_DESCRIPTION,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    device_serial_number: str = "1",
+) -> hd.seg.Segmentation:
+    """A BINARY SEG of both hippocampi of a whole-head series: four segments (:data:`WHOLEHEAD_SEGMENTS`),
+    each SNOMED Hippocampus with two property-type modifiers, anterior/posterior and the laterality
+    (SCT Left 7771000 / Right 24028007).
+
+    Args:
+        source_datasets: the whole-head series' instances (as for :func:`make_seg`).
+        label_frames: ``(n_frames, Rows, Columns)`` labels in ``{0, 1, 2, 3, 4}`` (1/2 left
+            anterior/posterior, 3/4 right), pixel-aligned with the sources
+            (``SeriesVolume.to_source(result.labels)``).
+        model_version, series_number, series_description, series_instance_uid, sop_instance_uid,
+        device_serial_number: as for :func:`make_seg`.
+
+    Raises:
+        ValueError: shape mismatch, labels outside ``{0..4}``, sources of several series.
+    """
+    sources = _check_sources(source_datasets)
+    frames = _aligned_frames(sources, label_frames)
+    if frames.size and (not np.array_equal(frames, np.round(frames)) or frames.min() < 0
+                        or frames.max() > max(WHOLEHEAD_SEGMENTS)):
+        raise ValueError(f"whole-head labels must be integers in 0..{max(WHOLEHEAD_SEGMENTS)}, got values "
+                         f"{np.unique(frames)[:8].tolist()}")
+    algorithm = _algorithm_identification(model_version)
+    descriptions = [_segment_description(n, label, [part, side], rgb, algorithm, sop_instance_uid)
+                    for n, (label, part, side, rgb) in WHOLEHEAD_SEGMENTS.items()]
+    return _segmentation(sources, frames.astype(np.uint8), descriptions, model_version=model_version,
+                         series_number=series_number, series_description=series_description,
+                         series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
+                         device_serial_number=device_serial_number)
+
+
+def make_wholehead_sr(
+    source_datasets: Sequence[Dataset],
+    seg: Dataset,
+    volumes: dict[str, Volumes],
+    *,
+    asymmetry_index_percent: float | None,
+    etiv_mm3: float | None,
+    model_version: str,
+    series_number: int = SR_SERIES_NUMBER,
+    series_description: str = WHOLEHEAD_SR_SERIES_DESCRIPTION,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 SR of both hippocampi: per segment of :func:`make_wholehead_seg` a volumetric ROI
+    group (TID 1411) whose finding site carries the laterality and the part; per side a group
+    (TID 1501) with the total volume (finding site with laterality); one group with the asymmetry
+    index (%, ``100 (L - R) / mean``) and the eTIV (mm³) when known.
+
+    Args:
+        volumes: ``{"left": Volumes, "right": Volumes}`` (mm³).
+        asymmetry_index_percent, etiv_mm3: ``None`` leaves the item out.
+
+    Raises:
+        ValueError: ``seg`` lacks one of segments 1-4, belongs to another study, or a side is missing.
+    """
+    sources = _check_sources(source_datasets)
+    if str(seg.StudyInstanceUID) != str(sources[0].StudyInstanceUID):
+        raise ValueError("the SEG belongs to another study than the source images")
+    segment_items = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
+    if not set(WHOLEHEAD_SEGMENTS) <= set(segment_items):
+        raise ValueError(f"the SEG must hold segments {sorted(WHOLEHEAD_SEGMENTS)}, has {sorted(segment_items)}")
+    if set(volumes) != {"left", "right"}:
+        raise ValueError(f"volumes must hold 'left' and 'right', got {sorted(volumes)}")
+    algorithm = hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=str(model_version))
+
+    def tracking(key: str, label: str) -> hd.sr.TrackingIdentifier:
+        return hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", key])
+                                        if sop_instance_uid else generate_uid(), identifier=label)
+
+    groups: list = []
+    for number, (label, part, side, _) in WHOLEHEAD_SEGMENTS.items():
+        v = volumes["left" if side == LEFT else "right"]
+        value = v.anterior_mm3 if part == codes.SCT.Anterior else v.posterior_mm3
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=str(segment_items[number].get("TrackingUID", "")) or generate_uid(), identifier=label),
+            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number),
+            finding_type=HIPPOCAMPUS,
+            finding_sites=[hd.sr.FindingSite(anatomic_location=HIPPOCAMPUS, laterality=side, topographical_modifier=part)],
+            algorithm_id=algorithm,
+            measurements=[_volume_measurement(value, algorithm)],
+        ))
+    for name, side in (("left", LEFT), ("right", RIGHT)):
+        label = f"{name.capitalize()} hippocampus"
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking(f"total-{name}", label), finding_type=HIPPOCAMPUS,
+            finding_sites=[hd.sr.FindingSite(anatomic_location=HIPPOCAMPUS, laterality=side)],
+            algorithm_id=algorithm, measurements=[_volume_measurement(volumes[name].total_mm3, algorithm)]))
+    extra = []
+    if asymmetry_index_percent is not None:
+        extra.append(hd.sr.Measurement(name=ASYMMETRY_INDEX, value=float(asymmetry_index_percent), unit=PERCENT,
+                                       algorithm_id=algorithm))
+    if etiv_mm3 is not None:
+        extra.append(hd.sr.Measurement(name=ETIV, value=float(etiv_mm3), unit=MM3, algorithm_id=algorithm))
+    if extra:
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking("whole-head", "Both hippocampi and head"), finding_type=HIPPOCAMPUS,
+            algorithm_id=algorithm, measurements=extra))
+    return _measurement_report_sr([seg, *sources], groups, model_version=model_version, series_number=series_number,
+                                  series_description=series_description, series_instance_uid=series_instance_uid,
+                                  sop_instance_uid=sop_instance_uid)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Change since the patient's prior study (hippo.prior): extra measurement groups in the SR
+# ---------------------------------------------------------------------------------------------------
+#: Local codes (private scheme, PS3.3 8.2) for the change items: no standard concept names them.
+PRIOR_SCHEME = "99HIPPO"
+PRIOR_CODES = {
+    "change_mm3": Code("VOLCHG", PRIOR_SCHEME, "Volume change since prior study"),
+    "change_percent": Code("VOLCHGPCT", PRIOR_SCHEME, "Percent volume change since prior study"),
+    "rate_mm3_per_year": Code("VOLRATE", PRIOR_SCHEME, "Annualised volume change since prior study"),
+    "rate_percent_per_year": Code("VOLRATEPCT", PRIOR_SCHEME, "Annualised percent volume change since prior study"),
+    "prior_date": Code("PRIORDATE", PRIOR_SCHEME, "Prior study date"),
+    "comparability": Code("PRIORNOTE", PRIOR_SCHEME, "Comparability with prior study"),
+}
+PRIOR_UNITS = {
+    "change_mm3": MM3,
+    "change_percent": Code("%", "UCUM", "percent"),
+    "rate_mm3_per_year": Code("mm3/a", "UCUM", "cubic millimeter per year"),
+    "rate_percent_per_year": Code("%/a", "UCUM", "percent per year"),
+}
+def prior_coding_scheme() -> Dataset:
+    """The Coding Scheme Identification item that declares :data:`PRIOR_SCHEME` (PS3.3 C.12.1)."""
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIOR_SCHEME
+    item.CodingSchemeName = "HippoVolume local codes for the change since a prior study"
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    return item
+
+
+#: ``change`` block key -> (tracking identifier, topographical modifier or None)
+PRIOR_GROUPS = {
+    "anterior": ("Change since prior study: anterior hippocampus", codes.SCT.Anterior),
+    "posterior": ("Change since prior study: posterior hippocampus", codes.SCT.Posterior),
+    "total": ("Change since prior study: total hippocampus", None),
+}
+
+
+def prior_comparison_groups(comparison: Mapping[str, Any] | None, algorithm: hd.sr.AlgorithmIdentification, *,
+                            sop_instance_uid: str | None = None) -> list:
+    """TID 1501 measurement groups with the change since the prior study, one per structure, or
+    ``[]`` when ``comparison`` (:func:`hippo.prior.prior_comparison`'s block) is not available.
+
+    Each group: the change in mm³ and in % of the prior volume, annualised in mm³/a and %/a (items
+    whose value is ``None`` are left out), the prior study date (DATE) and a TEXT item saying whether
+    the two results are directly comparable (same algorithm name and version) and why not.
+    """
+    if not comparison or not comparison.get("available"):
+        return []
+    import datetime as _dt
+
+    prior_date = _dt.date.fromisoformat(str(comparison["prior"]["study_date"]))
+    comparable = "directly comparable (same algorithm and version)" if comparison.get("comparable") else \
+        str(comparison.get("note") or "not directly comparable")
+    groups = []
+    for key, (identifier, modifier) in PRIOR_GROUPS.items():
+        values = comparison["change"][key]
+        measurements = [hd.sr.Measurement(name=PRIOR_CODES[k], value=float(values[k]), unit=PRIOR_UNITS[k],
+                                          algorithm_id=algorithm)
+                        for k in PRIOR_UNITS if values.get(k) is not None]
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", identifier]) if sop_instance_uid
+                else generate_uid(), identifier=identifier),
+            finding_type=HIPPOCAMPUS,
+            finding_sites=[hd.sr.FindingSite(anatomic_location=HIPPOCAMPUS, topographical_modifier=modifier)
+                           if modifier is not None else hd.sr.FindingSite(anatomic_location=HIPPOCAMPUS)],
+            algorithm_id=algorithm,
+            measurements=measurements,
+        )
+        group[0].ContentSequence.append(hd.sr.DateContentItem(
+            name=PRIOR_CODES["prior_date"], value=prior_date, relationship_type="CONTAINS"))
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=PRIOR_CODES["comparability"], value=comparable[:1024], relationship_type="CONTAINS"))
+        groups.append(group)
+    return groups

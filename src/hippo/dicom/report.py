@@ -3,8 +3,9 @@
 pillow + numpy + pydicom only (no torch, no matplotlib).
 
 :func:`render_report` draws one portrait page: title, a "research use only" disclaimer, patient and
-study identifiers, the anterior / posterior / total volumes, the indicative normative comparison
-with its source and caveat, three orthogonal slices through the segmented structure with a
+study identifiers, a "Review recommended" box when the result is flagged, the anterior / posterior /
+total volumes with the segmentation's quality score, the statement that no verified normative
+reference exists (no percentile is shown), three orthogonal slices through the segmented structure with a
 semi-transparent anterior (orange) / posterior (cyan) overlay, and the model's identity.
 
 :func:`secondary_capture` wraps the page as a Secondary Capture Image Storage instance (RGB, 8 bit,
@@ -33,7 +34,7 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, gene
 
 from hippo import __version__
 from hippo.measure import (
-    BAND_5_50, BAND_50_95, BAND_ABOVE_95, BAND_BELOW_5, Volumes, validate_mask, validate_spacing,
+    NO_NORMATIVE_REFERENCE, NO_NORMATIVE_REFERENCE_DETAIL, Volumes, validate_mask, validate_spacing,
 )
 
 PAGE_SIZE = (1024, 1280)  # (width, height) in pixels
@@ -264,40 +265,19 @@ def _swatch(draw, x, y, colour, size=16):
     draw.rectangle((x, y, x + size, y + size), fill=colour, outline=(60, 60, 60))
 
 
-def _norm_bar(draw, x0, y0, width, norm: Mapping[str, Any], total: float) -> int:
-    """A horizontal scale from below the 5th to above the 95th percentile with a patient marker."""
-    p5, p50, p95 = float(norm["p5_mm3"]), float(norm["p50_mm3"]), float(norm["p95_mm3"])
-    span = p95 - p5
-    lo, hi = p5 - 0.35 * span, p95 + 0.35 * span
-    bar_h = 22
-
-    def xpos(v: float) -> float:
-        return x0 + (min(max(v, lo), hi) - lo) / (hi - lo) * width
-
-    draw.rectangle((x0, y0, x0 + width, y0 + bar_h), fill=(235, 205, 205))  # outside 5-95
-    draw.rectangle((xpos(p5), y0, xpos(p95), y0 + bar_h), fill=(205, 225, 205))  # 5th-95th
-    draw.rectangle((x0, y0, x0 + width, y0 + bar_h), outline=(120, 120, 120))
-    small = _font(14)
-    for value, label in ((p5, "5th"), (p50, "50th"), (p95, "95th")):
-        x = xpos(value)
-        draw.line((x, y0 - 4, x, y0 + bar_h + 4), fill=(60, 60, 60), width=2)
-        draw.text((x, y0 + bar_h + 6), f"{label}: {_fmt_int(value)}", font=small, fill=_MUTED, anchor="mt")
-    mx = xpos(total)
-    draw.polygon([(mx, y0 + bar_h), (mx - 9, y0 - 12), (mx + 9, y0 - 12)], fill=_NAVY)
-    draw.line((mx, y0 - 12, mx, y0 + bar_h), fill=_NAVY, width=3)
-    label = f"this scan: {_fmt_int(total)} mm³" + (" (off scale)" if not lo <= total <= hi else "")
-    anchor = "ls" if mx < x0 + width / 2 else "rs"
-    draw.text((mx + (12 if anchor == "ls" else -12), y0 - 14), label, font=_font(15, bold=True),
-              fill=_NAVY, anchor=anchor)
-    return y0 + bar_h + 28
-
-
-_BAND_PHRASES = {
-    BAND_BELOW_5: "below the 5th percentile",
-    BAND_5_50: "between the 5th and 50th percentiles",
-    BAND_50_95: "between the 50th and 95th percentiles",
-    BAND_ABOVE_95: "above the 95th percentile",
-}
+def _quality_line(draw, y: int, quality: Mapping[str, Any] | None, margin: int, width: int) -> int:
+    """One muted line with the segmentation quality score (:mod:`hippo.quality`); nothing when
+    ``quality`` is ``None``. Returns the next free ``y``."""
+    if not quality:
+        return y
+    score, n = quality.get("score"), int(quality.get("n_members") or 1)
+    if score is None:
+        text = "Segmentation quality: no agreement score (a single network); plain checks of the mask only."
+    else:
+        text = (f"Segmentation quality score {float(score):.2f} (agreement of the model's {n} networks, "
+                "1 = identical masks).")
+    text += " Flagged for review." if quality.get("flagged") else " No quality flag."
+    return _text_block(draw, (margin, y - 4), text, _font(14), width, fill=_MUTED) + 6
 
 
 def _metrics_text(metrics: Any) -> str:
@@ -322,11 +302,12 @@ def render_report(
     patient: Mapping[str, Any],
     study: Mapping[str, Any],
     volumes: Volumes,
-    norm: Mapping[str, Any] | None,
     model: Mapping[str, Any],
     timestamp: _dt.datetime | str | None = None,
     size: tuple[int, int] = PAGE_SIZE,
     review: Sequence[str] = (),
+    quality: Mapping[str, Any] | None = None,
+    prior: Mapping[str, Any] | None = None,
 ) -> Image.Image:
     """Draw the report page.
 
@@ -338,13 +319,16 @@ def render_report(
             (DICOM AS or years); missing or empty ones print as "not given".
         study: ``date`` (YYYYMMDD), ``accession``, ``description``, ``uid``.
         volumes: the measured volumes (:func:`hippo.measure.measure_volumes`).
-        norm: :func:`hippo.measure.compare`'s dict, or ``None``; an unavailable comparison (age or
-            sex unknown, age out of range) prints "No normative comparison: <reason>".
         model: ``name``, ``version``, ``trained_on`` (a short note), ``metrics`` (dict name -> value).
         timestamp: when the report was made (defaults to now, UTC).
         size: page ``(width, height)`` in pixels.
-        review: reasons to look before trusting the numbers (:mod:`hippo.plausibility`); when given,
-            an amber "Review recommended" box above the volumes lists them in plain words.
+        review: reasons to look before trusting the numbers (:mod:`hippo.plausibility`,
+            :mod:`hippo.quality`); when given, an amber box above the volumes says "Review
+            recommended: <reasons>" in plain words.
+        quality: :meth:`hippo.quality.QualityAssessment.as_dict` (``score``, ``n_members``...), or
+            ``None``: a line under the volumes gives the score (the reasons belong in ``review``).
+        prior: :func:`hippo.prior.prior_comparison`'s block, or ``None`` (no section): a "Change
+            since the prior study" table (mm³, %, per year) or the sentence saying why there is none.
 
     Returns:
         An RGB :class:`PIL.Image.Image` of ``size``.
@@ -406,7 +390,7 @@ def render_report(
 
     # Review flag ----------------------------------------------------------------------------------
     if review:
-        text = "Review recommended before using these numbers: " + "; ".join(review) + "."
+        text = "Review recommended: " + "; ".join(review) + "."
         lines = wrap_text(draw, _CONTROL_CHARS.sub(" ", text), _font(17, bold=True), inner - 24)
         box_h = 16 + 23 * len(lines)
         draw.rectangle((margin, y, W - margin, y + box_h), fill=(255, 236, 179), outline=(200, 120, 0), width=3)
@@ -442,31 +426,15 @@ def render_report(
               "; volume = labelled voxels × voxel volume.", font=_font(14), fill=_MUTED)
     y += 32
 
-    # Normative comparison ------------------------------------------------------------------------
-    y = _section(draw, y, "Comparison with age- and sex-matched norms (indicative)", margin, W)
-    available = bool(norm) and bool(norm.get("available", norm.get("band") is not None)) and norm.get("norm")
-    if available:
-        nr = norm["norm"]
-        sex_word = {"M": "men", "F": "women"}.get(str(nr.get("sex")), "adults")
-        hemi = str(nr.get("hemisphere", ""))
-        hemi = f"{hemi} hippocampus" if hemi in ("left", "right") else "side unknown: mean of left and right"
-        position = _BAND_PHRASES.get(str(norm["band"]), f"in the {norm['band']} percentile band")
-        y = _text_block(draw, (margin, y), (
-            f"Total {_fmt_int(volumes.total_mm3)} mm³ is {position} for "
-            f"{sex_word} aged {nr.get('age_band', '')} ({hemi})."),
-            _font(18, bold=True), inner)
-        y = _norm_bar(draw, margin + 20, y + 36, inner - 40, nr, volumes.total_mm3)
-        y = _text_block(draw, (margin, y), "Source: " + str(norm.get("source", nr.get("source", ""))),
-                        _font(13), inner, fill=_MUTED, spacing=3)
-        y = _text_block(draw, (margin, y + 2), "Caveat: " + str(norm.get("caveat", nr.get("caveat", ""))),
-                        _font(13), inner, fill=(140, 60, 0), spacing=3)
-    else:
-        reason = (norm or {}).get("reason") or "age/sex unknown"
-        y = _text_block(draw, (margin, y), f"No normative comparison: {reason}.", _font(18, bold=True), inner)
-        y = _text_block(draw, (margin, y + 4), (
-            "Percentiles are shown only when the patient's age (45–80 years) and sex are known "
-            "from the DICOM header."), _font(14), inner, fill=_MUTED)
+    y = _quality_line(draw, y, quality, margin, inner)
+
+    # Normative comparison: none verified -------------------------------------------------------
+    y = _section(draw, y, "Comparison with age- and sex-matched norms", margin, W)
+    y = _text_block(draw, (margin, y), NO_NORMATIVE_REFERENCE + ".", _font(18, bold=True), inner)
+    y = _text_block(draw, (margin, y + 4), NO_NORMATIVE_REFERENCE_DETAIL, _font(14), inner, fill=_MUTED)
     y += 10
+
+    y = draw_prior_comparison(draw, y, prior, margin, W)
 
     # Slices ----------------------------------------------------------------------------------------
     y = _section(draw, y, "Segmentation through the structure's centre", margin, W)
@@ -512,6 +480,60 @@ def render_report(
     draw.rectangle((0, H - 30, W, H), fill=_RED)
     draw.text((W // 2, H - 15), DISCLAIMER, font=_font(16, bold=True), fill=(255, 255, 255), anchor="mm")
     return page
+
+
+# ------------------------------------------------------------------------------------------------
+# Change since the prior study (hippo.prior)
+
+
+def _signed(value: float | None, fmt: str, unit: str) -> str:
+    return "–" if value is None else f"{value:+{fmt}}{unit}".replace("-", "−")
+
+
+def draw_prior_comparison(draw: ImageDraw.ImageDraw, y: int, prior: Mapping[str, Any] | None, margin: int,
+                          width: int) -> int:
+    """The "Change since the prior study" section at ``y`` (pixels); returns the next free ``y``.
+
+    ``prior`` is :func:`hippo.prior.prior_comparison`'s block: a table per structure (prior and
+    current volume in mm³, change in mm³ and %, annualised %/year) with the prior study's date, and
+    an amber "not directly comparable" line when another algorithm version made the prior; when
+    unavailable, the plain sentence saying why. ``None`` draws nothing.
+    """
+    if prior is None:
+        return y
+    inner = width - 2 * margin
+    y = _section(draw, y, "Change since the prior study", margin, width)
+    if not prior.get("available"):
+        reason = str(prior.get("reason") or "no earlier result was found")
+        return _text_block(draw, (margin, y), f"No comparison with an earlier scan: {reason}.", _font(16, bold=True),
+                           inner) + 8
+    before = prior.get("prior") or {}
+    years = float(prior.get("interval_years") or 0.0)
+    y = _text_block(draw, (margin, y), (
+        f"Prior study {before.get('study_date', '?')} ({prior.get('interval_days', '?')} days, {years:.2f} years "
+        f"earlier), {before.get('algorithm', {}).get('name', '?')} version {before.get('algorithm', {}).get('version', '?')}."),
+        _font(15), inner, fill=_TEXT, spacing=3)
+    cols = (margin + 10, margin + 330, margin + 470, margin + 610, margin + 730, margin + 850)
+    head_f, cell_f = _font(14, bold=True), _font(16)
+    for x, text in zip(cols[1:], ("Prior mm³", "Now mm³", "Change mm³", "Change", "Per year")):
+        draw.text((x + 110, y), text, font=head_f, fill=_MUTED, anchor="ra")
+    y += 22
+    for key, name in (("anterior", "Anterior hippocampus"), ("posterior", "Posterior hippocampus"),
+                      ("total", "Total hippocampus")):
+        c = (prior.get("change") or {}).get(key) or {}
+        draw.text((cols[0], y), name, font=_font(16, bold=key == "total"), fill=_TEXT)
+        cells = (_fmt_int(c.get("prior_mm3", 0.0)), _fmt_int(c.get("current_mm3", 0.0)),
+                 _signed(c.get("change_mm3"), ".0f", ""), _signed(c.get("change_percent"), ".1f", " %"),
+                 _signed(c.get("rate_percent_per_year"), ".1f", " %/yr"))
+        for x, text in zip(cols[1:], cells):
+            draw.text((x + 110, y), text, font=cell_f, fill=_TEXT, anchor="ra")
+        y += 22
+    note = str(prior.get("note") or "")
+    if note:
+        colour = (160, 80, 0) if not prior.get("comparable") else _MUTED
+        y = _text_block(draw, (margin, y + 2), note[:1].upper() + note[1:] + ".", _font(15, bold=True), inner,
+                        fill=colour, spacing=3)
+    return y + 8
 
 
 # ------------------------------------------------------------------------------------------------

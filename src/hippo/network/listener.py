@@ -45,14 +45,14 @@ Rules:
   crash can send the rest first, so a half-received study is not processed (and its partial
   results sent) before the rest arrives. A study that reached ``processed/`` or ``failed/`` is
   never redone on its own. A study redone after a crash that hit after its results were sent
-  gives the same SOP Instance UIDs again (:class:`hippo.pipeline.StudyProcessor` derives them
+  gives the same SOP Instance UIDs again (:class:`hippo.deploy.pipeline.StudyProcessor` derives them
   from the inputs and the model), so the PACS keeps one result set.
 * **Model.** Loaded once (lazily on the first study, or at start with ``preload_model=True``). If
   it cannot be loaded the study stays in ``incoming/`` (not the study's fault) and
   :meth:`Listener.status` reports the error; the next start retries.
 * **Logs** name studies by StudyInstanceUID and senders by AE title, never a patient.
 
-torch is imported only when the model is loaded (``hippo.pipeline``), never at import time.
+torch is imported only when the model is loaded (``hippo.deploy.pipeline``), never at import time.
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ from pynetdicom.sop_class import (
 
 from hippo.fileio import replace_dir, write_bytes_atomic, write_json_atomic
 from hippo.pacs import TCP_NODELAY_HANDLERS, Outbox, PacsConfig, validate_uid
+from hippo.prior import lookup_from_config
+from hippo.network.orthanc import read_credentials
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +203,8 @@ class Listener:
             ``results`` and ``outbox`` below it unless given separately.
         model_path: the model file (required unless ``processor_factory`` is given).
         pacs: where results go (a :class:`hippo.pacs.PacsConfig` mapping); ``None`` only writes them.
-        processor_options: passed to :func:`hippo.pipeline.build_processor` (``rules``,
-            ``io_threads``, ``normative_comparison``, ``series_numbers``, ``write_png``,
+        processor_options: passed to :func:`hippo.deploy.pipeline.build_processor` (``rules``,
+            ``io_threads``, ``series_numbers``, ``write_png``, ``plausibility``,
             ``device``, ``batch_size``, ``precision``).
         processor_factory: ``() -> StudyProcessor``-like object with ``process(dir)`` (tests; the
             default loads ``model_path``).
@@ -781,7 +783,7 @@ class Listener:
                     if self._factory is not None:
                         self._processor = self._factory()
                     else:
-                        from hippo.pipeline import build_processor  # imports torch
+                        from hippo.deploy.pipeline import build_processor  # imports torch
 
                         opts = dict(self.processor_options)
                         self._processor = build_processor(
@@ -893,7 +895,7 @@ class Listener:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> "Listener":
         """From ``conf/listen.yaml`` resolved to a plain dict. ``model_path: null`` takes the shipped
-        default model, ``latest`` the newest ``<paths.log_dir>/**/model.pt`` (:mod:`hippo.models`)."""
+        default model, ``latest`` the newest ``<paths.log_dir>/**/model.pt`` (:mod:`hippo.weights`)."""
         from hippo.infer import InferenceSettings  # imports torch: the listener runs the model anyway
 
         lc = dict(cfg.get("listener") or {})
@@ -906,10 +908,11 @@ class Listener:
             "rules": dict(cfg.get("series") or {}),
             "io_threads": int(cfg["io_threads"]),
             **settings.agent_options,
-            "normative_comparison": bool(report.get("normative_comparison", False)),
             "series_numbers": report.get("series_numbers"),
             "write_png": bool(report.get("write_png", True)),
             "plausibility": dict(cfg.get("plausibility") or {}),
+            # the patient's earlier result: the PACS search (DICOMweb, the network's credentials)
+            "prior": lookup_from_config(cfg, send=bool(cfg.get("send", True)), read_credentials=read_credentials),
         }
         kwargs: dict[str, Any] = dict(
             ae_title=lc.get("ae_title", "HIPPOAI"), host=lc.get("host", "127.0.0.1"),

@@ -323,6 +323,11 @@ class Network:
             cmd.append(f"model_path={_hydra_value(self.model_path)}")
         if self.listener.get("quiet_seconds") is not None:
             cmd.append(f"listener.quiet_seconds={_hydra_value(self.listener['quiet_seconds'])}")
+        # the prior-study search reads this network's Orthanc over DICOMweb with the service account
+        cmd.append(f"prior_lookup.url={_hydra_value(self.orthanc.http_url + '/dicom-web')}" if self.orthanc.dicomweb
+                   else "prior_lookup.url=null")
+        cmd.append(f"prior_lookup.credentials={_hydra_value(self.credentials_path)}" if self.authentication
+                   else "prior_lookup.credentials=null")
         cmd.extend(str(o) for o in self.listener.get("overrides") or ())  # e.g. plausibility.* settings
         return cmd
 

@@ -9,7 +9,7 @@ Modules (none imports torch, Lightning or Hydra at import time; the inference ag
 * :mod:`hippo.wholehead.crops` — crop geometry, sampling, mirroring, mapping back;
 * :mod:`hippo.wholehead.segment` — :func:`segment_wholehead`, both sides end to end;
 * :mod:`hippo.wholehead.review` — plain-words review checks;
-* :mod:`hippo.wholehead.report` — the report PNG;
+* :mod:`hippo.wholehead.page` — the report PNG;
 * :mod:`hippo.wholehead.run` — ``python -m hippo.predict``: files, BIDS, batches, outputs.
 
 For a DICOM series (:class:`hippo.dicom.volume.SeriesVolume`)::

@@ -100,7 +100,7 @@ class ScanProcessor:
     """Processes scans with one loaded model.
 
     Args:
-        model_path: the model file (:func:`hippo.models.resolve_model_path`).
+        model_path: the model file (:func:`hippo.weights.resolve_model_path`).
         out_root: the output folder.
         layout: ``"bids"`` or ``"folder"`` (:func:`output_paths`).
         device, batch_size, precision: passed to :meth:`hippo.infer.InferenceAgent.from_file`.
@@ -177,7 +177,7 @@ class ScanProcessor:
     def process(self, scan: ScanInput | str | os.PathLike) -> ScanOutcome:
         """Run one scan end to end; never raises (see the module docstring)."""
         from hippo.wholehead.register import register_to_template
-        from hippo.wholehead.report import write_report_png
+        from hippo.wholehead.page import write_report_png
         from hippo.wholehead.segment import LABELS, segment_wholehead
 
         if not isinstance(scan, ScanInput):
@@ -424,7 +424,7 @@ def run_predict(cfg: Mapping[str, Any]) -> int:
     was flagged for review and ``fail_on_review`` is set; 2 when the input names nothing usable)."""
     import functools
 
-    from hippo.models import resolve_model_path
+    from hippo.weights import resolve_model_path
 
     if not cfg.get("input"):
         raise SystemExit("error: give input=PATH (a NIfTI/MGZ file, a folder of them, or a BIDS dataset)")

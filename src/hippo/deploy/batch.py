@@ -17,15 +17,26 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hippo.pacs import Outbox, PacsConfig
+from hippo.prior import PriorLookup, lookup_from_config
 from hippo.infer import InferenceSettings
-from hippo.pipeline import (StudyOutcome, build_processor, find_studies, run_batch,
+from hippo.deploy.pipeline import (StudyOutcome, build_processor, find_studies, run_batch,
                             summary_table, write_summary)
 
 log = logging.getLogger(__name__)
 
 
 def _print_outcome(o: StudyOutcome) -> None:
-    if o.status in ("ok", "review"):
+    if o.status in ("ok", "review") and o.kind == "wholehead":
+        v = o.volumes
+        flag = f" REVIEW RECOMMENDED: {'; '.join(o.review)}" if o.status == "review" else ""
+        ai = v.get("asymmetry_index_percent")
+        print(f"{o.study}: whole-head T1 {o.series_description!r}: " + ", ".join(
+            f"{side} anterior {v[side]['anterior_mm3']:.0f} mm³, posterior {v[side]['posterior_mm3']:.0f} mm³, "
+            f"total {v[side]['total_mm3']:.0f} mm³" for side in ("left", "right"))
+            + (f"; asymmetry {ai:+.1f} %" if ai is not None else "") + f"; eTIV {v['etiv_mm3'] / 1e6:.2f} L"
+            + f" ({o.timings_s.get('total', 0):.2f} s)"
+            + (f"; {len(o.queued)} object(s) queued in the outbox" if o.queued else "") + flag, flush=True)
+    elif o.status in ("ok", "review"):
         v = o.volumes
         flag = f" REVIEW RECOMMENDED: {'; '.join(o.review)}" if o.status == "review" else ""
         print(f"{o.study}: anterior {v['anterior_mm3']:.0f} mm³, posterior {v['posterior_mm3']:.0f} mm³, "
@@ -44,6 +55,16 @@ def flush_outbox(cfg: Mapping[str, Any]) -> dict[str, int]:
     counts = report.counts()
     print(f"outbox {outbox.root}: {len(report.delivered)} delivered, {len(outbox)} still waiting", flush=True)
     return counts
+
+
+def _prior_lookup(cfg: Mapping[str, Any], send: bool) -> PriorLookup | None:
+    """Where the patient's earlier result comes from: ``prior=PATH`` (must exist), else the PACS search
+    of the ``prior_lookup`` group when results are sent (docs/prior-comparison.md)."""
+    from hippo.network.orthanc import read_credentials  # the network's credentials file (a leaf module)
+
+    if cfg.get("prior") and not Path(cfg["prior"]).is_file():
+        raise SystemExit(f"error: prior={cfg['prior']}: no such file (give our SR file or a result.json)")
+    return lookup_from_config(cfg, send=send, read_credentials=read_credentials)
 
 
 def run_deploy(cfg: Mapping[str, Any]) -> int:
@@ -71,9 +92,9 @@ def run_deploy(cfg: Mapping[str, Any]) -> int:
         build_processor, model_path, results_dir, **settings.agent_options,
         pacs=cfg["pacs"] if send else None, outbox_dir=cfg["outbox_dir"],
         rules=dict(cfg.get("series") or {}), io_threads=int(cfg["io_threads"]),
-        normative_comparison=bool(report.get("normative_comparison", False)),
         series_numbers=report.get("series_numbers"), write_png=bool(report.get("write_png", True)),
         plausibility=dict(cfg.get("plausibility") or {}),
+        prior=_prior_lookup(cfg, send),
     )
     log.info("model %s; %d study(ies); results in %s", model_path, len(studies), results_dir)
     t0 = time.perf_counter()

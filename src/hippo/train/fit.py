@@ -49,7 +49,7 @@ def _write_val_volumes(path: Path, model: L.LightningModule, datamodule: Any, cf
     """3D per-volume metrics of the (best) model on the validation cases -> ``val_results.json``.
 
     With ``data.fold`` set these are the cross-validation figures of that fold
-    (:func:`hippo.sweep.summarize_cross_validation` pools the folds).
+    (:func:`hippo.train.sweep_summary.summarize_cross_validation` pools the folds).
     """
     model.eval()
     rows = []

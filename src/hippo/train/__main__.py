@@ -18,7 +18,7 @@ from hippo.config import config_dir
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from hippo.training import run_training  # imported here so --help and --cfg stay fast
+    from hippo.train.fit import run_training  # imported here so --help and --cfg stay fast
 
     metrics = run_training(cfg)
     value = metrics.get(cfg.get("optimized_metric", "val/dice_mean_best"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hippo.infer import InferenceAgent
-from hippo.models import default_model_path, default_split_path, find_latest_model, resolve_model_path
+from hippo.weights import default_model_path, default_split_path, find_latest_model, resolve_model_path
 
 # Floors under the shipped model's measured test figures (0.8968 / 0.8790 / 0.9037 when published):
 # a change that makes the shipped model or its inference path worse fails here. The targets

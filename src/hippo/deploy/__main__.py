@@ -17,7 +17,7 @@ from hippo.config import config_dir
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="deploy")
 def main(cfg: DictConfig) -> None:
-    from hippo.deployment import run_deploy
+    from hippo.deploy.batch import run_deploy
 
     code = run_deploy(OmegaConf.to_container(cfg, resolve=True))
     if code:

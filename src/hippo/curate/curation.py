@@ -703,7 +703,7 @@ def _write_clean_copy(root: Path, clean_dir: Path, clean: list[CasePaths], mode:
         meta.setdefault("labels", {str(k): v for k, v in LABEL_NAMES.items()})
         meta.update(numTraining=len(training), training=training, numTest=0, test=[],
                     curation={"source": str(root), "mode": mode,
-                              "note": "only the cases kept by hippo.data.curate; see ../manifest.json"})
+                              "note": "only the cases kept by hippo.curate.curation; see ../manifest.json"})
         (tmp / "dataset.json").write_text(_dump_json(meta), encoding="utf-8")
         replace_dir(tmp, clean_dir, trash_prefix=".clean.old.")
     except BaseException:

@@ -31,21 +31,22 @@ from pydicom import dcmwrite
 from pydicom.uid import generate_uid
 
 from hippo.dicom.headers import clean_source_headers
-from hippo.dicom.ingest import SelectionRules, scan_study, select_series
-from hippo.dicom.objects import make_seg, make_sr
+from hippo.dicom.ingest import SelectionRules, scan_study
+from hippo.dicom.objects import ALGORITHM_NAME, make_seg, make_sr, make_wholehead_seg, make_wholehead_sr
 from hippo.dicom.report import patient_study_from_dataset, render_report, secondary_capture
 from hippo.dicom.volume import load_series
+from hippo.dicom.wholehead_select import WholeHeadRules, select_input_series
 from hippo.fileio import write_bytes_atomic, write_json_atomic
 from hippo.infer import InferenceAgent
-from hippo.measure import compare, measure_volumes
-from hippo.plausibility import PlausibilityRules, assess_input, assess_volumes
+from hippo.measure import NO_NORMATIVE_REFERENCE, measure_volumes
+from hippo.plausibility import PlausibilityRules, assess_input
+from hippo.quality import assess_quality
 from hippo.regrid import labels_to_source, to_model_grid
+from hippo.prior import PriorLookup, prior_comparison
 from hippo.pacs import Outbox, PacsConfig, deliver, validate_uid
 
 log = logging.getLogger(__name__)
 
-#: Shown instead of a percentile band while the normative table is not verified (see hippo.measure).
-NORMS_OFF_REASON = "off in this configuration (report.normative_comparison=false)"
 
 
 @dataclass
@@ -60,7 +61,10 @@ class StudyOutcome:
     series_uid: str = ""
     series_description: str = ""
     volumes: dict[str, Any] = field(default_factory=dict)
-    normative: dict[str, Any] | None = None
+    #: always unavailable: no normative reference has been verified (hippo.measure)
+    normative: dict[str, Any] = field(default_factory=lambda: {"available": False, "reason": NO_NORMATIVE_REFERENCE})
+    #: the segmentation's quality score and flag (:meth:`hippo.quality.QualityAssessment.as_dict`)
+    quality: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     sent: dict[str, int] = field(default_factory=dict)
     queued: list[str] = field(default_factory=list)
@@ -72,6 +76,12 @@ class StudyOutcome:
     review: list[str] = field(default_factory=list)
     #: how the series met the model: its voxel size, whether it was resampled onto the model's grid
     input: dict[str, Any] = field(default_factory=dict)
+    #: which input: "hippocrop" (a HippoCrop series) or "wholehead" (a whole-head T1: ``volumes`` then
+    #: holds "left" and "right" (anterior/posterior/total mm³), "asymmetry_index_percent", "etiv_mm3")
+    kind: str = ""
+    #: the change since the patient's prior study (:func:`hippo.prior.prior_comparison`'s block: the
+    #: change per structure, or ``reason`` saying why there is none); ``None`` when not looked for
+    prior_comparison: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,11 +105,16 @@ class StudyProcessor:
         pacs: where to send the SC, SEG and SR; ``None`` writes them only.
         outbox: where undelivered objects wait (required when ``pacs`` is set).
         io_threads: threads reading DICOM headers and pixels.
-        normative_comparison: place the total volume in indicative age/sex bands (hippo.measure).
         series_numbers: SeriesNumber of the SC, SEG and SR.
         write_png: also write the report page as ``report.png``.
         plausibility: what the model is trusted to measure (:class:`PlausibilityRules` or a mapping):
-            inputs outside it are refused or resampled, implausible volumes flagged for review.
+            inputs outside it are refused or resampled, implausible volumes and segmentations of
+            doubtful quality (:mod:`hippo.quality`) flagged for review.
+        wholehead: when no HippoCrop series matches, the rules for a whole-head T1
+            (:class:`WholeHeadRules`); default: the ``wholehead`` entry of a ``rules`` mapping, else
+            the defaults (``None`` in the mapping turns it off).
+        prior: where the patient's earlier result comes from (:class:`hippo.prior.PriorLookup`: the
+            PACS via DICOMweb, or a file); ``None``: no comparison section.
     """
 
     def __init__(
@@ -111,19 +126,25 @@ class StudyProcessor:
         pacs: PacsConfig | None = None,
         outbox: Outbox | None = None,
         io_threads: int = 8,
-        normative_comparison: bool = False,
         series_numbers: Mapping[str, int] | None = None,
         write_png: bool = True,
         plausibility: PlausibilityRules | Mapping[str, Any] | None = None,
+        wholehead: WholeHeadRules | Mapping[str, Any] | None = None,
+        prior: PriorLookup | None = None,
     ):
         if pacs is not None and outbox is None:
             raise ValueError("sending to a PACS needs an outbox for what cannot be delivered")
         self.agent = agent
         self.out_root = Path(out_root)
         self.rules = rules if isinstance(rules, SelectionRules) else SelectionRules.from_mapping(rules or {})
+        if wholehead is None and isinstance(rules, Mapping) and "wholehead" in rules:
+            wholehead = WholeHeadRules.from_mapping(rules["wholehead"])  # None there: off
+        self.wholehead_rules = wholehead if isinstance(wholehead, WholeHeadRules) else \
+            WholeHeadRules.from_mapping(dict(wholehead or {}))
+        self._locator = None
+        self.prior = prior
         self.pacs, self.outbox = pacs, outbox
         self.io_threads = io_threads
-        self.normative_comparison = normative_comparison
         self.series_numbers = {"sc": 9001, "seg": 9002, "sr": 9003, **dict(series_numbers or {})}
         self.write_png = write_png
         self.plausibility = plausibility if isinstance(plausibility, PlausibilityRules) else \
@@ -159,10 +180,12 @@ class StudyProcessor:
             scan = scan_study(study_dir, workers=self.io_threads)
             # recorded before selection, so that a failed study's summary also lists them
             outcome.warnings += [f"ignored {p}: {why}" for p, why in scan.ignored]
-            series = select_series(scan, self.rules)
+            series, outcome.kind = select_input_series(scan, self.rules, self.wholehead_rules)
             outcome.study_uid, outcome.series_uid = series.study_uid, series.uid
             outcome.series_description = series.description
             timings["ingest"] = time.perf_counter() - t
+            if outcome.kind == "wholehead":
+                return self._process_wholehead(outcome, scan, series, t_all)
 
             stage, t = "volume", time.perf_counter()
             volume = load_series(series.files, workers=self.io_threads, series_uid=series.uid)
@@ -177,12 +200,15 @@ class StudyProcessor:
             stage, t = "infer", time.perf_counter()
             if check.resample:  # the model sees its own voxel size; the mask comes back onto the series' grid
                 image, grid = to_model_grid(volume.array, volume.spacing, self.plausibility.model_spacing_mm)
-                mask = labels_to_source(self.agent.segment(image), volume.array.shape)
+                model_mask, members = self._segment(image)
+                mask = labels_to_source(model_mask, volume.array.shape)
                 outcome.input["model_grid_mm"] = list(grid)
                 outcome.warnings.append(f"voxels {' x '.join(f'{v:.3g}' for v in volume.spacing)} mm resampled "
                                         f"onto the model's {' x '.join(f'{v:.3g}' for v in grid)} mm grid and back")
             else:
-                mask = self.agent.segment(volume.array)
+                grid = tuple(volume.spacing)
+                model_mask, members = self._segment(volume.array)
+                mask = model_mask
             timings["infer"] = time.perf_counter() - t
 
             stage, t = "measure", time.perf_counter()
@@ -194,24 +220,31 @@ class StudyProcessor:
                 outcome.warnings.append(header.summary())
             source = sources[0]
             patient, study = patient_study_from_dataset(source)
-            if self.normative_comparison:
-                norm = compare(volumes, patient.get("age") or None, patient.get("sex") or None)
-            else:
-                norm = {"available": False, "band": None, "reason": NORMS_OFF_REASON}
-            outcome.volumes, outcome.normative = volumes.as_dict(), norm
-            outcome.review = check.review + assess_volumes(outcome.volumes, self.plausibility)
+            outcome.volumes = volumes.as_dict()
+            # the quality checks include hippo.plausibility's volume ranges (on the measured volumes)
+            quality = assess_quality(
+                model_mask, grid, rules=self.plausibility, volumes_mm3=outcome.volumes, **({} if members is None else {
+                    "member_probabilities": members.member_probabilities, "probabilities": members.probabilities,
+                    "unprocessed_labels": members.unprocessed_labels}))
+            outcome.quality = quality.as_dict()
+            outcome.review = check.review + quality.reasons
             timings["measure"] = time.perf_counter() - t
+
+            stage, t = "prior", time.perf_counter()
+            outcome.prior_comparison = self._prior_comparison(patient, study, outcome.volumes)
+            timings["prior"] = time.perf_counter() - t
 
             stage, t = "report", time.perf_counter()
             now = _dt.datetime.now(_dt.timezone.utc)
-            page = render_report(volume.array, mask, volume.spacing, patient=patient, study=study,
-                                 volumes=volumes, norm=norm, model=self.model_info, timestamp=now,
-                                 review=outcome.review)
+            page = render_report(volume.array, mask, volume.spacing, prior=outcome.prior_comparison,
+                                 patient=patient, study=study,
+                                 volumes=volumes, model=self.model_info, timestamp=now,
+                                 review=outcome.review, quality=outcome.quality)
             uid = result_uid_maker(scan, series.uid, self.agent.metadata,
-                                   {"normative_comparison": self.normative_comparison,
-                                    "series_numbers": self.series_numbers,
+                                   {"series_numbers": self.series_numbers,
                                     "plausibility": asdict(self.plausibility),
-                                    **({"precision": self.precision} if self.precision != "float32" else {})})
+                                    **({"precision": self.precision} if self.precision != "float32" else {}),
+                                    **_prior_uid_option(outcome.prior_comparison)})
             sc = secondary_capture(page, source, series_number=self.series_numbers["sc"], timestamp=now,
                                    series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
                                    referenced_instances=sources)
@@ -220,34 +253,12 @@ class StudyProcessor:
                            series_number=self.series_numbers["seg"],
                            series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"))
             sr = make_sr(sources, seg, volumes, model_version=version, series_number=self.series_numbers["sr"],
-                         series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"))
+                         series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"),
+                         prior_comparison=outcome.prior_comparison, quality=outcome.quality)
             timings["report"] = time.perf_counter() - t
 
-            stage, t = "write", time.perf_counter()
-            out = self.out_root / validate_uid(series.study_uid)
-            objects = {"report_sc": sc, "seg": seg, "sr": sr}
-            for name, ds in objects.items():
-                outcome.files[name] = str(write_bytes_atomic(out / f"{name}.dcm", _dicom_bytes(ds)))
-            if self.write_png:
-                import io
-
-                buf = io.BytesIO()
-                page.save(buf, format="PNG")
-                outcome.files["report_png"] = str(write_bytes_atomic(out / "report.png", buf.getvalue()))
-            timings["write"] = time.perf_counter() - t
-
-            if self.pacs is not None:
-                stage, t = "send", time.perf_counter()
-                report = deliver([Path(p) for k, p in outcome.files.items() if k != "report_png"], self.pacs, self.outbox)
-                outcome.sent = report.counts()
-                outcome.queued = list(report.queued)
-                if report.queued:
-                    outcome.warnings.append(f"PACS {self.pacs.destination}: {len(report.queued)} object(s) "
-                                            f"wait in the outbox {self.outbox.root}")
-                if report.lost:  # neither at the PACS nor in the outbox: the study is not done
-                    raise OSError(f"{len(report.lost)} result object(s) neither delivered to {self.pacs.destination} "
-                                  f"nor queued: " + "; ".join(f"{uid}: {why}" for uid, why in report.lost))
-                timings["send"] = time.perf_counter() - t
+            stage = "write"
+            out = self._write_and_send(outcome, series.study_uid, {"report_sc": sc, "seg": seg, "sr": sr}, page)
             outcome.status, outcome.stage = ("review" if outcome.review else "ok"), ""
             if outcome.review:
                 log.warning("study %s: review recommended: %s", study_dir, "; ".join(outcome.review))
@@ -255,12 +266,151 @@ class StudyProcessor:
             outcome.files["result_json"] = str(out / "result.json")
             write_json_atomic(out / "result.json", _result_json(outcome, self.model_info, volume))
         except Exception as exc:  # one bad study never stops a batch
-            outcome.status, outcome.stage = "failed", stage
+            outcome.status, outcome.stage = "failed", outcome.stage or stage  # (stage set by a helper)
             outcome.error = f"{type(exc).__name__}: {exc}"
             timings["total"] = time.perf_counter() - t_all
-            log.error("study %s failed at %s: %s", study_dir, stage, outcome.error)
+            log.error("study %s failed at %s: %s", study_dir, outcome.stage, outcome.error)
             log.debug("%s", traceback.format_exc())
         return outcome
+
+
+    def _prior_comparison(self, patient: Mapping[str, Any], study: Mapping[str, Any],
+                          volumes_mm3: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The change since the patient's prior study (:func:`hippo.prior.prior_comparison`; never
+        raises), or ``None`` when no prior source is configured."""
+        if self.prior is None:
+            return None
+        return prior_comparison(self.prior, patient_id=str(patient.get("id", "")), study_date=study.get("date"),
+                                study_instance_uid=str(study.get("uid", "")), volumes_mm3=volumes_mm3,
+                                algorithm={"name": ALGORITHM_NAME,
+                                           "version": str(self.agent.metadata.get("hippo_version", "0"))})
+
+    def _segment(self, image: np.ndarray):
+        """``(labels, members)``: the agent's ``(X, Y, Z)`` labels of ``image`` and, when the agent can
+        give them in the same pass, its :class:`hippo.infer.MemberSegmentation` for the quality score
+        (``None`` for an agent with :meth:`segment` only: the quality checks then use the mask alone)."""
+        segment_members = getattr(self.agent, "segment_members", None)
+        if segment_members is None:
+            return self.agent.segment(image), None
+        members = segment_members(image)
+        return members.labels, members
+
+    def _write_and_send(self, outcome: StudyOutcome, study_uid: str, objects: Mapping[str, Any], page) -> Path:
+        """Write ``objects`` (name -> dataset) as ``<name>.dcm`` and the page as ``report.png`` under
+        ``out_root/<study_uid>/``, then send the DICOM files (what fails waits in the outbox); sets
+        ``outcome.stage`` to "write" / "send" while it runs. Returns the study's result folder."""
+        timings = outcome.timings_s
+        outcome.stage, t = "write", time.perf_counter()
+        out = self.out_root / validate_uid(study_uid)
+        for name, ds in objects.items():
+            outcome.files[name] = str(write_bytes_atomic(out / f"{name}.dcm", _dicom_bytes(ds)))
+        if self.write_png:
+            import io
+
+            buf = io.BytesIO()
+            page.save(buf, format="PNG")
+            outcome.files["report_png"] = str(write_bytes_atomic(out / "report.png", buf.getvalue()))
+        timings["write"] = time.perf_counter() - t
+
+        if self.pacs is not None:
+            outcome.stage, t = "send", time.perf_counter()
+            report = deliver([Path(p) for k, p in outcome.files.items() if k != "report_png"], self.pacs, self.outbox)
+            outcome.sent = report.counts()
+            outcome.queued = list(report.queued)
+            if report.queued:
+                outcome.warnings.append(f"PACS {self.pacs.destination}: {len(report.queued)} object(s) "
+                                        f"wait in the outbox {self.outbox.root}")
+            if report.lost:  # neither at the PACS nor in the outbox: the study is not done
+                raise OSError(f"{len(report.lost)} result object(s) neither delivered to {self.pacs.destination} "
+                              f"nor queued: " + "; ".join(f"{uid}: {why}" for uid, why in report.lost))
+            timings["send"] = time.perf_counter() - t
+        outcome.stage = ""
+        return out
+
+    # ------------------------------------------------------------------------------ whole-head T1
+    def _process_wholehead(self, outcome: StudyOutcome, scan, series, t_all: float) -> StudyOutcome:
+        """The stages after selection for a whole-head T1 series: both hippocampi
+        (:func:`hippo.wholehead.segment.segment_wholehead`), a four-segment SEG, an SR per side with
+        the asymmetry index and eTIV, the whole-head report page as SC, ``result.json``. Raises on
+        failure with ``outcome.stage`` naming the stage (:meth:`process` records it)."""
+        from hippo.wholehead.page import render_wholehead_report
+        from hippo.wholehead.review import ReviewRules
+        from hippo.wholehead.segment import locator_agent, segment_wholehead
+
+        timings = outcome.timings_s
+        outcome.stage, t = "volume", time.perf_counter()
+        volume = load_series(series.files, workers=self.io_threads, series_uid=series.uid)
+        outcome.warnings += volume.warnings
+        outcome.input = {"spacing_mm": list(volume.spacing), "resampled": False, "kind": "wholehead"}
+        timings["volume"] = time.perf_counter() - t
+
+        outcome.stage, t = "infer", time.perf_counter()
+        if self._locator is None:
+            self._locator = locator_agent(self.agent)
+        plaus = asdict(self.plausibility)
+        rules = ReviewRules.from_mapping({k: plaus[k] for k in ("anterior_mm3", "posterior_mm3", "total_mm3")
+                                          if k in plaus})
+        result = segment_wholehead(volume.array, volume.affine, self.agent, spacing=volume.spacing,
+                                   locator=self._locator, rules=rules)
+        labels = result.labels
+        timings["infer"] = time.perf_counter() - t
+        timings.update({f"wholehead_{k}": v for k, v in result.timings_s.items()})
+
+        outcome.stage, t = "measure", time.perf_counter()
+        summary = result.as_dict()
+        sources, header = clean_source_headers(volume.datasets)
+        outcome.header = header.as_dict()
+        if header.summary():
+            outcome.warnings.append(header.summary())
+        patient, study = patient_study_from_dataset(sources[0])
+        outcome.volumes = {side: {k: summary[side][k] for k in ("anterior_mm3", "posterior_mm3", "total_mm3")}
+                           for side in ("left", "right")}
+        outcome.volumes["asymmetry_index_percent"] = summary["asymmetry_index_percent"]
+        outcome.volumes["etiv_mm3"] = summary["etiv_mm3"]
+        outcome.review = list(result.review)
+        outcome.warnings += list(result.notes)
+        timings["measure"] = time.perf_counter() - t
+
+        outcome.stage, t = "report", time.perf_counter()
+        now = _dt.datetime.now(_dt.timezone.utc)
+        title = " ".join(str(x) for x in (patient.get("name"), patient.get("id"), series.description) if x)
+        page = render_wholehead_report(volume.array, labels, volume.spacing, summary, title=title)
+        uid = result_uid_maker(scan, series.uid, self.agent.metadata,
+                               {"kind": "wholehead", "series_numbers": self.series_numbers,
+                                "plausibility": plaus, "precision": self.precision})
+        sc = secondary_capture(page, sources[0], series_number=self.series_numbers["sc"], timestamp=now,
+                               series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
+                               referenced_instances=sources)
+        version = str(self.agent.metadata.get("hippo_version", "0"))
+        seg = make_wholehead_seg(sources, volume.to_source(labels), model_version=version,
+                                 series_number=self.series_numbers["seg"],
+                                 series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"))
+        sr = make_wholehead_sr(sources, seg, {"left": result.left.volumes, "right": result.right.volumes},
+                               asymmetry_index_percent=result.asymmetry_index, etiv_mm3=result.etiv_mm3,
+                               model_version=version, series_number=self.series_numbers["sr"],
+                               series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"))
+        timings["report"] = time.perf_counter() - t
+
+        out = self._write_and_send(outcome, series.study_uid, {"report_sc": sc, "seg": seg, "sr": sr}, page)
+        outcome.status = "review" if outcome.review else "ok"
+        if outcome.review:
+            log.warning("study %s: review recommended: %s", outcome.study, "; ".join(outcome.review))
+        timings["total"] = time.perf_counter() - t_all
+        outcome.files["result_json"] = str(out / "result.json")
+        record = _result_json(outcome, self.model_info, volume)
+        record["wholehead"] = {k: summary[k] for k in ("left", "right", "registration", "labels")}
+        write_json_atomic(out / "result.json", record)
+        return outcome
+
+
+def _prior_uid_option(comparison: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What of the prior comparison goes into the result UIDs: the prior's identity when a comparison
+    was made (the SC and SR then differ from a result without one), else nothing."""
+    if not comparison or not comparison.get("available"):
+        return {}
+    prior = comparison.get("prior") or {}
+    return {"prior": [prior.get("sop_instance_uid") or prior.get("source"), prior.get("study_date"),
+                      prior.get("volumes")]}
 
 
 def result_uid_maker(scan, series_uid: str, model_metadata: Mapping[str, Any],
@@ -387,7 +537,9 @@ def summary_table(outcomes: Iterable[StudyOutcome]) -> str:
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for o in outcomes:
         v = o.volumes or {}
-        fmt = lambda k: f"{v[k]:.0f}" if k in v else ""  # noqa: E731
+        if o.kind == "wholehead" and "left" in v:  # both sides: "L / R" in each column
+            v = {k: f"{v['left'][k]:.0f} / {v['right'][k]:.0f}" for k in ("anterior_mm3", "posterior_mm3", "total_mm3")}
+        fmt = lambda k: (v[k] if isinstance(v[k], str) else f"{v[k]:.0f}") if k in v else ""  # noqa: E731
         err = f"{o.stage}: {o.error}" if o.error else "; ".join(o.review)
         lines.append(f"| {Path(o.study).name} | {o.status} | {fmt('anterior_mm3')} | {fmt('posterior_mm3')} | "
                      f"{fmt('total_mm3')} | {o.timings_s.get('total', 0):.2f} | {len(o.queued)} | {err.replace('|', '/')} |")
@@ -424,8 +576,8 @@ def build_processor(
 ) -> StudyProcessor:
     """Load the model file and build a :class:`StudyProcessor` (picklable via ``functools.partial``,
     so batch workers each build their own). ``pacs=None`` disables sending; ``options`` go to
-    :class:`StudyProcessor` (rules, io_threads, normative_comparison, series_numbers, write_png,
-    plausibility)."""
+    :class:`StudyProcessor` (rules, io_threads, series_numbers, write_png, plausibility, wholehead,
+    prior)."""
     agent = InferenceAgent.from_file(model_path, device=device, batch_size=batch_size, precision=precision)
     pacs_cfg = PacsConfig.from_mapping(pacs) if pacs is not None else None
     outbox = Outbox(outbox_dir) if pacs_cfg is not None else None

@@ -1,6 +1,6 @@
 """Make training runs the shipped default model: weights, split and model card.
 
-    python -m hippo.models.publish RUN_DIR [RUN_DIR ...] [--cv DIR ...] [--ablations DIR ...] [--dest DIR]
+    python -m hippo.weights.publish RUN_DIR [RUN_DIR ...] [--cv DIR ...] [--ablations DIR ...] [--dest DIR]
 
 Each ``RUN_DIR`` is a finished ``python -m hippo.train`` run (``model.pt``, ``split.json``,
 ``results.json``, ``val_results.json``). One run is shipped as it is; several — the folds of one
@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 from hippo.fileio import write_bytes_atomic, write_json_atomic
 from hippo.infer import WEIGHT_FORMATS
-from hippo.models import DEFAULT_MODEL_NAME
-from hippo.sweep import summarize_cross_validation
+from hippo.weights import DEFAULT_MODEL_NAME
+from hippo.train.sweep_summary import summarize_cross_validation
 
 CLASSES = ("anterior", "posterior")
 # the model-quality targets (per-volume 3D Dice on held-out cases)
@@ -153,7 +153,7 @@ def _reproduce(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Seque
         overrides += diff
         overrides += [f"data.fold={fold}"] if fold is not None else []
         lines.append(f"python -m hippo.train {' '.join(overrides)} hydra.run.dir={r}")
-    publish = "python -m hippo.models.publish " + " ".join(map(str, runs))
+    publish = "python -m hippo.weights.publish " + " ".join(map(str, runs))
     if cv_runs:
         publish += " --cv " + " ".join(map(str, cv_runs))
     if ablations:
@@ -300,7 +300,7 @@ def publish(runs: Sequence[Path], dest: Path, cv_dirs: Sequence[Path] = (), abla
     of one cross-validation, or views) become one ensemble file with weights stored as
     ``weight_format`` (see :func:`hippo.infer.save_ensemble_file`), evaluated on their common test split
     (under ``data_root``, default the runs' ``data.root``). Writes the split and the model card."""
-    from hippo.evaluation import evaluate_model, select_pairs
+    from hippo.eval.evaluate import evaluate_model, select_pairs
     from hippo.infer import InferenceAgent, build_members, ensemble_payload, load_model_file, write_model_payload
     from hippo.metrics import summarize
 

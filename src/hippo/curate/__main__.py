@@ -1,6 +1,6 @@
 """Entrypoint: ``python -m hippo.curate data.root=DIR`` — scan and check a Decathlon-style data set.
 
-Composes ``conf/curate.yaml`` and calls :func:`hippo.data.curate.curate`; the run directory
+Composes ``conf/curate.yaml`` and calls :func:`hippo.curate.curation.curate`; the run directory
 (``outputs/curate/<time>/`` unless ``hydra.run.dir=...``) receives ``report.md``, ``curation.json``,
 the PNG plots and ``manifest.json`` (train on the clean cases with ``data.manifest=.../manifest.json``).
 A missing or empty data directory, or a data set without a single usable case, ends with a
@@ -20,7 +20,7 @@ from hippo.config import config_dir
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="curate")
 def main(cfg: DictConfig) -> None:
-    from hippo.data.curate import curate
+    from hippo.curate.curation import curate
 
     checks, outliers = cfg.checks, cfg.outliers
     spacing = checks.expected_spacing
