@@ -13,7 +13,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hippo.curate.curation import CaseRecord, curate, read_manifest, robust_z
+from hippo.curate.curation import curate
+from hippo.curate.outliers import robust_z
+from hippo.curate.records import CaseRecord
+from hippo.data.manifest import read_manifest
 from hippo.data.nifti import CaseError, CasePaths
 
 SHAPE = (10, 12, 8)

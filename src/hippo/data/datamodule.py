@@ -274,7 +274,7 @@ class HippocampusDataModule(L.LightningDataModule):
 
     def _pairs(self) -> list[CasePaths]:
         if self.manifest:
-            from hippo.curate.curation import read_manifest
+            from hippo.data.manifest import read_manifest
 
             pairs, unpaired = read_manifest(self.manifest), []
         else:

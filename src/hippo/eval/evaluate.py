@@ -27,7 +27,7 @@ def select_pairs(root: str, manifest: str | None = None, split_file: str | None 
     training run's split.json) keeps only the cases of ``split_part``.
     """
     if manifest:
-        from hippo.curate.curation import read_manifest
+        from hippo.data.manifest import read_manifest
 
         pairs, unpaired = read_manifest(manifest), []
     else:
