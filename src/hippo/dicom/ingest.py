@@ -39,11 +39,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import pydicom
 import pydicom.uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+
+from hippo.dicom.geometry import same_orientation, same_pixel_spacing, slice_normal, stack_problem
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +71,6 @@ __all__ = [
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _PIXEL_DATA_TAG = 0x7FE00010
-#: Relative / absolute tolerances of the geometry checks (mm for positions).
-_DIR_TOL = 1e-4
-_SPACING_REL_TOL = 1e-4
-_POS_ABS_TOL_MM = 0.01
-_GAP_REL_TOL = 0.01
 
 #: Enhanced (multi-frame, functional-group) MR SOP classes that can be one series = one volume.
 ENHANCED_MR_SOP_CLASSES = (pydicom.uid.EnhancedMRImageStorage,
@@ -475,22 +473,6 @@ def _header_from_dataset(path: Path, ds: Dataset, *, pos: int, size: int
 # --------------------------------------------------------------------------------------------------
 # Series
 # --------------------------------------------------------------------------------------------------
-def _sub(a: Sequence[float], b: Sequence[float]) -> tuple[float, ...]:
-    return tuple(x - y for x, y in zip(a, b))
-
-
-def _dot(a: Sequence[float], b: Sequence[float]) -> float:
-    return sum(x * y for x, y in zip(a, b))
-
-
-def _cross(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
-    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
-
-
-def _norm(a: Sequence[float]) -> float:
-    return math.sqrt(_dot(a, a))
-
-
 @dataclass(frozen=True)
 class SeriesInfo:
     """One series of a scanned study (headers only).
@@ -707,10 +689,11 @@ class SeriesInfo:
     def geometry_problems(self) -> list[str]:
         """Why this series is not one regular stack of slices (empty list when it is).
 
-        Checks (headers only): one (Rows, Columns); one PixelSpacing and one
-        ImageOrientationPatient (within 1e-4); an ImagePositionPatient on every slice; no two
-        slices at the same position; slices stacked along the slice normal (no shear / tilt,
-        0.01 mm); evenly spaced (1 %). The slices are the instances of a single-frame series, or
+        Checks (headers only): one (Rows, Columns); then the checks of :mod:`hippo.dicom.geometry`
+        that :func:`hippo.dicom.volume.load_series` applies too, with the same tolerances: one
+        PixelSpacing and one ImageOrientationPatient; an ImagePositionPatient on every slice; no two
+        slices at one position, no gap, even steps, and (stricter than loading, which keeps a
+        gantry tilt in the affine) every slice on the normal through the first. The slices are the instances of a single-frame series, or
         the frames (per-frame functional groups) of enhanced multi-frame instances; positions of
         classic multi-frame instances are not examined. Each problem names a file (and frame)
         that shows it (the odd one out, or the two slices around a gap).
@@ -723,18 +706,18 @@ class SeriesInfo:
         if None in self.pixel_spacings:
             problems.append("PixelSpacing missing on some instances"
                             + _odd_one_out(inst, lambda h: h.pixel_spacing, "PixelSpacing"))
-        elif not _all_close(self.pixel_spacings, rel=_SPACING_REL_TOL):
+        elif not _all_same(self.pixel_spacings, same_pixel_spacing):
             problems.append(f"PixelSpacing differs ({_fmt_set(self.pixel_spacings)})"
                             + _odd_one_out(inst, lambda h: h.pixel_spacing, "PixelSpacing",
-                                           lambda a, b: _all_close((a, b), rel=_SPACING_REL_TOL)))
+                                           same_pixel_spacing))
         if None in self.orientations:
             problems.append("ImageOrientationPatient missing on some instances"
                             + _odd_one_out(inst, lambda h: h.orientation, "ImageOrientationPatient"))
             return problems
-        if not _all_close(self.orientations, abs_tol=_DIR_TOL):
+        if not _all_same(self.orientations, same_orientation):
             problems.append(f"ImageOrientationPatient differs ({len(self.orientations)} values)"
                             + _odd_one_out(inst, lambda h: h.orientation, "ImageOrientationPatient",
-                                           lambda a, b: _all_close((a, b), abs_tol=_DIR_TOL)))
+                                           same_orientation))
             return problems
         if any(h.number_of_frames > 1 and not h.is_enhanced for h in self.instances):
             return problems
@@ -743,41 +726,16 @@ class SeriesInfo:
             problems.append("ImagePositionPatient missing on some instances"
                             + _odd_one_out(inst, lambda h: h.position is not None, "ImagePositionPatient"))
             return problems
-        ori = inst[0].orientation
-        assert ori is not None
-        normal = _cross(ori[:3], ori[3:])
-        if _norm(normal) < 0.5:
+        normal = slice_normal(inst[0].orientation)  # type: ignore[arg-type]
+        if normal is None:
             problems.append("ImageOrientationPatient is degenerate (row and column not orthogonal)")
             return problems
-        proj = sorted((_dot(h.position, normal), h.position, h.label) for h in inst)  # type: ignore[arg-type]
-        if len(proj) < 2:
+        if len(inst) < 2:
             return problems
-        gaps = [b[0] - a[0] for a, b in zip(proj, proj[1:])]
-        if min(gaps) < _POS_ABS_TOL_MM:
-            k = gaps.index(min(gaps))
-            problems.append(f"two or more slices share one position: {proj[k][2]} and {proj[k + 1][2]} are "
-                            f"different {'frames' if self.is_enhanced else 'instances'} at the same position "
-                            f"({proj[k][0]:.4g} mm along the slice normal)")
-            return problems
-        median_gap = sorted(gaps)[len(gaps) // 2]
-        tol = max(_POS_ABS_TOL_MM, _GAP_REL_TOL * median_gap)
-        k = max(range(len(gaps)), key=lambda i: abs(gaps[i] - median_gap))
-        if abs(gaps[k] - median_gap) > tol:
-            missing = round(gaps[k] / median_gap) - 1
-            what = f", about {missing} missing slice(s)" if missing >= 1 else ""
-            problems.append(f"uneven slice spacing ({min(gaps):.3g}..{max(gaps):.3g} mm; missing slices?): "
-                            f"a step of {gaps[k]:.4g} mm (median {median_gap:.4g} mm{what}) between "
-                            f"{proj[k][2]} ({proj[k][0]:.4g} mm) and {proj[k + 1][2]} ({proj[k + 1][0]:.4g} mm) "
-                            "along the slice normal")
-        origin = proj[0][1]
-        for d, p, name in proj[1:]:
-            offset = _sub(p, origin)
-            along = _dot(offset, normal)
-            in_plane = _norm(_sub(offset, tuple(along * n for n in normal)))
-            if in_plane > tol:
-                problems.append(f"slices are not stacked along the slice normal (tilt or shear): {name} is "
-                                f"{in_plane:.3g} mm off the normal through {proj[0][2]}")
-                break
+        problem = stack_problem(np.array(positions, dtype=np.float64), normal, [h.label for h in inst],
+                                what="frames" if self.is_enhanced else "instances", allow_shear=False)
+        if problem is not None:
+            problems.append(problem.message)
         return problems
 
     def completeness_problems(self) -> list[str]:
@@ -851,14 +809,10 @@ def _slices(instances: Iterable[InstanceHeader]) -> list[_Slice]:
     return out
 
 
-def _all_close(values: Iterable[tuple[float, ...] | None], *, rel: float = 0.0,
-               abs_tol: float = 0.0) -> bool:
+def _all_same(values: Iterable[tuple[float, ...] | None], same) -> bool:
+    """Whether every non-missing value is ``same`` as the first (one of the geometry predicates)."""
     vals = [v for v in values if v is not None]
-    if len(vals) <= 1:
-        return True
-    ref = vals[0]
-    return all(math.isclose(a, b, rel_tol=rel, abs_tol=abs_tol)
-               for v in vals[1:] for a, b in zip(v, ref))
+    return all(same(v, vals[0]) for v in vals[1:])
 
 
 def _odd_one_out(instances: Sequence[InstanceHeader] | Sequence[_Slice], key, label: str, same=None) -> str:

@@ -36,6 +36,8 @@ import pydicom
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from pydicom.dataset import Dataset
 
+from hippo.dicom.geometry import (SAME_POSITION_MM, SPACING_REL_TOL, same_orientation, same_pixel_spacing,
+                                 slice_normal, stack_problem)
 from hippo.dicom.ingest import frame_attributes, has_functional_groups, mosaic_evidence
 
 __all__ = [
@@ -50,12 +52,6 @@ __all__ = [
 #: ``RAS = LPS_TO_RAS @ LPS`` (and its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-#: Two slice positions closer than this (mm, along the normal) are "the same position".
-_SAME_POSITION_MM = 1e-3
-#: Direction cosines of two files that differ by less than this are "the same orientation".
-_ORIENTATION_ATOL = 1e-4
-#: Pixel spacings that differ by less than this (relative) are "the same spacing".
-_PIXEL_SPACING_RTOL = 1e-4
 
 
 class SeriesError(ValueError):
@@ -181,7 +177,7 @@ class _Item:
 def load_series(
     paths_or_datasets: Iterable[str | os.PathLike | Dataset],
     *,
-    spacing_tolerance: float = 0.01,
+    spacing_tolerance: float = SPACING_REL_TOL,
     workers: int = 4,
     series_uid: str | None = None,
 ) -> SeriesVolume:
@@ -283,13 +279,16 @@ def load_series(
     degenerate = False
     if have_positions:
         proj = np.array([float(np.dot(p, normal)) for p in positions])
-        degenerate = float(proj.max() - proj.min()) < _SAME_POSITION_MM
+        degenerate = float(proj.max() - proj.min()) < SAME_POSITION_MM
     if have_positions and not degenerate:
         order = np.argsort(proj, kind="stable")
         items = [items[i] for i in order]
         pos = np.array([positions[i] for i in order], dtype=np.float64)
-        proj = proj[order]
-        step = _check_spacing(items, pos, proj, uid, spacing_tolerance, warnings)
+        problem = stack_problem(pos, normal, [it.name for it in items], rel_tol=spacing_tolerance,
+                                what="frames" if source is not None else "instances")
+        if problem is not None:
+            raise SeriesGeometryError(f"series {uid}: {problem.message}")
+        step = (pos[-1] - pos[0]) / (len(items) - 1)
         origin = pos[0]
         tilt = np.degrees(np.arccos(np.clip(abs(np.dot(step, normal)) / np.linalg.norm(step), 0.0, 1.0)))
         if tilt > 0.5:
@@ -459,7 +458,7 @@ def _consistent_pixel_spacing(items: list[_Item], uid: str) -> np.ndarray:
             raise SeriesGeometryError(f"series {uid}: {it.name} has an invalid PixelSpacing {list(ps)}")
         values.append(arr)
     return _odd_one_out(values, items, uid, "PixelSpacing",  # type: ignore[return-value]
-                        lambda a, b: np.allclose(a, b, rtol=_PIXEL_SPACING_RTOL, atol=0))
+                        same_pixel_spacing)
 
 
 def _consistent_orientation(items: list[_Item], uid: str) -> np.ndarray:
@@ -469,14 +468,13 @@ def _consistent_orientation(items: list[_Item], uid: str) -> np.ndarray:
         arr = np.array([float(x) for x in iop], dtype=np.float64)
         if arr.shape != (6,):
             raise SeriesGeometryError(f"series {uid}: {it.name} has an invalid ImageOrientationPatient {list(iop)}")
-        r, c = arr[:3], arr[3:]
-        nr, nc = np.linalg.norm(r), np.linalg.norm(c)
-        if nr < 1e-6 or nc < 1e-6 or abs(np.dot(r, c)) / (nr * nc) > 1e-3:
+        if slice_normal(arr) is None:
             raise SeriesGeometryError(f"series {uid}: {it.name} has a degenerate ImageOrientationPatient {_fmt(arr)} "
                                       f"(zero or non-orthogonal direction cosines)")
-        values.append(np.round(np.concatenate([r / nr, c / nc]), 12))
+        r, c = arr[:3], arr[3:]
+        values.append(np.round(np.concatenate([r / np.linalg.norm(r), c / np.linalg.norm(c)]), 12))
     ref = _odd_one_out(values, items, uid, "ImageOrientationPatient",
-                       lambda a, b: np.allclose(a, b, rtol=0, atol=_ORIENTATION_ATOL))
+                       same_orientation)
     r, c = ref[:3], ref[3:]  # type: ignore[index]
     c = c - np.dot(c, r) * r  # exact orthonormal pair
     return np.concatenate([r / np.linalg.norm(r), c / np.linalg.norm(c)])
@@ -491,47 +489,6 @@ def _position(it: _Item) -> np.ndarray | None:
     except (TypeError, ValueError):
         return None
     return arr if arr.shape == (3,) and np.all(np.isfinite(arr)) else None
-
-
-def _check_spacing(items: list[_Item], pos: np.ndarray, proj: np.ndarray, uid: str, tol: float,
-                   warnings: list[str]) -> np.ndarray:
-    """Duplicates, gaps and uniformity of sorted positions; returns the mean step vector (mm, LPS)."""
-    gaps = np.diff(proj)
-    for k, g in enumerate(gaps):
-        if g < _SAME_POSITION_MM:
-            if items[k].frame is not None:
-                raise SeriesGeometryError(
-                    f"series {uid}: {items[k].name} and {items[k + 1].name} are at the same position "
-                    f"({proj[k]:.4f} mm along the slice normal) but are different frames (several "
-                    f"volumes, echoes or time points in one instance?)")
-            raise SeriesGeometryError(
-                f"series {uid}: {items[k].name} and {items[k + 1].name} are at the same position "
-                f"({proj[k]:.4f} mm along the slice normal) but are different instances "
-                f"(SOPInstanceUID {items[k].header.get('SOPInstanceUID', '?')} vs "
-                f"{items[k + 1].header.get('SOPInstanceUID', '?')})")
-    median = float(np.median(gaps))
-    for k, g in enumerate(gaps):
-        if g > 1.5 * median:
-            n_missing = int(round(g / median)) - 1
-            raise SeriesGeometryError(
-                f"series {uid}: missing slice(s): a gap of {g:.4g} mm (median spacing {median:.4g} mm, "
-                f"about {max(n_missing, 1)} slice(s) missing) between positions {proj[k]:.4f} mm "
-                f"({items[k].name}) and {proj[k + 1]:.4f} mm ({items[k + 1].name}) along the slice normal")
-    worst = int(np.argmax(np.abs(gaps - median)))
-    if abs(gaps[worst] - median) > tol * median:
-        raise SeriesGeometryError(
-            f"series {uid}: non-uniform slice spacing: {gaps[worst]:.6g} mm between positions "
-            f"{proj[worst]:.4f} and {proj[worst + 1]:.4f} mm ({items[worst + 1].name}) vs median {median:.6g} mm "
-            f"(tolerance {tol:.3g} relative)")
-    n = len(items)
-    step = (pos[-1] - pos[0]) / (n - 1)
-    off_line = np.linalg.norm(pos - (pos[0] + np.arange(n)[:, None] * step), axis=1)
-    if off_line.max() > max(tol * median, _SAME_POSITION_MM):
-        k = int(np.argmax(off_line))
-        raise SeriesGeometryError(
-            f"series {uid}: {items[k].name} is {off_line[k]:.4g} mm off the line through the other slice "
-            f"positions (non-uniform in-plane shift)")
-    return step
 
 
 def _instance_number_fallback(items: list[_Item], positions: list, normal: np.ndarray, uid: str, why: str,
