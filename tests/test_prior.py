@@ -20,7 +20,7 @@ from hippo.dicom.objects import ALGORITHM_NAME, make_seg, make_sr
 from hippo.measure import measure_volumes
 from hippo.prior import (MIN_DAYS_FOR_RATE, DicomwebPriorSource, PriorError, PriorLookup, PriorResult,
                          compare_with_prior, find_prior, parse_multipart, prior_comparison, read_prior_file,
-                         read_result_json, read_sr)
+                         read_result_json, read_sr, unavailable)
 from test_objects import mask_frames, mr_series
 
 ALGO = {"name": ALGORITHM_NAME, "version": "0.1.0+test"}
@@ -314,6 +314,26 @@ def test_parse_multipart_refuses_a_non_multipart_answer():
         parse_multipart(b"{}", "application/json")
     assert parse_multipart(b"--b\r\nA: 1\r\n\r\nxy\r\n--b\r\n\r\nz\r\n--b--\r\n", "multipart/related; boundary=b") \
         == [b"xy", b"z"]
+
+
+def test_report_page_draws_the_change_table_or_the_reason():
+    import numpy as np
+    from PIL import ImageChops
+
+    from hippo.dicom.report import render_report
+
+    mask = np.zeros((20, 24, 16), np.uint8)
+    mask[5:10, 6:12, 4:9], mask[10:14, 6:12, 4:9] = 1, 2
+    image = (mask * 50 + 20).astype(np.float32)
+    volumes = measure_volumes(mask, (1.0, 1.0, 1.0))
+    common = dict(patient={"id": "P1"}, study={"date": "20250311"}, volumes=volumes,
+                  model={"name": ALGORITHM_NAME, "version": "0.1.0+test"}, timestamp="2025-03-11")
+    block = compare_with_prior(volumes.as_dict(), _dt.date(2025, 3, 11), _prior(version="0.0.9"), algorithm=ALGO)
+    none = render_report(image, mask, (1, 1, 1), **common)
+    shown = render_report(image, mask, (1, 1, 1), prior=block, **common)
+    why = render_report(image, mask, (1, 1, 1), prior=unavailable("the PACS could not be reached"), **common)
+    assert ImageChops.difference(none, shown).getbbox() is not None
+    assert ImageChops.difference(shown, why).getbbox() is not None
 
 
 # ------------------------------------------------------------------------------------------- end to end

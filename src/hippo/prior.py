@@ -29,7 +29,7 @@ Volumes in mm³; percentages relative to the prior volume; rates annualised with
 (given only when the scans are at least :data:`MIN_DAYS_FOR_RATE` days apart).
 
 pydicom + urllib only: no torch, Lightning, Hydra or ``hippo.network`` (callers pass the Orthanc
-credentials as ``(user, password)``, read with :func:`hippo.network.orthanc.read_credentials`).
+credentials as ``(user, password)``, read with :func:`hippo.credentials.read_credentials`).
 """
 
 from __future__ import annotations
@@ -557,7 +557,7 @@ def lookup_from_config(cfg: Mapping[str, Any], *, send: bool = True,
 
     Args:
         read_credentials: ``path -> (user, password)`` for the credentials file
-            (:func:`hippo.network.orthanc.read_credentials`, passed in by the entrypoint); a file
+            (:func:`hippo.credentials.read_credentials`, passed in by the entrypoint); a file
             that cannot be read leaves the search without credentials and the reason is kept for
             the report (the PACS will answer 401).
     """

@@ -60,7 +60,7 @@ def flush_outbox(cfg: Mapping[str, Any]) -> dict[str, int]:
 def _prior_lookup(cfg: Mapping[str, Any], send: bool) -> PriorLookup | None:
     """Where the patient's earlier result comes from: ``prior=PATH`` (must exist), else the PACS search
     of the ``prior_lookup`` group when results are sent (docs/prior-comparison.md)."""
-    from hippo.network.orthanc import read_credentials  # the network's credentials file (a leaf module)
+    from hippo.credentials import read_credentials
 
     if cfg.get("prior") and not Path(cfg["prior"]).is_file():
         raise SystemExit(f"error: prior={cfg['prior']}: no such file (give our SR file or a result.json)")

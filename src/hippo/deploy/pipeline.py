@@ -80,7 +80,7 @@ class StudyOutcome:
     #: holds "left" and "right" (anterior/posterior/total mm³), "asymmetry_index_percent", "etiv_mm3")
     kind: str = ""
     #: the change since the patient's prior study (:func:`hippo.prior.prior_comparison`'s block: the
-    #: change per structure, or ``reason`` saying why there is none); ``None`` when not looked for
+    #: change per structure, or ``reason`` saying why there is none); ``None`` for a whole-head study
     prior_comparison: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -114,7 +114,7 @@ class StudyProcessor:
             (:class:`WholeHeadRules`); default: the ``wholehead`` entry of a ``rules`` mapping, else
             the defaults (``None`` in the mapping turns it off).
         prior: where the patient's earlier result comes from (:class:`hippo.prior.PriorLookup`: the
-            PACS via DICOMweb, or a file); ``None``: no comparison section.
+            PACS via DICOMweb, or a file); ``None``: none (the report says no prior was looked for).
     """
 
     def __init__(
@@ -277,9 +277,8 @@ class StudyProcessor:
     def _prior_comparison(self, patient: Mapping[str, Any], study: Mapping[str, Any],
                           volumes_mm3: Mapping[str, Any]) -> dict[str, Any] | None:
         """The change since the patient's prior study (:func:`hippo.prior.prior_comparison`; never
-        raises), or ``None`` when no prior source is configured."""
-        if self.prior is None:
-            return None
+        raises); without a prior source the block says so and still records this result's study date
+        and algorithm, so that its ``result.json`` can be a later run's ``prior=PATH``."""
         return prior_comparison(self.prior, patient_id=str(patient.get("id", "")), study_date=study.get("date"),
                                 study_instance_uid=str(study.get("uid", "")), volumes_mm3=volumes_mm3,
                                 algorithm={"name": ALGORITHM_NAME,

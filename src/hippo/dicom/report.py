@@ -513,7 +513,7 @@ def draw_prior_comparison(draw: ImageDraw.ImageDraw, y: int, prior: Mapping[str,
         f"Prior study {before.get('study_date', '?')} ({prior.get('interval_days', '?')} days, {years:.2f} years "
         f"earlier), {before.get('algorithm', {}).get('name', '?')} version {before.get('algorithm', {}).get('version', '?')}."),
         _font(15), inner, fill=_TEXT, spacing=3)
-    cols = (margin + 10, margin + 330, margin + 470, margin + 610, margin + 730, margin + 850)
+    cols = (margin + 10, margin + 300, margin + 420, margin + 540, margin + 660, margin + 800)
     head_f, cell_f = _font(14, bold=True), _font(16)
     for x, text in zip(cols[1:], ("Prior mm³", "Now mm³", "Change mm³", "Change", "Per year")):
         draw.text((x + 110, y), text, font=head_f, fill=_MUTED, anchor="ra")

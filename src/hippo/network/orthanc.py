@@ -93,6 +93,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from hippo import credentials
 from hippo.fileio import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -369,32 +370,15 @@ def new_credentials(username: str = SERVICE_USER) -> tuple[str, str]:
 
 
 def read_credentials(path: str | os.PathLike) -> tuple[str, str]:
-    """``(username, password)`` from a credentials file (``{"username": ..., "password": ...}``).
-
-    A file readable by group or others is tightened to 0600 (with a warning: change the password
-    by deleting the file and running ``up`` again).
+    """``(username, password)`` from a credentials file (:func:`hippo.credentials.read_credentials`).
 
     Raises:
         OrthancError: the file is missing or malformed.
     """
-    path = Path(path)
     try:
-        mode = path.stat().st_mode
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise OrthancError(f"Orthanc credentials file not found: {path}") from exc
-    except (OSError, ValueError) as exc:
-        raise OrthancError(f"cannot read the Orthanc credentials file {path}: {exc.__class__.__name__}") from exc
-    if mode & 0o077:
-        log.warning("%s was readable by others (mode %o): set to 0600; consider a new password (delete "
-                    "the file, then `python -m hippo.network down` and `up`)", path, mode & 0o777)
-        os.chmod(path, 0o600)
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) and data.get(k)
-                                             for k in ("username", "password")):
-        raise OrthancError(f"{path} must hold {{\"username\": ..., \"password\": ...}}")
-    if ":" in data["username"]:
-        raise OrthancError(f"{path}: the user name must not contain ':'")
-    return data["username"], data["password"]
+        return credentials.read_credentials(path)
+    except credentials.CredentialsError as exc:
+        raise OrthancError(str(exc)) from exc
 
 
 def ensure_credentials(path: str | os.PathLike, username: str = SERVICE_USER,
