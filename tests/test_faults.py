@@ -91,7 +91,7 @@ from pynetdicom.sop_class import (Comprehensive3DSRStorage, MRImageStorage, Seco
 
 from conftest import ANY_VOLUME_OVERRIDES, REAL_DATA, synthetic_crop_pair
 from hippo.fileio import write_bytes_atomic, write_json_atomic
-from hippo.network.listener import _instances
+from hippo.network.study_folders import instances as _instances
 from hippo.pacs import Outbox, PacsConfig, deliver, echo
 from hippo.scanner import send_study, write_study
 from hippo.network.orthanc import free_port as _free_port

@@ -56,6 +56,8 @@ __all__ = [
     "OutboxEntry",
     "Outbox",
     "echo",
+    "move_series",
+    "PacsError",
     "send",
     "deliver",
     "validate_uid",
@@ -197,6 +199,49 @@ def echo(cfg: PacsConfig | None = None) -> bool:
             assoc.release()
     log.info("C-ECHO %s: %s", cfg.destination, "ok" if ok else "failed")
     return ok
+
+
+class PacsError(RuntimeError):
+    """No association with the PACS (the message says why)."""
+
+
+def move_series(cfg: PacsConfig, destination_ae: str,
+                studies: Mapping[str, Iterable[str]]) -> dict[tuple[str, str], int | None]:
+    """C-MOVE series from the PACS to ``destination_ae``, over one association.
+
+    Args:
+        cfg: the PACS (our calling AE title must be allowed to move, e.g. Orthanc's ``AllowMove``).
+        destination_ae: the Move Destination (the PACS must know its address).
+        studies: ``{StudyInstanceUID: [SeriesInstanceUID, ...]}``.
+
+    Returns:
+        ``{(study UID, series UID): final C-MOVE status}`` (``None`` when the PACS sent none).
+
+    Raises:
+        PacsError: no association.
+    """
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+    ae = _make_ae(cfg)
+    ae.add_requested_context(MOVE)
+    assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.called_ae, max_pdu=cfg.max_pdu)
+    if not assoc.is_established:
+        raise PacsError(f"C-MOVE from {cfg.destination}: {_association_failure(assoc)}")
+    statuses: dict[tuple[str, str], int | None] = {}
+    try:
+        for study_uid, series_uids in studies.items():
+            for series_uid in sorted(series_uids):
+                query = Dataset()
+                query.QueryRetrieveLevel = "SERIES"
+                query.StudyInstanceUID, query.SeriesInstanceUID = study_uid, series_uid
+                status = None
+                for status, _ in assoc.send_c_move(query, destination_ae, MOVE):
+                    pass
+                statuses[(study_uid, series_uid)] = (int(status.Status) if status is not None and "Status" in status
+                                                     else None)
+    finally:
+        assoc.release()
+    return statuses
 
 
 # --------------------------------------------------------------------------------------------------

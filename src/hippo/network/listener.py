@@ -58,6 +58,7 @@ torch is imported only when the model is loaded (``hippo.deploy.pipeline``), nev
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -88,10 +89,12 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from hippo.fileio import replace_dir, write_bytes_atomic, write_json_atomic
-from hippo.pacs import TCP_NODELAY_HANDLERS, Outbox, PacsConfig, validate_uid
+from hippo.fileio import write_bytes_atomic, write_json_atomic
+from hippo.network.study_folders import (SUFFIX, instance_names, instances, link_or_copy, partial_studies,
+                                        remove_trash, replace_study_dir, study_folders)
+from hippo.pacs import TCP_NODELAY_HANDLERS, Outbox, PacsConfig, PacsError, move_series, validate_uid
 from hippo.prior import lookup_from_config
-from hippo.network.orthanc import read_credentials
+from hippo.credentials import read_credentials
 
 log = logging.getLogger(__name__)
 
@@ -118,38 +121,10 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 #: C-STORE failure: "Cannot understand" -- the data set could not be decoded.
 STATUS_CANNOT_UNDERSTAND = 0xC210
 
-_SUFFIX = ".dcm"
-_TRASH = ".trash-"
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _instances(folder: Path) -> list[Path]:
-    """Complete instances of a study folder: ``<UID>.dcm`` files (temporary dot-files skipped)."""
-    try:
-        entries = list(folder.iterdir())
-    except FileNotFoundError:
-        return []
-    return sorted(p for p in entries
-                  if p.name.endswith(_SUFFIX) and not p.name.startswith(".") and p.is_file())
-
-
-def _instance_names(folder: Path) -> set[str]:
-    return {p.name for p in _instances(folder)}
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Put directory ``src`` at ``dst``, replacing what was there (:func:`hippo.fileio.replace_dir`)."""
-    replace_dir(src, dst, trash_prefix=_TRASH)
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -173,20 +148,6 @@ def _short(value: Any, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-
-def _study_folders(parent: Path) -> list[Path]:
-    """The sub-folders of ``parent`` named by a valid StudyInstanceUID, sorted (others are logged)."""
-    folders = []
-    for p in sorted(parent.iterdir()):
-        if not p.is_dir():
-            continue
-        try:
-            validate_uid(p.name)
-        except ValueError:
-            log.warning("ignoring %s: not a study folder", p)
-            continue
-        folders.append(p)
-    return folders
 
 class Listener:
     """A Storage SCP that queues each complete study and runs the deploy pipeline on it.
@@ -490,7 +451,7 @@ class Listener:
             self._inflight[study_uid] += 1
             self._arrivals[study_uid] = time.monotonic()
         try:
-            write_bytes_atomic(self.incoming_dir / study_uid / f"{sop_uid}{_SUFFIX}", encoded)
+            write_bytes_atomic(self.incoming_dir / study_uid / f"{sop_uid}{SUFFIX}", encoded)
         except Exception as exc:
             self._count("instances_refused")
             log.error("C-STORE study %s instance %s: cannot write (%s: %s)", study_uid, sop_uid,
@@ -583,7 +544,7 @@ class Listener:
         work.mkdir(parents=True, exist_ok=True)
         inc = self.incoming_dir / uid
         names = set()
-        for p in _instances(inc):
+        for p in instances(inc):
             os.replace(p, work / p.name)
             names.add(p.name)
         with self._lock:  # remove the emptied folder unless a C-STORE is writing into it
@@ -607,7 +568,7 @@ class Listener:
     def _process_study(self, uid: str) -> None:
         validate_uid(uid)
         work = self.work_dir / uid
-        names = self._take_incoming(uid, work) | _instance_names(work)
+        names = self._take_incoming(uid, work) | instance_names(work)
         if not names:
             with contextlib.suppress(OSError):
                 work.rmdir()
@@ -621,7 +582,7 @@ class Listener:
             log.info("study %s: dropped %d instance(s) that are our own results", uid, len(echoes))
         names -= echoes
 
-        done = _instance_names(self.processed_dir / uid)
+        done = instance_names(self.processed_dir / uid)
         if not names or (done and names <= done):
             shutil.rmtree(work, ignore_errors=True)
             if names:
@@ -634,9 +595,9 @@ class Listener:
 
         merged = set()
         for earlier in (self.processed_dir / uid, self.failed_dir / uid):
-            for p in _instances(earlier):
+            for p in instances(earlier):
                 if p.name not in names and p.name not in merged:
-                    _link_or_copy(p, work / p.name)
+                    link_or_copy(p, work / p.name)
                     merged.add(p.name)
         self._flush_outbox()
         try:
@@ -676,10 +637,10 @@ class Listener:
             if previous and set(old) != set(result_uids):
                 record.update(self._reject(uid, previous, processor))
             write_json_atomic(work / "listener.json", record)
-            _replace_dir(work, self.processed_dir / uid)
+            replace_study_dir(work, self.processed_dir / uid)
             shutil.rmtree(self.failed_dir / uid, ignore_errors=True)
             with self._lock:
-                self._result_names.update(f"{u}{_SUFFIX}" for u in result_uids)
+                self._result_names.update(f"{u}{SUFFIX}" for u in result_uids)
                 self._counts["studies_ok"] += 1
             v = outcome.volumes
             log.info("study %s: ok in %.2f s: anterior %.0f mm³, posterior %.0f mm³, total %.0f mm³; "
@@ -692,7 +653,7 @@ class Listener:
         else:
             record.update({"stage": outcome.stage, "error": outcome.error})
             write_json_atomic(work / "error.json", record)
-            _replace_dir(work, self.failed_dir / uid)
+            replace_study_dir(work, self.failed_dir / uid)
             self._count("studies_failed")
             log.error("study %s: failed at %s: %s (inputs kept in %s)", uid, outcome.stage, outcome.error,
                       self.failed_dir / uid)
@@ -733,7 +694,7 @@ class Listener:
                                    sop_instance_uid=generate_uid(entropy_srcs=["rejection", *old]))
         path = write_bytes_atomic(self.results_dir / uid / f"rejection_{note.SOPInstanceUID}.dcm", _encode(note))
         with self._lock:
-            self._result_names.add(f"{note.SOPInstanceUID}{_SUFFIX}")
+            self._result_names.add(f"{note.SOPInstanceUID}{SUFFIX}")
         queued = False
         if self.pacs is not None:
             report = deliver([path], self.pacs, Outbox(self.outbox_dir))
@@ -802,19 +763,16 @@ class Listener:
     # ------------------------------------------------------------------------------ start-up
     def _recover(self) -> None:
         """After a crash: studies in ``work/`` go back to ``incoming/``; half-replaced folders go."""
-        for d in (self.processed_dir, self.failed_dir):
-            for p in d.iterdir():
-                if p.name.startswith(_TRASH) and p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-        for p in _study_folders(self.work_dir):
-            self._return_to_incoming(p.name, p, _instance_names(p))
+        remove_trash(self.processed_dir, self.failed_dir)
+        for p in study_folders(self.work_dir):
+            self._return_to_incoming(p.name, p, instance_names(p))
             log.info("study %s: interrupted while processing; back in %s", p.name, self.incoming_dir)
 
     def _resume(self) -> int:
         n = 0
         with self._lock:
-            for p in _study_folders(self.incoming_dir):
-                if not _instances(p):
+            for p in study_folders(self.incoming_dir):
+                if not instances(p):
                     with contextlib.suppress(OSError):
                         p.rmdir()
                     continue
@@ -825,63 +783,23 @@ class Listener:
             self._counts["studies_resumed"] += n
         return n
 
-    def _partial_studies(self) -> dict[str, set[str]]:
-        """``{study UID: {series UIDs}}`` of the studies that may be only partly here: those left in
-        ``incoming/`` by a crash, and those in ``failed/`` because their series was incomplete."""
-        import json
-
-        found: dict[str, set[str]] = {}
-        for parent, only_incomplete in ((self.incoming_dir, False), (self.failed_dir, True)):
-            for folder in _study_folders(parent):
-                if only_incomplete:
-                    with contextlib.suppress(OSError, ValueError, TypeError):
-                        if "incomplete:" not in str(json.loads((folder / "error.json").read_text()).get("error")):
-                            continue
-                    if not (folder / "error.json").exists():
-                        continue
-                series: set[str] = set()
-                for path in _instances(folder):
-                    with contextlib.suppress(Exception):
-                        uid = str(pydicom.dcmread(path, stop_before_pixels=True,
-                                                 specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
-                        series.add(validate_uid(uid))
-                if series:
-                    found.setdefault(folder.name, set()).update(series)
-        return found
-
     def _rerequest_partial(self) -> None:
         """Ask the PACS (C-MOVE to our own AE title) for the series of every study that may be only
         partly here, once per start: a crash mid-receive fails the PACS' routing job, which is not
         retried, so without this the rest of the study would never come. Instances we already hold
         arrive again under the same SOP Instance UID and change nothing."""
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
-
-        studies = self._partial_studies()
+        studies = partial_studies(self.incoming_dir, self.failed_dir)
         if not studies:
             return
-        ae = AE(ae_title=self.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.pacs.timeout
-        ae.add_requested_context(MOVE)
-        assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.called_ae)
-        if not assoc.is_established:
-            log.warning("re-request of %d partly received study(ies) from %s failed: no association",
-                        len(studies), self.pacs.destination)
-            return
         try:
-            for study_uid, series_uids in studies.items():
-                for series_uid in sorted(series_uids):
-                    query = Dataset()
-                    query.QueryRetrieveLevel = "SERIES"
-                    query.StudyInstanceUID, query.SeriesInstanceUID = study_uid, series_uid
-                    status = None
-                    for status, _ in assoc.send_c_move(query, self.ae_title, MOVE):
-                        pass
-                    code = int(status.Status) if status is not None and "Status" in status else None
-                    self._count("series_rerequested")
-                    log.info("study %s series %s re-requested from %s (C-MOVE status %s)", study_uid, series_uid,
-                             self.pacs.destination, "none" if code is None else f"0x{code:04X}")
-        finally:
-            assoc.release()
+            statuses = move_series(dataclasses.replace(self.pacs, calling_ae=self.ae_title), self.ae_title, studies)
+        except PacsError as exc:
+            log.warning("re-request of %d partly received study(ies) failed: %s", len(studies), exc)
+            return
+        for (study_uid, series_uid), code in statuses.items():
+            self._count("series_rerequested")
+            log.info("study %s series %s re-requested from %s (C-MOVE status %s)", study_uid, series_uid,
+                     self.pacs.destination, "none" if code is None else f"0x{code:04X}")
 
     def _load_result_names(self) -> None:
         import json
@@ -889,7 +807,7 @@ class Listener:
         for p in self.processed_dir.glob("*/listener.json"):
             with contextlib.suppress(OSError, ValueError, TypeError):
                 for u in json.loads(p.read_text()).get("result_sop_instance_uids", []):
-                    self._result_names.add(f"{u}{_SUFFIX}")
+                    self._result_names.add(f"{u}{SUFFIX}")
 
     # ------------------------------------------------------------------------------ config
     @classmethod
@@ -898,40 +816,40 @@ class Listener:
         default model, ``latest`` the newest ``<paths.log_dir>/**/model.pt`` (:mod:`hippo.weights`)."""
         from hippo.infer import InferenceSettings  # imports torch: the listener runs the model anyway
 
-        lc = dict(cfg.get("listener") or {})
+        lc = dict(cfg["listener"])  # every key has its default in conf/listen.yaml
         settings = InferenceSettings.from_config(cfg)
         model_path = settings.model_path
         if "processor_factory" not in overrides:
             model_path = settings.resolve_model(cfg["paths"]["log_dir"])
-        report = dict(cfg.get("report") or {})
+        report = dict(cfg["report"])
         options = {
-            "rules": dict(cfg.get("series") or {}),
+            "rules": dict(cfg["series"]),
             "io_threads": int(cfg["io_threads"]),
             **settings.agent_options,
-            "series_numbers": report.get("series_numbers"),
-            "write_png": bool(report.get("write_png", True)),
-            "plausibility": dict(cfg.get("plausibility") or {}),
+            "series_numbers": report["series_numbers"],
+            "write_png": bool(report["write_png"]),
+            "plausibility": dict(cfg["plausibility"]),
             # the patient's earlier result: the PACS search (DICOMweb, the network's credentials)
-            "prior": lookup_from_config(cfg, send=bool(cfg.get("send", True)), read_credentials=read_credentials),
+            "prior": lookup_from_config(cfg, send=bool(cfg["send"]), read_credentials=read_credentials),
         }
         kwargs: dict[str, Any] = dict(
-            ae_title=lc.get("ae_title", "HIPPOAI"), host=lc.get("host", "127.0.0.1"),
-            port=int(lc.get("port", 11112)),
-            allowed_calling_aets=list(lc.get("allowed_calling_aets") or []),
-            quiet_seconds=float(lc.get("quiet_seconds", 3.0)), workers=int(lc.get("workers", 1)),
-            root=lc.get("dir", "outputs/network/listener"),
-            incoming_dir=lc.get("incoming_dir"), work_dir=lc.get("work_dir"),
-            processed_dir=lc.get("processed_dir"), failed_dir=lc.get("failed_dir"),
-            results_dir=cfg.get("results_dir"), outbox_dir=cfg.get("outbox_dir"),
+            ae_title=lc["ae_title"], host=lc["host"],
+            port=int(lc["port"]),
+            allowed_calling_aets=list(lc["allowed_calling_aets"] or []),
+            quiet_seconds=float(lc["quiet_seconds"]), workers=int(lc["workers"]),
+            root=lc["dir"],
+            incoming_dir=lc["incoming_dir"], work_dir=lc["work_dir"],
+            processed_dir=lc["processed_dir"], failed_dir=lc["failed_dir"],
+            results_dir=cfg["results_dir"], outbox_dir=cfg["outbox_dir"],
             model_path=model_path,
-            pacs=cfg.get("pacs") if cfg.get("send", True) else None,
+            pacs=cfg["pacs"] if cfg["send"] else None,
             processor_options=options,
-            preload_model=bool(cfg.get("preload_model", True)),
-            stop_timeout=float(lc.get("stop_timeout", 120.0)),
-            max_associations=int(lc.get("max_associations", 10)),
-            max_object_mb=lc.get("max_object_mb", 512.0), min_free_mb=float(lc.get("min_free_mb", 1024.0)),
-            outbox_retry_seconds=float(lc.get("outbox_retry_seconds", 30.0)),
-            rerequest_on_start=bool(lc.get("rerequest_on_start", True)),
+            preload_model=bool(cfg["preload_model"]),
+            stop_timeout=float(lc["stop_timeout"]),
+            max_associations=int(lc["max_associations"]),
+            max_object_mb=lc["max_object_mb"], min_free_mb=float(lc["min_free_mb"]),
+            outbox_retry_seconds=float(lc["outbox_retry_seconds"]),
+            rerequest_on_start=bool(lc["rerequest_on_start"]),
         )
         kwargs.update(overrides)
         return cls(**kwargs)
