@@ -433,7 +433,7 @@ def test_store_and_route_hippocrop_once(pacs, tmp_path: Path) -> None:
                       calling_ae="HIPPOAI")["sent"] == 3
     other = StudyInfo(seed=12)
     write_series(np.ones((8, 8, 4), np.uint16), np.eye(4), tmp_path / "other", study=other,
-                 series_description="T1 MPRAGE full brain", series_number=2)
+                 series_description="FLAIR axial full brain", series_number=2)
     assert send_study(tmp_path / "other", "127.0.0.1", settings.dicom_port, called_ae=settings.aet,
                       calling_ae="HIPPOSCANNER")["sent"] == 4
     other_id = client.find_study(other.study_instance_uid)
@@ -442,7 +442,7 @@ def test_store_and_route_hippocrop_once(pacs, tmp_path: Path) -> None:
     def decided() -> bool:
         lines = _log_lines(base, "not sent")
         return (any(study_id in line and "a result series is already there" in line for line in lines)
-                and any(other_id in line and "no HippoCrop series" in line for line in lines))
+                and any(other_id in line and "no HippoCrop or whole-head T1 series" in line for line in lines))
 
     assert _wait(decided, settings.stable_age + 10), \
         f"OnStableStudy did not run for both studies; Orthanc log:\n{orth.tail(base / orth.LOG_NAME)}"

@@ -10,12 +10,16 @@ What it is for: end-to-end tests and demonstrations of the deployment (ingest ->
   canonical RAS) and the same affine;
 * :func:`write_study`: the "HippoCrop" input series plus distractor series ("T1 MPRAGE full
   brain", "FLAIR", "T2 TSE") of the same study, optionally in nested folders with non-DICOM junk;
+* :func:`write_wholehead_study`: a brain study around a real whole-head T1 (NIfTI or MGZ): the T1
+  as a 3D MPRAGE ("t1_mprage_sag" / "t1_mprage_tra"), localizers, 2D T2 and FLAIR, a reformat;
 * :func:`send_study`: C-STORE of every DICOM file of a folder over one association.
 
 Command line::
 
     python -m hippo.scanner write --nifti X.nii.gz --out DIR [--label L.nii.gz] [--no-distractors]
                                   [--seed N] [--nested] [--manifest M.json]
+    python -m hippo.scanner write-wholehead --scan T1.nii.gz|T1.mgz --out DIR [--orientation axial]
+                                            [--no-t1] [--no-distractors] [--no-localizer] [--seed N]
     python -m hippo.scanner send --dir DIR --host H --port P [--called-ae A] [--calling-ae B]
 
 Units: positions and spacings in mm; affines map voxel indices to RAS mm (NIfTI) or LPS mm
@@ -874,6 +878,15 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=None, help="deterministic patient, UIDs and noise")
     w.add_argument("--nested", action="store_true", help="nested folders with non-DICOM junk files")
     w.add_argument("--manifest", default=None, help="also write the full manifest as JSON here")
+    h = sub.add_parser("write-wholehead", help="write a brain study around a whole-head T1 (NIfTI/MGZ): 3D MPRAGE, "
+                                               "localizers, T2, FLAIR, a reformat")
+    h.add_argument("--scan", required=True, help="whole-head T1 (.nii, .nii.gz, .mgz)")
+    h.add_argument("--out", required=True, help="output folder")
+    h.add_argument("--orientation", choices=("sagittal", "axial"), default="sagittal")
+    h.add_argument("--no-t1", action="store_true", help="leave the T1 out (e.g. a localizer-only study)")
+    h.add_argument("--no-distractors", action="store_true", help="no T2, FLAIR or reformat")
+    h.add_argument("--no-localizer", action="store_true", help="no localizer series")
+    h.add_argument("--seed", type=int, default=None, help="deterministic patient and UIDs")
     s = sub.add_parser("send", help="C-STORE every DICOM file of a folder over one association")
     s.add_argument("--dir", required=True, help="folder to send (searched recursively)")
     s.add_argument("--host", required=True)
@@ -894,6 +907,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.manifest:
                 write_json_atomic(args.manifest, manifest)
             summary = {k: manifest[k] for k in ("study_instance_uid", "patient_id", "out_dir", "label_volumes_mm3")}
+            summary["series"] = {d: s["n_instances"] for d, s in manifest["series"].items()}
+            print(json.dumps(summary, indent=2))
+            return 0
+        if args.command == "write-wholehead":
+            manifest = write_wholehead_study(args.scan, args.out, orientation=args.orientation, t1=not args.no_t1,
+                                             distractors=not args.no_distractors, localizer=not args.no_localizer,
+                                             seed=args.seed)
+            summary = {k: manifest[k] for k in ("study_instance_uid", "patient_id", "out_dir")}
             summary["series"] = {d: s["n_instances"] for d, s in manifest["series"].items()}
             print(json.dumps(summary, indent=2))
             return 0

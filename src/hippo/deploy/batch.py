@@ -19,28 +19,16 @@ from typing import Any, Mapping
 from hippo.pacs import Outbox, PacsConfig
 from hippo.prior import PriorLookup, lookup_from_config
 from hippo.infer import InferenceSettings
-from hippo.deploy.pipeline import (StudyOutcome, build_processor, find_studies, run_batch,
+from hippo.deploy.pipeline import (StudyOutcome, build_processor, describe_volumes, find_studies, run_batch,
                             summary_table, write_summary)
 
 log = logging.getLogger(__name__)
 
 
 def _print_outcome(o: StudyOutcome) -> None:
-    if o.status in ("ok", "review") and o.kind == "wholehead":
-        v = o.volumes
+    if o.status in ("ok", "review"):
         flag = f" REVIEW RECOMMENDED: {'; '.join(o.review)}" if o.status == "review" else ""
-        ai = v.get("asymmetry_index_percent")
-        print(f"{o.study}: whole-head T1 {o.series_description!r}: " + ", ".join(
-            f"{side} anterior {v[side]['anterior_mm3']:.0f} mm³, posterior {v[side]['posterior_mm3']:.0f} mm³, "
-            f"total {v[side]['total_mm3']:.0f} mm³" for side in ("left", "right"))
-            + (f"; asymmetry {ai:+.1f} %" if ai is not None else "") + f"; eTIV {v['etiv_mm3'] / 1e6:.2f} L"
-            + f" ({o.timings_s.get('total', 0):.2f} s)"
-            + (f"; {len(o.queued)} object(s) queued in the outbox" if o.queued else "") + flag, flush=True)
-    elif o.status in ("ok", "review"):
-        v = o.volumes
-        flag = f" REVIEW RECOMMENDED: {'; '.join(o.review)}" if o.status == "review" else ""
-        print(f"{o.study}: anterior {v['anterior_mm3']:.0f} mm³, posterior {v['posterior_mm3']:.0f} mm³, "
-              f"total {v['total_mm3']:.0f} mm³ ({o.timings_s.get('total', 0):.2f} s)"
+        print(f"{o.study}: {describe_volumes(o)} ({o.timings_s.get('total', 0):.2f} s)"
               + (f"; {len(o.queued)} object(s) queued in the outbox" if o.queued else "") + flag, flush=True)
     else:
         print(f"{o.study}: FAILED at {o.stage}: {o.error}", flush=True)

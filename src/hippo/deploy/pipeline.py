@@ -530,6 +530,20 @@ def run_batch(
     return [outcomes[s] for s in names]
 
 
+def describe_volumes(o: StudyOutcome) -> str:
+    """The volumes of an ``ok``/``review`` outcome in one line (mm³): anterior, posterior and total of
+    a HippoCrop; per side, asymmetry and eTIV of a whole head."""
+    v = o.volumes
+    if o.kind == "wholehead" and "left" in v:
+        ai = v.get("asymmetry_index_percent")
+        return (f"whole-head T1 {o.series_description!r}: " + ", ".join(
+            f"{side} anterior {v[side]['anterior_mm3']:.0f} mm³, posterior {v[side]['posterior_mm3']:.0f} mm³, "
+            f"total {v[side]['total_mm3']:.0f} mm³" for side in ("left", "right"))
+            + (f"; asymmetry {ai:+.1f} %" if ai is not None else "") + f"; eTIV {v['etiv_mm3'] / 1e6:.2f} L")
+    return (f"anterior {v['anterior_mm3']:.0f} mm³, posterior {v['posterior_mm3']:.0f} mm³, "
+            f"total {v['total_mm3']:.0f} mm³")
+
+
 def summary_table(outcomes: Iterable[StudyOutcome]) -> str:
     """A Markdown table: study, status, volumes (mm³), time, error or review reason."""
     lines = ["| study | status | anterior mm³ | posterior mm³ | total mm³ | seconds | queued | error / review |",

@@ -15,7 +15,7 @@ tried as a whole-head T1 (:class:`WholeHeadRules`, ``conf/series/wholehead/t1.ya
 * head coverage from the geometry: the stack spans at least ``min_extent_mm`` along each of its
   three axes (rows x row spacing, columns x column spacing, slices x slice step).
 
-pydicom-free here (headers come from :mod:`hippo.dicom.ingest`); never torch.
+Headers only (:mod:`hippo.dicom.ingest`); never torch.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
+from hippo.dicom.geometry import slice_normal
 from hippo.dicom.ingest import (SelectionRules, SeriesInfo, SeriesSelectionError, StudyScan, _slices,
                                 select_series)
 
@@ -146,8 +149,10 @@ def series_extent_mm(series: SeriesInfo) -> tuple[float, float, float, float] | 
     sp, ori = sl[0].pixel_spacing, sl[0].orientation
     if rows is None or cols is None or sp is None or ori is None or any(s.position is None for s in sl):
         return None
-    normal = (ori[1] * ori[5] - ori[2] * ori[4], ori[2] * ori[3] - ori[0] * ori[5], ori[0] * ori[4] - ori[1] * ori[3])
-    proj = sorted(sum(p * n for p, n in zip(s.position, normal)) for s in sl)  # type: ignore[arg-type]
+    normal = slice_normal(ori)
+    if normal is None:
+        return None
+    proj = sorted(float(np.dot(s.position, normal)) for s in sl)  # type: ignore[arg-type]
     steps = sorted(b - a for a, b in zip(proj, proj[1:]))
     step = steps[len(steps) // 2] if steps else 0.0
     return cols * sp[1], rows * sp[0], (proj[-1] - proj[0]) + step, step
@@ -157,25 +162,23 @@ def select_input_series(scan: StudyScan, rules: SelectionRules, wholehead: Whole
                         ) -> tuple[SeriesInfo, str]:
     """The series to segment and its kind, ``"hippocrop"`` or ``"wholehead"``.
 
-    The HippoCrop rules first (unchanged); when no series matches them and ``wholehead`` is
-    enabled, exactly one series must match the whole-head rules.
+    The HippoCrop rules first (:func:`select_series`, unchanged: it decides whenever at least one
+    series matches them, or the whole-head rules are off); when no series matches them, exactly one
+    series must match the whole-head rules.
 
     Raises:
         SeriesSelectionError: several HippoCrop series match; or none does and not exactly one
             whole-head T1 does: the message lists every series with why it was refused as a
             HippoCrop and as a whole-head T1.
     """
-    try:
-        return select_series(scan, rules), "hippocrop"
-    except SeriesSelectionError as exc:
-        if exc.matches or wholehead is None or not wholehead.enabled:
-            raise
-        first = exc
+    considered = [s for s in scan.series if not (rules.study_uid and s.study_uid != rules.study_uid)]
+    crop_reasons = {s.uid: rules.rejection_reasons(s) for s in considered}
+    if wholehead is None or not wholehead.enabled or not all(crop_reasons.values()) or \
+            (scan.multiple_studies and rules.single_study and not rules.study_uid):
+        return select_series(scan, rules), "hippocrop"  # its own messages (and errors) as before
     rejected: dict[str, list[str]] = {}
     matches: list[SeriesInfo] = []
-    for s in scan.series:
-        if rules.study_uid and s.study_uid != rules.study_uid:
-            continue
+    for s in considered:
         reasons = wholehead.rejection_reasons(s, rules)
         (rejected.__setitem__(s.uid, reasons) if reasons else matches.append(s))
     if len(matches) == 1:
@@ -183,7 +186,7 @@ def select_input_series(scan: StudyScan, rules: SelectionRules, wholehead: Whole
         return matches[0], "wholehead"
     lines = []
     for s in scan.series:
-        crop = "; ".join(first.rejected.get(s.uid, [])) or "MATCHES"
+        crop = "; ".join(crop_reasons.get(s.uid, ["other study"]))
         head = "; ".join(rejected.get(s.uid, [])) if s.uid in rejected else "MATCHES"
         lines.append(f"  - {s.summary()}:\n      as HippoCrop: {crop}\n      as whole-head T1: {head}")
     head = ("no series matches the HippoCrop selection rules, and no whole-head 3D T1 series either" if not matches
@@ -191,5 +194,4 @@ def select_input_series(scan: StudyScan, rules: SelectionRules, wholehead: Whole
                  "match (expected exactly one)")
     msg = f"{head} in {scan.root}; {len(scan.series)} series found:\n" + "\n".join(lines)
     log.error(msg)
-    raise SeriesSelectionError(msg, matches=matches, rejected={u: first.rejected.get(u, []) + r
-                                                               for u, r in rejected.items()})
+    raise SeriesSelectionError(msg, matches=matches, rejected={u: crop_reasons[u] + r for u, r in rejected.items()})

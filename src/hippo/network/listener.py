@@ -642,11 +642,10 @@ class Listener:
             with self._lock:
                 self._result_names.update(f"{u}{SUFFIX}" for u in result_uids)
                 self._counts["studies_ok"] += 1
-            v = outcome.volumes
-            log.info("study %s: ok in %.2f s: anterior %.0f mm³, posterior %.0f mm³, total %.0f mm³; "
-                     "sent %d of %d, %d in the outbox", uid, seconds, v.get("anterior_mm3", 0),
-                     v.get("posterior_mm3", 0), v.get("total_mm3", 0),
-                     outcome.sent.get("success", 0) + outcome.sent.get("warning", 0),
+            from hippo.deploy.pipeline import describe_volumes
+
+            log.info("study %s: %s in %.2f s: %s; sent %d of %d, %d in the outbox", uid, outcome.status, seconds,
+                     describe_volumes(outcome), outcome.sent.get("success", 0) + outcome.sent.get("warning", 0),
                      outcome.sent.get("total", 0), len(outcome.queued))
             self._set_last(uid, outcome.status, seconds=round(seconds, 3), volumes=outcome.volumes,
                            queued_in_outbox=len(outcome.queued), review=list(outcome.review))

@@ -1,0 +1,347 @@
+"""The whole-head DICOM door: a study without a HippoCrop series but with a whole-head 3D T1.
+
+Default part (synthetic heads written by the scanner emulator, no model): which series is chosen
+and why the others are refused, the RAS affine of a sagittal series, the four-segment SEG and the
+per-side SR (dciodvfy). Real part (``realdata`` + ``slow``: a real whole-head T1 from
+``../shared/data/wholehead`` through ``hippo.deploy`` with the shipped model): volumes against
+``hippo.predict`` on the same file, the objects dciodvfy-clean.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import dciodvfy_problems, write_nifti
+from hippo.dicom.ingest import SelectionRules, SeriesSelectionError, scan_study, select_series
+from hippo.dicom.objects import WHOLEHEAD_SEGMENTS, make_wholehead_sr, make_wholehead_seg
+from hippo.dicom.volume import load_series
+from hippo.dicom.wholehead_select import WholeHeadRules, select_input_series
+from hippo.measure import measure_volumes
+from hippo.scanner import StudyInfo, write_study, write_wholehead_study
+
+WHOLEHEAD = Path(__file__).resolve().parents[1].parent / "shared/data/wholehead"
+LEFT, RIGHT = "7771000", "24028007"
+
+
+def _synthetic_head(root: Path) -> Path:
+    """A 150 x 180 x 150 mm head (1.5 mm voxels, ellipsoid with a brighter 'brain'), as NIfTI, LAS
+    on disk (the emulator reads it into RAS)."""
+    shape = (100, 120, 100)
+    idx = np.indices(shape, dtype=np.float32)
+    c = (np.array(shape, np.float32) - 1) / 2
+    r = sum(((idx[i] - c[i]) / (shape[i] / 2.1)) ** 2 for i in range(3))
+    rng = np.random.default_rng(0)
+    image = np.where(r < 1, 300.0, 0.0) + np.where(r < 0.6, 200.0, 0.0) + rng.normal(0, 5, shape)
+    image = np.flip(image.clip(0), axis=0).astype(np.float32)  # stored LAS
+    path = write_nifti(root / "head.nii.gz", image, (1.5, 1.5, 1.5))
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    aff = np.diag([-1.5, 1.5, 1.5, 1.0])
+    aff[:3, 3] = [74.0, -100.0, -60.0]
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory) -> Path:
+    return _synthetic_head(tmp_path_factory.mktemp("head"))
+
+
+@pytest.fixture(scope="module")
+def head_study(head, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("study") / "s"
+    return out, write_wholehead_study(head, out, seed=3)
+
+
+# ------------------------------------------------------------------------------------------ selection
+
+
+def test_the_whole_head_t1_is_chosen_over_localizers_t2_flair_and_a_reformat(head_study):
+    out, manifest = head_study
+    scan = scan_study(out)
+    series, kind = select_input_series(scan, SelectionRules(), WholeHeadRules())
+    assert kind == "wholehead" and series.description == "t1_mprage_sag"
+    assert series.uid == manifest["series"]["t1_mprage_sag"]["series_instance_uid"]
+    # every other series is refused for a reason a person can read
+    rules, base = WholeHeadRules(), SelectionRules()
+    why = {s.description: "; ".join(rules.rejection_reasons(s, base)) for s in scan.series}
+    assert why["t1_mprage_sag"] == ""
+    assert "excluded pattern" in why["localizer_sag"] and "not a whole head" in why["localizer_sag"]
+    assert "not a 3D acquisition (MRAcquisitionType 2D)" in why["t2_tse_tra"]
+    assert "excluded pattern" in why["t2_flair_tra"]
+    assert "derived images" in why["t1_mprage_tra_MPR"]
+
+
+def test_axial_orientation_and_a_thick_2d_t1_is_refused(head, tmp_path):
+    write_wholehead_study(head, tmp_path / "ax", orientation="axial", seed=4, localizer=False)
+    series, kind = select_input_series(scan_study(tmp_path / "ax"), SelectionRules(), WholeHeadRules())
+    assert kind == "wholehead" and series.description == "t1_mprage_tra"
+    # the same volume as a 2D acquisition of 100 x 1.5 mm slices: a stack of >= 100 thin slices passes,
+    # at 5 mm (every 3rd slice kept) it does not
+    from hippo.scanner import write_series
+
+    study = StudyInfo(seed=9)
+    import nibabel as nib
+
+    img = nib.load(str(head))
+    data, aff = np.asarray(img.dataobj), img.affine
+    thick_aff = aff.copy()
+    thick_aff[:3, 2] *= 3
+    write_series(data[:, :, ::3], thick_aff, tmp_path / "thick", study=study, series_description="T1 SE tra",
+                 extra={"MRAcquisitionType": "2D"})
+    scan = scan_study(tmp_path / "thick")
+    with pytest.raises(SeriesSelectionError) as err:
+        select_input_series(scan, SelectionRules(), WholeHeadRules())
+    assert "not a 3D acquisition (MRAcquisitionType 2D) and not a stack of >= 100 slices" in str(err.value)
+    assert "34 slice(s) of 4.5 mm" in str(err.value)
+
+
+def test_a_localizer_only_study_is_refused_naming_the_reason(head, tmp_path):
+    write_wholehead_study(head, tmp_path / "loc", t1=False, distractors=False, seed=5)
+    with pytest.raises(SeriesSelectionError) as err:
+        select_input_series(scan_study(tmp_path / "loc"), SelectionRules(), WholeHeadRules())
+    msg = str(err.value)
+    assert msg.startswith("no series matches the HippoCrop selection rules, and no whole-head 3D T1 series")
+    assert all(f"MR 'localizer_{v}' (3 instances)" in msg for v in ("sag", "cor", "tra"))
+    assert msg.count("matches an excluded pattern (locali[sz]er)") == 3
+    assert "not a whole head (at least 100 mm along each axis)" in msg and "MRAcquisitionType 2D" in msg
+
+
+def test_a_hippocrop_series_still_wins_and_the_fallback_can_be_turned_off(head, tmp_path):
+    from conftest import synthetic_crop_pair
+
+    image, _ = synthetic_crop_pair(tmp_path / "crop")
+    study = StudyInfo(seed=7)
+    write_study(image, tmp_path / "both", distractors=False, study=study)
+    write_wholehead_study(head, tmp_path / "both", study=study, distractors=False, localizer=False)
+    scan = scan_study(tmp_path / "both")
+    series, kind = select_input_series(scan, SelectionRules(), WholeHeadRules())
+    assert (kind, series.description) == ("hippocrop", "HippoCrop")
+    assert select_series(scan, SelectionRules()).uid == series.uid  # the HippoCrop rules alone agree
+    write_wholehead_study(head, tmp_path / "only", seed=8, distractors=False, localizer=False)
+    with pytest.raises(SeriesSelectionError, match="no series matches the selection rules"):
+        select_input_series(scan_study(tmp_path / "only"), SelectionRules(), WholeHeadRules.from_mapping(None))
+
+
+def test_the_rules_come_from_the_series_config():
+    from hydra import compose, initialize_config_dir
+
+    from hippo.config import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("deploy")
+        off = compose("deploy", overrides=["series.wholehead=null"])
+    from omegaconf import OmegaConf
+
+    series = OmegaConf.to_container(cfg.series, resolve=True)
+    rules = WholeHeadRules.from_mapping(series["wholehead"])
+    assert rules.enabled and rules.min_extent_mm == 100 and "mprage" in rules.description_patterns
+    assert SelectionRules.from_mapping(series).description_contains == "HippoCrop"  # the block is not its business
+    assert not WholeHeadRules.from_mapping(OmegaConf.to_container(off.series)["wholehead"]).enabled
+    with pytest.raises(TypeError, match="min_extent"):
+        WholeHeadRules.from_mapping({"min_extent": 3})
+
+
+# ------------------------------------------------------------------------------------ geometry, objects
+
+
+def test_a_sagittal_series_loads_with_the_scans_ras_affine(head, head_study):
+    from hippo.scan_io import read_scan
+
+    out, manifest = head_study
+    volume = load_series(manifest["files"]["t1_mprage_sag"])
+    scan = read_scan(head)
+    np.testing.assert_allclose(volume.affine, scan.affine, atol=1e-3)
+    np.testing.assert_allclose(volume.array, scan.array, atol=0.02)
+    first = pydicom.dcmread(manifest["files"]["t1_mprage_sag"][0], stop_before_pixels=True)
+    assert first.MRAcquisitionType == "3D" and abs(first.ImageOrientationPatient[0]) < 1e-6  # sagittal rows
+
+
+def _labels(shape) -> np.ndarray:
+    labels = np.zeros(shape, np.uint8)
+    labels[34:40, 50:60, 40:46] = 1   # RAS: low x is the patient's left
+    labels[34:40, 40:50, 40:46] = 2
+    labels[60:66, 50:60, 40:46] = 3
+    labels[60:66, 40:50, 40:46] = 4
+    return labels
+
+
+def _codes(ds) -> list[str]:
+    """Every CodeValue and CodeMeaning in ``ds``, at any depth."""
+    out = []
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                out += _codes(item)
+        elif elem.keyword in ("CodeValue", "CodeMeaning"):
+            out.append(str(elem.value))
+    return out
+
+
+def test_four_segment_seg_and_per_side_sr_are_conformant(head_study, tmp_path):
+    _, manifest = head_study
+    volume = load_series(manifest["files"]["t1_mprage_sag"])
+    labels = _labels(volume.array.shape)
+    frames = volume.to_source(labels)
+    seg = make_wholehead_seg(volume.datasets, frames, model_version="t", sop_instance_uid=pydicom.uid.generate_uid())
+    sides = {"left": measure_volumes(np.where(labels <= 2, labels, 0), volume.spacing),
+             "right": measure_volumes(np.where(labels > 2, labels - 2, 0), volume.spacing)}
+    sr = make_wholehead_sr(volume.datasets, seg, sides, asymmetry_index_percent=1.5, etiv_mm3=1.5e6,
+                           model_version="t")
+    paths = {}
+    for name, ds in (("seg", seg), ("sr", sr)):
+        paths[name] = tmp_path / f"{name}.dcm"
+        ds.save_as(paths[name], enforce_file_format=True)
+        problems = dciodvfy_problems(paths[name])
+        assert problems["errors"] == [], (name, problems)
+
+    back = hd.seg.segread(paths["seg"])
+    assert [int(s.SegmentNumber) for s in back.SegmentSequence] == [1, 2, 3, 4]
+    for item in back.SegmentSequence:
+        mods = {str(m.CodeValue) for m in item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence}
+        label, _, side, _ = WHOLEHEAD_SEGMENTS[int(item.SegmentNumber)]
+        assert item.SegmentLabel == label and str(side.value) in mods and len(mods) == 2
+        assert (LEFT in mods) == label.startswith("Left")
+    uids = [str(ds.SOPInstanceUID) for ds in volume.datasets]
+    pixels = back.get_pixels_by_source_instance(uids, combine_segments=True)
+    np.testing.assert_array_equal(pixels, frames)  # pixel-aligned with the series, every slice present
+    # SR: per segment a finding site with laterality; per side a total; the asymmetry and eTIV
+    codes = _codes(pydicom.dcmread(paths["sr"]))
+    assert codes.count(LEFT) == 3 and codes.count(RIGHT) == 3  # two segments and the total per side
+    assert "Hippocampal asymmetry index" in codes and "Estimated total intracranial volume" in codes
+    with pytest.raises(ValueError, match="0..4"):
+        make_wholehead_seg(volume.datasets, frames * 2, model_version="t")
+
+
+# ------------------------------------------------------------------------------------ real scans, model
+
+REAL = {"example": ("example_brain_t1.nii.gz", "sagittal"), "fs_subject": ("fs_subject/norm.mgz", "axial")}
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_deploy_on_a_real_whole_head_study_matches_predict(name, tmp_path):
+    """hippo.deploy on the emulated study of a real T1 (with localizers and distractors): left and
+    right volumes within 2 % of hippo.predict on the same file; SC, SEG and SR dciodvfy-clean."""
+    from hippo.deploy.pipeline import build_processor
+    from hippo.wholehead.run import ScanProcessor
+
+    rel, orientation = REAL[name]
+    scan = WHOLEHEAD / rel
+    if not scan.is_file():
+        pytest.skip(f"whole-head scan not found at {scan}")
+    model = sorted(glob.glob(str(Path(__file__).resolve().parents[1] / "src/hippo/weights/*.pt")))[0]
+    write_wholehead_study(scan, tmp_path / "study", orientation=orientation, seed=11)
+
+    processor = build_processor(model, tmp_path / "out", precision="bfloat16")
+    outcome = processor.process(tmp_path / "study")
+    assert outcome.status in ("ok", "review"), (outcome.stage, outcome.error)
+    assert outcome.kind == "wholehead" and outcome.series_description.startswith("t1_mprage_")
+
+    predicted = ScanProcessor(model, tmp_path / "predict", precision="bfloat16", write_png=False,
+                              background_load=False).process(scan)
+    assert predicted.status in ("ok", "review"), predicted.error
+    for side in ("left", "right"):
+        ours, theirs = outcome.volumes[side]["total_mm3"], predicted.volumes[side]["total_mm3"]
+        assert abs(ours - theirs) <= 0.02 * theirs, (side, ours, theirs)
+        assert 1500 < ours < 5000
+    record = json.loads(Path(outcome.files["result_json"]).read_text())
+    assert record["kind"] == "wholehead" and set(record["volumes"]) >= {"left", "right", "etiv_mm3"}
+    for key in ("report_sc", "seg", "sr"):
+        problems = dciodvfy_problems(outcome.files[key])
+        assert problems["errors"] == [], (key, problems)
+    seg = pydicom.dcmread(outcome.files["seg"])
+    assert len(seg.SegmentSequence) == 4
+    series = {str(i.SeriesInstanceUID) for i in seg.ReferencedSeriesSequence}
+    assert series == {outcome.series_uid}
+    if name == "fs_subject":  # the SEG read back onto the scan's grid: each side on FreeSurfer's same side
+        from hippo.scan_io import read_scan
+
+        volume = load_series(_series_files(tmp_path / "study", outcome.series_uid))
+        frames = hd.seg.segread(outcome.files["seg"]).get_pixels_by_source_instance(
+            [str(d.SOPInstanceUID) for d in volume.datasets], combine_segments=True)
+        labels = volume.from_source(frames)
+        aseg = read_scan(WHOLEHEAD / "fs_subject/aparc.a2009s+aseg.mgz", refuse_label_maps=False)
+        np.testing.assert_allclose(volume.affine, aseg.affine, atol=1e-3)
+        aseg_labels = np.rint(aseg.array).astype(int)
+        for ours, theirs in (((1, 2), 17), ((3, 4), 53)):
+            o, f = np.isin(labels, ours), aseg_labels == theirs
+            assert 2 * (o & f).sum() / (o.sum() + f.sum()) > 0.75  # measured 0.789 left, 0.807 right
+
+
+def _series_files(study: Path, series_uid: str) -> list[Path]:
+    """The files of one series in an emulated study folder."""
+    return [p for p in sorted(study.glob("*.dcm"))
+            if str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID) == series_uid]
+
+
+@pytest.mark.service
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ohif_overlays_the_four_segment_seg_on_the_whole_head_series(tmp_path, caplog):
+    """The emulated study of a real whole-head T1 (axial) and its results in Orthanc, opened in OHIF
+    through the viewer proxy with the SEG as the initial series (confirmation prompts off, so OHIF
+    loads it at once): the SEG is fetched through the proxy and OHIF draws the T1 under it
+    (screenshot under ``tmp_path/shots``; ``docs/ohif-wholehead-seg.png`` was taken the same way,
+    then scrolled to the hippocampi)."""
+    import logging
+
+    from test_viewer import (OHIF_DIST, _chrome, _chromium, _dicomweb_plugin, _free_port, _Orthanc, _serving,
+                             _viewport_stats)
+
+    from hippo.deploy.pipeline import build_processor
+    from hippo.network import viewer
+    from hippo.network.viewer import app_config_js, fetch_ohif, make_server
+
+    scan = WHOLEHEAD / "chris_t1.nii.gz"
+    plugin, browser = _dicomweb_plugin(), _chromium()
+    import shutil
+
+    missing = [n for n, ok in (("Orthanc", shutil.which("Orthanc")), ("chromium", browser), ("DICOMweb plugin", plugin),
+                               (f"OHIF build at {OHIF_DIST}", (OHIF_DIST / "index.html").is_file()),
+                               (f"scan {scan}", scan.is_file())) if not ok]
+    if missing:
+        pytest.skip("needs " + ", ".join(missing))
+    dist = fetch_ohif(viewer.DEFAULT_OHIF_VERSION, OHIF_DIST)
+    model = sorted(glob.glob(str(Path(__file__).resolve().parents[1] / "src/hippo/weights/*.pt")))[0]
+    manifest = write_wholehead_study(scan, tmp_path / "study", orientation="axial", seed=21, distractors=False)
+    outcome = build_processor(model, tmp_path / "out", precision="bfloat16").process(tmp_path / "study")
+    assert outcome.status in ("ok", "review"), outcome.error
+    seg_uid = str(pydicom.dcmread(outcome.files["seg"], stop_before_pixels=True).SeriesInstanceUID)
+
+    port = _free_port()
+    orthanc = _Orthanc(tmp_path / "orthanc", plugin, port)
+    caplog.set_level(logging.DEBUG, logger="hippo.network.viewer")  # the proxy logs each request
+    try:
+        for f in [Path(p) for paths in manifest["files"].values() for p in paths] + \
+                 [Path(outcome.files[k]) for k in ("report_sc", "seg", "sr")]:
+            assert orthanc.upload(f)["Status"] == "Success"
+        config = app_config_js(investigational_use_dialog="never", extra={"disableConfirmationPrompts": True})
+        server = make_server("127.0.0.1", port, dist=dist, orthanc_url=orthanc.url, config_js=config,
+                             orthanc_auth=viewer.read_orthanc_credentials(orthanc.credentials))
+        with _serving(server):
+            url = (f"{server.url}/viewer?StudyInstanceUIDs={manifest['study_instance_uid']}"
+                   f"&initialSeriesInstanceUID={seg_uid}")
+            shots = tmp_path / "shots"
+            shots.mkdir()
+            _chrome(browser, tmp_path / "profile", url)  # a first visit shows OHIF's tour (once per profile)
+            _chrome(browser, tmp_path / "profile", url, screenshot=shots / "wholehead_seg.png")
+            mean, std = _viewport_stats(shots / "wholehead_seg.png")
+            assert std > 10.0 and mean > 5.0, f"viewport looks empty (mean {mean:.1f}, std {std:.1f})"
+        records = [r.getMessage() for r in caplog.records if r.name == "hippo.network.viewer"]
+        assert any(f"/series/{seg_uid}/instances/" in r and r.endswith(" 200") for r in records), \
+            "the SEG instance was not retrieved"
+        failed = [r for r in records if " /dicom-web/" in r and not r.endswith(" 200")]
+        assert not failed, failed[:5]
+    finally:
+        orthanc.stop()
