@@ -1,5 +1,6 @@
 # HippoVolume — set-up and the two everyday commands.
-#   make demo   set up (if needed) and train on the embedded synthetic data set
+#   make demo   set up (if needed), then scripts/demo.sh: a DICOM study from the scanner emulator measured
+#               by the shipped model and by a short training run's model on the synthetic set (no services)
 #   make test   set up (if needed) and run the whole test suite (what CI runs)
 # On a CPU machine the CPU build of torch is installed first (TORCH_SPEC) so that no multi-GB CUDA
 # build is pulled; on a GPU machine use e.g. `make setup TORCH_SPEC=torch==2.13.0 TORCH_INDEX=...`.
@@ -35,7 +36,7 @@ system-deps:
 	fi
 
 demo: setup
-	$(BIN)/python -m hippo.train
+	bash scripts/demo.sh $(BIN)/python
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q

@@ -374,7 +374,8 @@ def test_scanner_contexts_are_documented(tables, scp, tmp_path):
 
 
 def test_ae_titles_and_ports_are_documented(tables):
-    from hippo.scanner import _parser, send_study
+    from hippo.scanner import send_study
+    from hippo.scanner.__main__ import _parser
 
     rows = {r["Application Entity"]: r for r in tables["ae-configuration"]}
     listen = OmegaConf.load(ROOT / "conf" / "listen.yaml").listener

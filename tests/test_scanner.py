@@ -18,8 +18,9 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from hippo.data.nifti import load_nifti
 from hippo.preprocessing import label_volumes_mm3
 from hippo.dicom.volume import load_series
-from hippo.scanner import DISTRACTOR_DESCRIPTIONS, MANUFACTURER, ScannerSendError, StudyInfo, main, send_study, \
+from hippo.scanner import DISTRACTOR_DESCRIPTIONS, MANUFACTURER, ScannerSendError, StudyInfo, send_study, \
     write_series, write_study
+from hippo.scanner.__main__ import main
 from hippo.network.orthanc import free_port as _free_port
 
 
