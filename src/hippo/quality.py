@@ -195,7 +195,8 @@ def assess_quality(
                            f"(agreement {out.score:.2f}, below {rules.min_member_agreement:.2f})")
         if out.volume_cv is not None and out.volume_cv > rules.max_member_volume_cv:
             reasons.append(f"the networks' total volumes differ by {100 * out.volume_cv:.0f} % "
-                           f"({min(volumes):,.0f}-{max(volumes):,.0f} mm³; limit {100 * rules.max_member_volume_cv:.0f} %)")
+                           f"({min(volumes):,.0f}-{max(volumes):,.0f} mm³; "
+                           f"limit {100 * rules.max_member_volume_cv:.0f} %)")
     if probabilities is None and parts:
         probabilities = parts[0] if len(parts) == 1 else np.mean(parts, axis=0)
     fg = labels > 0

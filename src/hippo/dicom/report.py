@@ -5,8 +5,8 @@ pillow + numpy + pydicom only (no torch, no matplotlib).
 :func:`render_report` draws one portrait page: title, a "research use only" disclaimer, patient and
 study identifiers, a "Review recommended" box when the result is flagged, the anterior / posterior /
 total volumes with the segmentation's quality score, the statement that no verified normative
-reference exists (no percentile is shown), three orthogonal slices through the segmented structure with a
-semi-transparent anterior (orange) / posterior (cyan) overlay, and the model's identity.
+reference exists (no percentile is shown), three orthogonal slices through the segmented structure
+with a semi-transparent anterior (orange) / posterior (cyan) overlay, and the model's identity.
 
 :func:`secondary_capture` wraps the page as a Secondary Capture Image Storage instance (RGB, 8 bit,
 Explicit VR Little Endian) in the source study, in a new series, ready to send to PACS.
