@@ -347,11 +347,23 @@ def render_report(
 
     W, H = size
     margin = 40
-    inner = W - 2 * margin
+    footer_h = 150
     page = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(page)
+    _draw_header(draw, W, margin, stamp)
+    y = _draw_patient_study(draw, patient, study, margin, W)
+    y = draw_review_box(draw, y, review, margin, W)
+    y = _draw_volumes(draw, y, volumes, margin, W)
+    y = _quality_line(draw, y, quality, margin, W - 2 * margin)
+    y = _draw_no_norms(draw, y, margin, W)
+    y = draw_prior_comparison(draw, y, prior, margin, W)
+    _draw_slices(page, draw, y, image, mask, spacing, volumes, margin, footer_h)
+    _draw_footer(draw, model, stamp, margin, W, H, footer_h)
+    return page
 
-    # Header and disclaimer ---------------------------------------------------------------------
+
+def _draw_header(draw: ImageDraw.ImageDraw, W: int, margin: int, stamp: str) -> None:
+    """The navy title bar with the time stamp, and the red research-use band (y 0-132)."""
     draw.rectangle((0, 0, W, 92), fill=_NAVY)
     draw.text((margin, 16), "Hippocampal volume report", font=_font(34, bold=True), fill=(255, 255, 255))
     draw.text((margin, 60), "Automated MRI segmentation of one hippocampus (anterior / posterior)",
@@ -360,7 +372,11 @@ def render_report(
     draw.rectangle((0, 92, W, 132), fill=_RED)
     draw.text((W // 2, 112), DISCLAIMER, font=_font(22, bold=True), fill=(255, 255, 255), anchor="mm")
 
-    # Patient and study ---------------------------------------------------------------------------
+
+def _draw_patient_study(draw: ImageDraw.ImageDraw, patient: Mapping[str, Any], study: Mapping[str, Any],
+                        margin: int, W: int) -> int:
+    """The patient and study identifiers ("not given" for what the headers lack); returns the y below."""
+    inner = W - 2 * margin
     y = _section(draw, 146, "Patient and study", margin, W)
     label_f, value_f = _font(16), _font(18, bold=True)
     col_w = inner // 2
@@ -387,8 +403,12 @@ def render_report(
     draw.text((margin + 120, y + 2), _fit(draw, str(_get(study, "uid", default=NOT_GIVEN)), _font(15), inner - 120),
               font=_font(15), fill=_TEXT)
     y += 34
+    return y
 
-    # Review flag ----------------------------------------------------------------------------------
+
+def draw_review_box(draw: ImageDraw.ImageDraw, y: int, review: Sequence[str], margin: int, W: int) -> int:
+    """The amber "Review recommended: <reasons>." box (nothing when ``review`` is empty); returns the y below."""
+    inner = W - 2 * margin
     if review:
         text = "Review recommended: " + "; ".join(review) + "."
         lines = wrap_text(draw, _CONTROL_CHARS.sub(" ", text), _font(17, bold=True), inner - 24)
@@ -397,8 +417,11 @@ def render_report(
         for i, line in enumerate(lines):
             draw.text((margin + 12, y + 8 + 23 * i), line, font=_font(17, bold=True), fill=(120, 60, 0))
         y += box_h + 12
+    return y
 
-    # Volumes -------------------------------------------------------------------------------------
+
+def _draw_volumes(draw: ImageDraw.ImageDraw, y: int, volumes: Volumes, margin: int, W: int) -> int:
+    """The volume table (voxels, mm³, mL per structure) and how the volume is computed; returns the y below."""
     y = _section(draw, y, "Hippocampal volumes (this hemisphere)", margin, W)
     cols = (margin + 10, margin + 330, margin + 560, margin + 790)  # structure | voxels | mm³ | mL
     head_f, cell_f, bold_f = _font(16, bold=True), _font(19), _font(19, bold=True)
@@ -425,18 +448,25 @@ def render_report(
     draw.text((cols[0], y + 2), f"Voxel size {sx:.2f} × {sy:.2f} × {sz:.2f} mm = {volumes.voxel_volume_mm3:.3f} mm³"
               "; volume = labelled voxels × voxel volume.", font=_font(14), fill=_MUTED)
     y += 32
+    return y
 
-    y = _quality_line(draw, y, quality, margin, inner)
 
-    # Normative comparison: none verified -------------------------------------------------------
+def _draw_no_norms(draw: ImageDraw.ImageDraw, y: int, margin: int, W: int) -> int:
+    """The normative-comparison slot: no verified reference, said in words; returns the y below."""
+    inner = W - 2 * margin
     y = _section(draw, y, "Comparison with age- and sex-matched norms", margin, W)
     y = _text_block(draw, (margin, y), NO_NORMATIVE_REFERENCE + ".", _font(18, bold=True), inner)
     y = _text_block(draw, (margin, y + 4), NO_NORMATIVE_REFERENCE_DETAIL, _font(14), inner, fill=_MUTED)
     y += 10
+    return y
 
-    y = draw_prior_comparison(draw, y, prior, margin, W)
 
-    # Slices ----------------------------------------------------------------------------------------
+def _draw_slices(page: Image.Image, draw: ImageDraw.ImageDraw, y: int, image: np.ndarray, mask: np.ndarray,
+                 spacing: Sequence[float], volumes: Volumes, margin: int, footer_h: int) -> None:
+    """The legend and the sagittal/coronal/axial panels through the mask's centre, down to
+    ``footer_h`` pixels above the page's bottom."""
+    W, H = page.size
+    inner = W - 2 * margin
     y = _section(draw, y, "Segmentation through the structure's centre", margin, W)
     lx = margin
     for colour, text in ((ANTERIOR_RGB, "Anterior hippocampus"), (POSTERIOR_RGB, "Posterior hippocampus")):
@@ -446,7 +476,6 @@ def render_report(
     draw.text((W - margin, y + 2), f"overlay opacity {int(OVERLAY_ALPHA * 100)}%", font=_font(14),
               fill=_MUTED, anchor="ra")
     y += 30
-    footer_h = 150
     gap = 16
     box_w = (inner - 2 * gap) // 3
     box_h = max(120, min(box_w, H - footer_h - y - 34))
@@ -463,7 +492,11 @@ def render_report(
         draw.text((W // 2, y + box_h // 2), "No hippocampus voxel segmented", font=_font(22, bold=True),
                   fill=(255, 80, 80), anchor="mm")
 
-    # Footer ----------------------------------------------------------------------------------------
+
+def _draw_footer(draw: ImageDraw.ImageDraw, model: Mapping[str, Any], stamp: str, margin: int, W: int, H: int,
+                 footer_h: int) -> None:
+    """The model, its test metrics, the generator's version and the research-use band."""
+    inner = W - 2 * margin
     fy = H - footer_h
     draw.line((margin, fy, W - margin, fy), fill=_RULE, width=2)
     name = _get(model, "name", default="HippoVolume UNet")
@@ -479,7 +512,6 @@ def render_report(
         spacing=3)
     draw.rectangle((0, H - 30, W, H), fill=_RED)
     draw.text((W // 2, H - 15), DISCLAIMER, font=_font(16, bold=True), fill=(255, 255, 255), anchor="mm")
-    return page
 
 
 # ------------------------------------------------------------------------------------------------
