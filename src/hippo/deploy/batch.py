@@ -58,7 +58,7 @@ def _prior_lookup(cfg: Mapping[str, Any], send: bool) -> PriorLookup | None:
 def run_deploy(cfg: Mapping[str, Any]) -> int:
     """Run the deployment described by ``cfg`` (``conf/deploy.yaml`` resolved); returns the exit code."""
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies at INFO
-    send = bool(cfg.get("send", True))
+    send = bool(cfg["send"])
     flushed = flush_outbox(cfg) if send else {}
     if cfg.get("outbox") == "flush":
         return 0 if not len(Outbox(cfg["outbox_dir"])) else 1
@@ -75,13 +75,13 @@ def run_deploy(cfg: Mapping[str, Any]) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     results_dir = Path(cfg["results_dir"])
-    report = cfg.get("report", {})
+    report = cfg["report"]
     factory = functools.partial(
         build_processor, model_path, results_dir, **settings.agent_options,
         pacs=cfg["pacs"] if send else None, outbox_dir=cfg["outbox_dir"],
-        rules=dict(cfg.get("series") or {}), io_threads=int(cfg["io_threads"]),
-        series_numbers=report.get("series_numbers"), write_png=bool(report.get("write_png", True)),
-        plausibility=dict(cfg.get("plausibility") or {}),
+        rules=dict(cfg["series"]), io_threads=int(cfg["io_threads"]),
+        series_numbers=report["series_numbers"], write_png=bool(report["write_png"]),
+        plausibility=dict(cfg["plausibility"]),
         prior=_prior_lookup(cfg, send),
     )
     log.info("model %s; %d study(ies); results in %s", model_path, len(studies), results_dir)

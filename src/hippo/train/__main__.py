@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> float | None:
     from hippo.train.fit import run_training  # imported here so --help and --cfg stay fast
 
     metrics = run_training(cfg)
-    value = metrics.get(cfg.get("optimized_metric", "val/dice_mean_best"))
+    value = metrics.get(cfg.optimized_metric)
     return float(value) if value is not None else None
 
 

@@ -83,9 +83,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         The logged metrics (``val/dice_mean_best``, ``test/dice_mean``...) as floats, plus
         ``output_dir`` and ``model_path``.
     """
-    if cfg.get("seed") is not None:
+    if cfg.seed is not None:
         L.seed_everything(int(cfg.seed), workers=True)
-    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", OmegaConf.to_container(cfg, resolve=True))
@@ -101,13 +101,13 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     metrics: dict[str, Any] = {}
-    if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if cfg.train:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     fit_seconds = time.perf_counter() - t0
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-    if cfg.get("test", True):
+    if cfg.test:
         if best and not trainer.fast_dev_run:
             log.info("testing the best checkpoint %s", best)
             trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False)
@@ -130,17 +130,17 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": best,
         "val_dice_mean_best": metrics.get("val/dice_mean_best"),
     }
-    if cfg.get("val_volumes", True) and split.get("val"):
+    if cfg.val_volumes and split.get("val"):
         _write_val_volumes(out / "val_results.json", model, datamodule, cfg, training_summary)
     results = None
-    if cfg.get("test", True):
+    if cfg.test:
         results = write_results(out / "results.json", model.test_results, OmegaConf.to_container(cfg, resolve=True), split=split,
                                 skipped_cases=getattr(datamodule, "skipped", []), training=training_summary)
         s = results["summary"]
         log.info("test (%d volumes): Dice anterior %.4f, posterior %.4f, mean %.4f",
                  s["n_volumes"]["count"], s.get("dice_anterior", {}).get("mean", float("nan")),
                  s.get("dice_posterior", {}).get("mean", float("nan")), s.get("dice_mean", {}).get("mean", float("nan")))
-    if cfg.get("export", True):
+    if cfg.export:
         test_metrics = {k: v["mean"] for k, v in (results or {}).get("summary", {}).items() if "mean" in v}
         path = save_model_file(out / "model.pt", model.net, preprocessing=datamodule.preprocessing,
                                labels=dict(enumerate(model.class_names)), metrics=test_metrics,

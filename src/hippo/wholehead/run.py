@@ -111,6 +111,8 @@ class ScanProcessor:
         registration: :class:`hippo.wholehead.register.RegistrationSettings` fields (``preset``...).
         rules: :class:`hippo.wholehead.review.ReviewRules` fields (the ``plausibility`` group's
             volume ranges fit as they are).
+        quality: :class:`hippo.plausibility.PlausibilityRules` fields (the ``plausibility`` group): its
+            segmentation quality limits score each side (:mod:`hippo.quality`).
         write_png: write the report page.
         background_load: load the model in a thread while the first scan is read and registered.
     """
@@ -119,7 +121,9 @@ class ScanProcessor:
                  device: str = "cpu", batch_size: int = 64, precision: str = "bfloat16", refine_passes: int = 1,
                  fast_locate: bool = True, settle_mm: float = 2.0, extra_passes: int = 2,
                  registration: Mapping[str, Any] | None = None,
-                 rules: Mapping[str, Any] | None = None, write_png: bool = True, background_load: bool = True):
+                 rules: Mapping[str, Any] | None = None, write_png: bool = True, background_load: bool = True,
+                 quality: Mapping[str, Any] | None = None):
+        from hippo.plausibility import PlausibilityRules
         from hippo.wholehead.register import RegistrationSettings
         from hippo.wholehead.review import ReviewRules
 
@@ -132,6 +136,7 @@ class ScanProcessor:
         self.extra_passes = int(extra_passes)
         self.settings = RegistrationSettings.from_mapping(registration)
         self.rules = ReviewRules.from_mapping(rules)
+        self.quality_rules = PlausibilityRules.from_mapping(quality)
         self.write_png = bool(write_png)
         self._model_kw = dict(device=device, batch_size=int(batch_size), precision=str(precision))
         self._agents: Future | None = None
@@ -213,8 +218,9 @@ class ScanProcessor:
             stage = "segment"
             result = segment_wholehead(volume.array, volume.affine, agent, registration=registration,
                                        refine_passes=self.refine_passes, rules=self.rules, locator=locator,
-                                       settle_mm=self.settle_mm, extra_passes=self.extra_passes)
-            for k in ("crop", "infer", "map_back", "review"):
+                                       settle_mm=self.settle_mm, extra_passes=self.extra_passes,
+                                       quality_rules=self.quality_rules)
+            for k in ("crop", "infer", "quality", "map_back", "review"):
                 timings[k] = result.timings_s.get(k, 0.0)
             summary = result.as_dict()
             labels = result.labels
@@ -250,6 +256,7 @@ class ScanProcessor:
                 "volumes_mm3": out.volumes,
                 "asymmetry_index_percent": out.asymmetry_index_percent,
                 "etiv_mm3": out.etiv_mm3,
+                "quality": summary["quality"],
                 "etiv_method": ("|det| of the MNI->scan affine x 1,948,106 mm³ (FreeSurfer's eTIV scale factor for an "
                                 "affine to MNI305 space, mri_segstats/MRIestimateTIV; Buckner et al. 2004)"),
                 "review": out.review, "notes": out.notes,
@@ -430,33 +437,34 @@ def run_predict(cfg: Mapping[str, Any]) -> int:
         raise SystemExit("error: give input=PATH (a NIfTI/MGZ file, a folder of them, or a BIDS dataset)")
     out_root = Path(cfg.get("output") or ".")
     try:
-        model_path = resolve_model_path(cfg.get("model_path"), cfg.get("paths", {}).get("log_dir", "outputs"))
+        model_path = resolve_model_path(cfg["model_path"], cfg["paths"]["log_dir"])
         inputs = find_inputs(cfg["input"], exclude=[out_root])
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     layout = "bids" if inputs.kind == "bids" else "folder"
     # only the believable volume ranges come from the plausibility group (its voxel-size limits are the
     # crop path's); the review group holds the whole-head limits
-    plausibility = dict(cfg.get("plausibility") or {})
+    plausibility = dict(cfg["plausibility"])
     rules = {k: plausibility[k] for k in ("anterior_mm3", "posterior_mm3", "total_mm3") if k in plausibility}
-    rules.update(cfg.get("review") or {})
-    # the `inference` group's keys, read here rather than with hippo.infer.InferenceSettings: importing
-    # hippo.infer imports torch, which this process should only do in the background model load
-    precision = str(cfg.get("precision", "bfloat16"))
+    rules.update(cfg["review"] or {})
+    # the `inference` group's keys (defaults in conf/inference/default.yaml and conf/predict.yaml), read here
+    # rather than with hippo.infer.InferenceSettings: importing hippo.infer imports torch, which this
+    # process should only do in the background model load
+    precision = str(cfg["precision"])
     if precision not in ("float32", "bfloat16"):
         raise SystemExit(f"error: precision={precision!r}: choose float32 or bfloat16")
     factory = functools.partial(
-        ScanProcessor, model_path, out_root, layout=layout, device=str(cfg.get("device", "cpu")),
-        batch_size=int(cfg.get("batch_size", 64)), precision=precision,
-        refine_passes=int(cfg.get("refine_passes", 1)), fast_locate=bool(cfg.get("fast_locate", True)),
-        settle_mm=float(cfg.get("settle_mm", 2.0)), extra_passes=int(cfg.get("extra_passes", 2)),
-        registration=dict(cfg.get("registration") or {}), rules=rules,
-        write_png=bool((cfg.get("report") or {}).get("write_png", True)),
+        ScanProcessor, model_path, out_root, layout=layout, device=str(cfg["device"]),
+        batch_size=int(cfg["batch_size"]), precision=precision,
+        refine_passes=int(cfg["refine_passes"]), fast_locate=bool(cfg["fast_locate"]),
+        settle_mm=float(cfg["settle_mm"]), extra_passes=int(cfg["extra_passes"]),
+        registration=dict(cfg["registration"] or {}), rules=rules, quality=plausibility,
+        write_png=bool(cfg["report"]["write_png"]),
     )
-    workers = max(1, int(cfg.get("workers", 1)))
+    workers = max(1, int(cfg["workers"]))
     print(f"{len(inputs.scans)} file(s) from {inputs.root} ({inputs.kind}); results in {out_root}", flush=True)
     t0 = time.perf_counter()
-    outcomes = _with_progress(inputs.scans, factory, workers, bool(cfg.get("progress", True)))
+    outcomes = _with_progress(inputs.scans, factory, workers, bool(cfg["progress"]))
     wall = time.perf_counter() - t0
     summary = write_tables(out_root, inputs, outcomes, model_path=str(model_path), workers=workers,
                            wall_seconds=round(wall, 3))
