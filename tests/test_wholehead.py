@@ -345,6 +345,76 @@ def test_segment_wholehead_refuses_a_crop_and_flags_coverage():
     assert "does not cover the left temporal lobe" in text and "registration to the MNI template is poor" in text
 
 
+class MemberBlobAgent(BlobAgent):
+    """:class:`BlobAgent` as a five-member ensemble with ``segment_members``: member ``k``'s blob is
+    ``1 + spread * k`` times as long (crop y), so ``spread=0`` gives identical members."""
+
+    def __init__(self, spread: float = 0.0, members: int = 5):
+        super().__init__()
+        self.spread, self.n, self.member_calls = spread, members, 0
+
+    def segment_members(self, volume):
+        from hippo.infer import MemberSegmentation
+
+        self.calls += 1
+        self.member_calls += 1
+        shape = np.asarray(volume.shape)
+        c = np.asarray(CENTRE_FRACTION) * (shape - 1)
+        idx = np.indices(volume.shape).astype(float)
+        parts = []
+        for k in range(self.n):
+            r = ((idx[0] - c[0]) / 6) ** 2 + ((idx[1] - c[1]) / (10 * (1 + self.spread * k))) ** 2 \
+                + ((idx[2] - c[2]) / 5) ** 2
+            lab = np.where(r <= 1, np.where(idx[1] >= c[1], 1, 2), 0)
+            parts.append(np.stack([lab == j for j in range(3)]).astype(np.float32))
+        probs = np.mean(parts, axis=0)
+        labels = probs.argmax(0).astype(np.uint8)
+        return MemberSegmentation(labels, probs, tuple(parts), labels)
+
+
+def test_each_side_gets_a_quality_score_from_the_final_ensemble_pass():
+    image, affine = _blank_head()
+    reg = Registration(np.eye(4), score=-0.4)
+    agent = MemberBlobAgent(spread=0.0)
+    result = segment_wholehead(image, affine, agent, registration=reg, spacing=(1.5, 1.5, 1.5))
+    assert agent.calls == 4 and agent.member_calls == 4  # the ensemble's own passes, nothing extra
+    for side in ("left", "right"):
+        q = result.side(side).quality
+        assert q.score == pytest.approx(1.0) and q.n_members == 5 and not q.flagged
+    assert not any(r.startswith(("left:", "right:")) for r in result.review)
+    d = result.as_dict()
+    assert set(d["quality"]) == {"left", "right"} and d["quality"]["left"]["score"] == pytest.approx(1.0)
+    assert "quality" in result.timings_s
+
+    # members that disagree: each side flagged, the reasons in the review prefixed with the side
+    result = segment_wholehead(image, affine, MemberBlobAgent(spread=0.3), registration=reg)
+    for side in ("left", "right"):
+        q = result.side(side).quality
+        assert q.flagged and q.score < 0.85, q
+        assert any(r.startswith(f"{side}: the model's 5 networks disagree") for r in result.review)
+    # an agent with segment() only: no agreement score, the plain checks of the mask still run
+    result = segment_wholehead(image, affine, BlobAgent(), registration=reg)
+    assert result.left.quality.score is None and result.left.quality.n_members == 1
+    assert not result.left.quality.flagged
+    # the crop-edge and volume checks stay the whole-head review's own (no second sentence for them)
+    assert result.left.quality.reasons == []
+
+
+def test_the_page_gives_one_quality_line_per_side():
+    from hippo.dicom.report import quality_text
+    from hippo.wholehead.page import render_wholehead_report
+
+    image, affine = _blank_head(shape=(60, 70, 60))
+    labels = np.zeros(image.shape, np.uint8)
+    labels[20:24, 30:36, 28:32], labels[36:40, 30:36, 28:32] = 1, 3
+    summary = {"left": {"total_mm3": 100.0}, "right": {"total_mm3": 100.0}, "review": []}
+    plain = render_wholehead_report(image, labels, (1.5,) * 3, summary)
+    q = {"score": 0.93, "flagged": False, "n_members": 5}
+    page = render_wholehead_report(image, labels, (1.5,) * 3, {**summary, "quality": {"left": q, "right": q}})
+    assert page.height == plain.height + 2 * 20 + 8  # one line per side
+    assert quality_text(q).startswith("Segmentation quality score 0.93 (agreement of the model's 5 networks")
+
+
 def test_review_sentences():
     rules = ReviewRules()
     assert volume_reasons("left", 0, 0, rules) == ["no left hippocampus was found"]
@@ -395,7 +465,19 @@ def test_fs_subject_against_freesurfer(agent):
     assert 0.6 * fs_left < result.left.volumes.total_mm3 < fs_left
     assert 0.6 * fs_right < result.right.volumes.total_mm3 < fs_right
     assert result.review == []
+    assert result.left.quality.score > 0.85 and result.right.quality.score > 0.85  # measured 0.92 / 0.93
     assert 1.2e6 < result.etiv_mm3 < 1.6e6  # hippodeep: 1.37e6
+
+
+@pytest.mark.realdata
+def test_inverted_contrast_is_flagged_by_the_quality_score(agent):
+    """The fs_subject scan with its intensities inverted (a stand-in for a wrong, T2-like sequence):
+    both sides' quality flagged, the scan goes to review with the side named."""
+    scan = read_scan(require_wholehead() / SCANS["fs_subject"])
+    result = _segment(agent, scan.array.max() - scan.array, scan.affine)
+    for side in ("left", "right"):
+        assert result.side(side).quality.flagged
+        assert any(r.startswith(f"{side}: ") for r in result.review)
 
 
 @pytest.mark.realdata

@@ -221,6 +221,45 @@ def test_four_segment_seg_and_per_side_sr_are_conformant(head_study, tmp_path):
         make_wholehead_seg(volume.datasets, frames * 2, model_version="t")
 
 
+def test_per_side_quality_groups_carry_the_laterality_and_pass_dciodvfy(head_study, tmp_path):
+    """A "Segmentation quality" group per side (hippo.quality), its finding site with laterality; the
+    flagged side says so and why."""
+    _, manifest = head_study
+    volume = load_series(manifest["files"]["t1_mprage_sag"])
+    labels = _labels(volume.array.shape)
+    seg = make_wholehead_seg(volume.datasets, volume.to_source(labels), model_version="t")
+    sides = {"left": measure_volumes(np.where(labels <= 2, labels, 0), volume.spacing),
+             "right": measure_volumes(np.where(labels > 2, labels - 2, 0), volume.spacing)}
+    reason = "the model's 5 networks disagree on the posterior hippocampus (agreement 0.41, below 0.85)"
+    quality = {"left": {"score": 0.93, "flagged": False, "reasons": []},
+               "right": {"score": 0.41, "flagged": True, "reasons": [reason]}}
+    sr = make_wholehead_sr(volume.datasets, seg, sides, asymmetry_index_percent=1.5, etiv_mm3=1.5e6,
+                           model_version="t", quality=quality, sop_instance_uid=pydicom.uid.generate_uid())
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_problems(path)["errors"] == []
+    groups = {}
+    for group in pydicom.dcmread(path).ContentSequence[-1].ContentSequence:
+        items = list(group.get("ContentSequence", []))
+        ident = [str(i.TextValue) for i in items if "TextValue" in i and str(i.TextValue).startswith("Segmentation quality")]
+        if ident:
+            groups[ident[0]] = items
+    assert set(groups) == {"Segmentation quality, left hippocampus", "Segmentation quality, right hippocampus"}
+    for side, code, other in (("left", LEFT, RIGHT), ("right", RIGHT, LEFT)):
+        items = groups[f"Segmentation quality, {side} hippocampus"]
+        codes = [c for i in items for c in _codes(i)]
+        assert code in codes and other not in codes  # the finding site's laterality
+        score = [float(i.MeasuredValueSequence[0].NumericValue) for i in items if i.ValueType == "NUM"]
+        assert score == [quality[side]["score"]]
+        issues = [str(i.TextValue) for i in items if i.ValueType == "TEXT"
+                  and str(i.ConceptNameCodeSequence[0].CodeValue) == "113010"]  # Quality Issue
+        assert issues == quality[side]["reasons"]
+        assert ("111236" in codes) == (side == "right") and ("111237" in codes) == (side == "left")
+    bare = make_wholehead_sr(volume.datasets, seg, sides, asymmetry_index_percent=None, etiv_mm3=None,
+                             model_version="t")  # without quality: no such group
+    assert "111693" not in _codes(bare)
+
+
 # ------------------------------------------------------------------------------------ real scans, model
 
 REAL = {"example": ("example_brain_t1.nii.gz", "sagittal"), "fs_subject": ("fs_subject/norm.mgz", "axial")}
@@ -256,6 +295,11 @@ def test_deploy_on_a_real_whole_head_study_matches_predict(name, tmp_path):
         assert 1500 < ours < 5000
     record = json.loads(Path(outcome.files["result_json"]).read_text())
     assert record["kind"] == "wholehead" and set(record["volumes"]) >= {"left", "right", "etiv_mm3"}
+    # each side's segmentation quality (hippo.quality): in result.json and as a group in the SR
+    assert {s: record["quality"][s]["flagged"] for s in ("left", "right")} == {"left": False, "right": False}
+    assert all(record["quality"][s]["score"] > 0.85 for s in ("left", "right")), record["quality"]
+    sr_text = [str(e.value) for e in pydicom.dcmread(outcome.files["sr"]).iterall() if e.keyword == "TextValue"]
+    assert {"Segmentation quality, left hippocampus", "Segmentation quality, right hippocampus"} <= set(sr_text)
     for key in ("report_sc", "seg", "sr"):
         problems = dciodvfy_problems(outcome.files[key])
         assert problems["errors"] == [], (key, problems)
@@ -296,11 +340,11 @@ def test_ohif_overlays_the_four_segment_seg_on_the_whole_head_series(tmp_path, c
     then scrolled to the hippocampi)."""
     import logging
 
-    from test_viewer import (OHIF_DIST, _chrome, _chromium, _dicomweb_plugin, _free_port, _Orthanc, _serving,
-                             _viewport_stats)
+    from test_viewer import OHIF_DIST, _chrome, _chromium, _dicomweb_plugin, _Orthanc, _serving, _viewport_stats
 
     from hippo.deploy.pipeline import build_processor
     from hippo.network import viewer
+    from hippo.network.orthanc import free_port
     from hippo.network.viewer import app_config_js, fetch_ohif, make_server
 
     scan = WHOLEHEAD / "chris_t1.nii.gz"
@@ -319,7 +363,7 @@ def test_ohif_overlays_the_four_segment_seg_on_the_whole_head_series(tmp_path, c
     assert outcome.status in ("ok", "review"), outcome.error
     seg_uid = str(pydicom.dcmread(outcome.files["seg"], stop_before_pixels=True).SeriesInstanceUID)
 
-    port = _free_port()
+    port = free_port()
     orthanc = _Orthanc(tmp_path / "orthanc", plugin, port)
     caplog.set_level(logging.DEBUG, logger="hippo.network.viewer")  # the proxy logs each request
     try:

@@ -148,6 +148,8 @@ def assess_quality(
     unprocessed_labels: np.ndarray | None = None,
     rules: PlausibilityRules | None = None,
     volumes_mm3: Mapping[str, float] | None = None,
+    check_edge: bool = True,
+    check_volumes: bool = True,
 ) -> QualityAssessment:
     """Score one segmentation and list the reasons to review it.
 
@@ -165,6 +167,10 @@ def assess_quality(
         volumes_mm3: the measured ``anterior_mm3``, ``posterior_mm3``, ``total_mm3`` to check against
             those ranges (default: counted from ``labels`` with ``spacing_mm``; give them when the
             volume was measured on another grid, e.g. after resampling back to the series).
+        check_edge, check_volumes: ``False`` leaves the edge check or the volume-range check out of
+            the reasons (``edge_voxels`` is still counted), for a caller with its own check of the
+            same thing in its own words (the whole-head path: a mask on its crop's edge and each
+            side's volumes are :func:`hippo.wholehead.segment.segment_wholehead`'s review checks).
 
     Raises:
         ValueError: arrays of mismatched shapes.
@@ -211,7 +217,7 @@ def assess_quality(
             reasons.append(f"the {name} hippocampus is split into {n} pieces (the largest holds "
                            f"{100 * frac:.0f} % of it)")
     out.edge_voxels = _edge_voxels(labels)
-    if out.edge_voxels > rules.max_edge_voxels:
+    if check_edge and out.edge_voxels > rules.max_edge_voxels:
         reasons.append(f"the segmentation touches the edge of the image ({out.edge_voxels} voxels): the "
                        "hippocampus may extend beyond the field of view")
     if unprocessed_labels is not None:
@@ -220,10 +226,11 @@ def assess_quality(
         if out.removed_fraction > rules.max_removed_fraction:
             reasons.append(f"{100 * out.removed_fraction:.0f} % of the segmented voxels lay apart from the "
                            "main structure and were removed")
-    if volumes_mm3 is None:
-        n1, n2 = int(np.count_nonzero(labels == 1)), int(np.count_nonzero(labels == 2))
-        volumes_mm3 = {"anterior_mm3": n1 * voxel_mm3, "posterior_mm3": n2 * voxel_mm3,
-                       "total_mm3": (n1 + n2) * voxel_mm3}
-    reasons += assess_volumes(volumes_mm3, rules)
+    if check_volumes:
+        if volumes_mm3 is None:
+            n1, n2 = int(np.count_nonzero(labels == 1)), int(np.count_nonzero(labels == 2))
+            volumes_mm3 = {"anterior_mm3": n1 * voxel_mm3, "posterior_mm3": n2 * voxel_mm3,
+                           "total_mm3": (n1 + n2) * voxel_mm3}
+        reasons += assess_volumes(volumes_mm3, rules)
     out.flagged = bool(reasons)
     return out

@@ -63,7 +63,8 @@ class StudyOutcome:
     volumes: dict[str, Any] = field(default_factory=dict)
     #: always unavailable: no normative reference has been verified (hippo.measure)
     normative: dict[str, Any] = field(default_factory=lambda: {"available": False, "reason": NO_NORMATIVE_REFERENCE})
-    #: the segmentation's quality score and flag (:meth:`hippo.quality.QualityAssessment.as_dict`)
+    #: the segmentation's quality score and flag (:meth:`hippo.quality.QualityAssessment.as_dict`; a
+    #: whole head: one per side, ``{"left": ..., "right": ...}``)
     quality: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     sent: dict[str, int] = field(default_factory=dict)
@@ -330,7 +331,7 @@ class StudyProcessor:
     def _process_wholehead(self, outcome: StudyOutcome, scan, series, t_all: float) -> StudyOutcome:
         """The stages after selection for a whole-head T1 series: both hippocampi
         (:func:`hippo.wholehead.segment.segment_wholehead`), a four-segment SEG, an SR per side with
-        the asymmetry index and eTIV, the whole-head report page as SC, ``result.json``. Raises on
+        the asymmetry index, eTIV and each side's segmentation quality, the whole-head report page as SC, ``result.json``. Raises on
         failure with ``outcome.stage`` naming the stage (:meth:`process` records it)."""
         from hippo.wholehead.page import render_wholehead_report
         from hippo.wholehead.review import ReviewRules
@@ -350,7 +351,7 @@ class StudyProcessor:
         rules = ReviewRules.from_mapping({k: plaus[k] for k in ("anterior_mm3", "posterior_mm3", "total_mm3")
                                           if k in plaus})
         result = segment_wholehead(volume.array, volume.affine, self.agent, spacing=volume.spacing,
-                                   locator=self._locator, rules=rules)
+                                   locator=self._locator, rules=rules, quality_rules=self.plausibility)
         labels = result.labels
         timings["infer"] = time.perf_counter() - t
         timings.update({f"wholehead_{k}": v for k, v in result.timings_s.items()})
@@ -366,6 +367,7 @@ class StudyProcessor:
                            for side in ("left", "right")}
         outcome.volumes["asymmetry_index_percent"] = summary["asymmetry_index_percent"]
         outcome.volumes["etiv_mm3"] = summary["etiv_mm3"]
+        outcome.quality = summary["quality"]  # per side (hippo.quality); flagged sides' reasons are in review
         outcome.review = list(result.review)
         outcome.warnings += list(result.notes)
         timings["measure"] = time.perf_counter() - t
@@ -387,7 +389,8 @@ class StudyProcessor:
         sr = make_wholehead_sr(sources, seg, {"left": result.left.volumes, "right": result.right.volumes},
                                asymmetry_index_percent=result.asymmetry_index, etiv_mm3=result.etiv_mm3,
                                model_version=version, series_number=self.series_numbers["sr"],
-                               series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"))
+                               series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"),
+                               quality=outcome.quality)
         timings["report"] = time.perf_counter() - t
 
         out = self._write_and_send(outcome, series.study_uid, {"report_sc": sc, "seg": seg, "sr": sr}, page)

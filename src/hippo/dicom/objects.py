@@ -276,7 +276,8 @@ NO_UNITS = codes.UCUM.NoUnits  # UCUM "1"
 
 
 def quality_group(quality: Mapping[str, Any], algorithm: hd.sr.AlgorithmIdentification, *,
-                  sop_instance_uid: str | None = None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+                  sop_instance_uid: str | None = None, side: str | None = None
+                  ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """A TID 1501 measurement group "Segmentation quality" (:mod:`hippo.quality`).
 
     Content: the score as Analysis Quality Rating (DCM 111693, unit ``1``, 0-1; left out when the
@@ -289,16 +290,24 @@ def quality_group(quality: Mapping[str, Any], algorithm: hd.sr.AlgorithmIdentifi
         quality: ``score`` (float or None), ``flagged`` (bool), ``reasons`` (list of str).
         algorithm: the Algorithm Identification of the measurements.
         sop_instance_uid: the SR's UID, from which the group's tracking UID is derived (stable).
+        side: ``"left"`` or ``"right"`` for one side of a whole head: the finding site then carries
+            the laterality and the tracking identifier reads "Segmentation quality, left hippocampus".
     """
+    if side not in (None, "left", "right"):
+        raise ValueError(f"side must be 'left', 'right' or None, got {side!r}")
     score = quality.get("score")
+    key, identifier = ("quality", QUALITY_TRACKING_ID) if side is None else \
+        (f"quality-{side}", f"{QUALITY_TRACKING_ID}, {side} hippocampus")
+    site = hd.sr.FindingSite(anatomic_location=HIPPOCAMPUS) if side is None else \
+        hd.sr.FindingSite(anatomic_location=HIPPOCAMPUS, laterality=LEFT if side == "left" else RIGHT)
     measurements = [] if score is None else [
         hd.sr.Measurement(name=QUALITY_SCORE, value=float(score), unit=NO_UNITS, algorithm_id=algorithm)]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", "quality"]) if sop_instance_uid
-            else generate_uid(), identifier=QUALITY_TRACKING_ID),
+            uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", key]) if sop_instance_uid
+            else generate_uid(), identifier=identifier),
         finding_type=HIPPOCAMPUS,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=HIPPOCAMPUS)],
+        finding_sites=[site],
         algorithm_id=algorithm,
         measurements=measurements or None,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(
@@ -471,6 +480,7 @@ def make_wholehead_sr(
     series_description: str = WHOLEHEAD_SR_SERIES_DESCRIPTION,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    quality: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 SR of both hippocampi: per segment of :func:`make_wholehead_seg` a volumetric ROI
     group (TID 1411) whose finding site carries the laterality and the part; per side a group
@@ -480,6 +490,9 @@ def make_wholehead_sr(
     Args:
         volumes: ``{"left": Volumes, "right": Volumes}`` (mm³).
         asymmetry_index_percent, etiv_mm3: ``None`` leaves the item out.
+        quality: ``{"left": QualityAssessment.as_dict(), "right": ...}`` (``WholeHeadResult.as_dict()``'s
+            ``quality``); per side given, a "Segmentation quality" group with laterality follows
+            (:func:`quality_group`).
 
     Raises:
         ValueError: ``seg`` lacks one of segments 1-4, belongs to another study, or a side is missing.
@@ -527,6 +540,9 @@ def make_wholehead_sr(
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking("whole-head", "Both hippocampi and head"), finding_type=HIPPOCAMPUS,
             algorithm_id=algorithm, measurements=extra))
+    for name in ("left", "right"):
+        if quality and quality.get(name) is not None:
+            groups.append(quality_group(quality[name], algorithm, sop_instance_uid=sop_instance_uid, side=name))
     return _measurement_report_sr([seg, *sources], groups, model_version=model_version, series_number=series_number,
                                   series_description=series_description, series_instance_uid=series_instance_uid,
                                   sop_instance_uid=sop_instance_uid)

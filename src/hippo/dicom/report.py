@@ -265,19 +265,26 @@ def _swatch(draw, x, y, colour, size=16):
     draw.rectangle((x, y, x + size, y + size), fill=colour, outline=(60, 60, 60))
 
 
-def _quality_line(draw, y: int, quality: Mapping[str, Any] | None, margin: int, width: int) -> int:
-    """One muted line with the segmentation quality score (:mod:`hippo.quality`); nothing when
-    ``quality`` is ``None``. Returns the next free ``y``."""
-    if not quality:
-        return y
+def quality_text(quality: Mapping[str, Any]) -> str:
+    """The segmentation quality score (:meth:`hippo.quality.QualityAssessment.as_dict`) in one
+    sentence for the report pages, e.g. "Segmentation quality score 0.93 (agreement of the model's 5
+    networks, 1 = identical masks). No quality flag."
+    """
     score, n = quality.get("score"), int(quality.get("n_members") or 1)
     if score is None:
         text = "Segmentation quality: no agreement score (a single network); plain checks of the mask only."
     else:
         text = (f"Segmentation quality score {float(score):.2f} (agreement of the model's {n} networks, "
                 "1 = identical masks).")
-    text += " Flagged for review." if quality.get("flagged") else " No quality flag."
-    return _text_block(draw, (margin, y - 4), text, _font(14), width, fill=_MUTED) + 6
+    return text + (" Flagged for review." if quality.get("flagged") else " No quality flag.")
+
+
+def _quality_line(draw, y: int, quality: Mapping[str, Any] | None, margin: int, width: int) -> int:
+    """One muted line with the segmentation quality score (:func:`quality_text`); nothing when
+    ``quality`` is ``None``. Returns the next free ``y``."""
+    if not quality:
+        return y
+    return _text_block(draw, (margin, y - 4), quality_text(quality), _font(14), width, fill=_MUTED) + 6
 
 
 def _metrics_text(metrics: Any) -> str:

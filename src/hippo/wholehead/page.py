@@ -1,5 +1,6 @@
-"""The whole-head report page (PNG): volumes per side, asymmetry, eTIV, review reasons, and views
-through each hippocampus with the anterior (orange) / posterior (cyan) overlay.
+"""The whole-head report page (PNG): volumes per side, asymmetry, eTIV, each side's segmentation
+quality score, review reasons, and views through each hippocampus with the anterior (orange) /
+posterior (cyan) overlay.
 
 pillow + numpy only. Image conventions as :mod:`hippo.dicom.report`: ``(X, Y, Z)`` arrays in
 closest canonical RAS; views drawn the radiological way (the patient's right on the viewer's left
@@ -15,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from hippo.dicom.report import wrap_text
+from hippo.dicom.report import quality_text, wrap_text
 
 __all__ = ["render_wholehead_report", "write_report_png"]
 
@@ -98,7 +99,8 @@ def render_wholehead_report(image: np.ndarray, labels: np.ndarray, spacing, summ
         image: ``(X, Y, Z)`` scan intensities (closest canonical RAS).
         labels: ``(X, Y, Z)`` combined labels (1/2 left anterior/posterior, 3/4 right).
         spacing: voxel size (mm).
-        summary: ``WholeHeadResult.as_dict()`` (volumes, asymmetry, eTIV, review, notes).
+        summary: ``WholeHeadResult.as_dict()`` (volumes, asymmetry, eTIV, quality per side, review,
+            notes).
         title: the scan's name.
 
     Returns:
@@ -149,6 +151,15 @@ def render_wholehead_report(image: np.ndarray, labels: np.ndarray, spacing, summ
                         f"registration score: {reg.get('score_mattes_mi', float('nan')):.2f}",
            font=_font(16), fill=_TEXT)
     y += 30
+    quality = summary.get("quality") or {}
+    for side in ("left", "right"):  # the segmentation quality score of each side's crop (hippo.quality)
+        if quality.get(side):
+            for line in wrap_text(d, f"{side.capitalize()}: {quality_text(quality[side])}", _font(15),
+                                  PAGE_WIDTH - 2 * margin):
+                d.text((margin, y), line, font=_font(15), fill=_MUTED)
+                y += 20
+    if any(quality.get(side) for side in ("left", "right")):
+        y += 8
     review = list(summary.get("review") or [])
     if review:
         d.text((margin, y), "REVIEW RECOMMENDED", font=_font(18, True), fill=_RED)

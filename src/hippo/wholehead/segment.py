@@ -11,7 +11,9 @@ and an inference agent (:class:`hippo.infer.InferenceAgent` or anything with its
    have theirs) and segment again;
 4. map the crop's class probabilities back onto the scan grid and measure the volumes there
    (mm³ from the scan's voxel size);
-5. review checks in plain words (:mod:`hippo.wholehead.review`).
+5. per side, the segmentation quality score of the final crop (:mod:`hippo.quality`: the ensemble
+   members' agreement from that same pass, :meth:`hippo.infer.InferenceAgent.segment_members`);
+6. review checks in plain words (:mod:`hippo.wholehead.review`, and each side's quality reasons).
 
 Output labels on the scan grid (:data:`LABELS`): 1 left anterior, 2 left posterior, 3 right
 anterior, 4 right posterior hippocampus; per side, masks use the model's 1 anterior, 2 posterior.
@@ -28,6 +30,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from hippo.measure import Volumes, measure_volumes
+from hippo.plausibility import PlausibilityRules
+from hippo.quality import QualityAssessment, assess_quality
 from hippo.wholehead.crops import (CROP_SHAPE, CropGeometry, crop_edge_faces, crop_geometry, probabilities_to_scan,
                                    sample_crop)
 from hippo.wholehead.register import Registration, RegistrationSettings, register_to_template
@@ -70,6 +74,8 @@ class SideResult:
         passes: crops segmented for this side (locator and ensemble).
         settled: the final segmentation's centroid lies within ``settle_mm`` of the crop's centre.
         final_offset_mm: that distance (mm).
+        quality: the final crop's segmentation quality (:func:`hippo.quality.assess_quality`;
+            ``None`` only when built by hand).
     """
 
     side: str
@@ -87,6 +93,7 @@ class SideResult:
     passes: int = 0
     settled: bool = True
     final_offset_mm: float = 0.0
+    quality: QualityAssessment | None = None
 
     def as_dict(self) -> dict[str, Any]:
         v = self.volumes
@@ -115,7 +122,7 @@ class WholeHeadResult:
         spacing: scan voxel size (mm).
         review: reasons in plain words to review this result (empty: nothing flagged).
         notes: remarks that do not call for review.
-        timings_s: seconds per stage: register, crop, infer, map_back, review (and total).
+        timings_s: seconds per stage: register, crop, infer, quality, map_back, review (and total).
     """
 
     left: SideResult
@@ -149,7 +156,8 @@ class WholeHeadResult:
         return self.registration.etiv_mm3
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-able: volumes per side, asymmetry, eTIV, registration, review, timings."""
+        """JSON-able: volumes per side, asymmetry, eTIV, registration, quality per side (``quality``:
+        ``{"left": QualityAssessment.as_dict(), "right": ...}``), review, timings."""
         return {
             "labels": {str(k): v for k, v in LABELS.items()},
             "left": self.left.as_dict(),
@@ -157,6 +165,7 @@ class WholeHeadResult:
             "asymmetry_index_percent": None if self.asymmetry_index is None else round(self.asymmetry_index, 2),
             "etiv_mm3": round(self.etiv_mm3, 0),
             "registration": self.registration.as_dict(),
+            "quality": {s.side: None if s.quality is None else s.quality.as_dict() for s in (self.left, self.right)},
             "spacing_mm": [round(s, 5) for s in self.spacing],
             "review": list(self.review),
             "notes": list(self.notes),
@@ -201,15 +210,25 @@ def locator_agent(agent: Any) -> Any:
                        precision=agent.precision)
 
 
-def _segment_crop(agent: SegmentingAgent, array, affine, geometry, timings: dict[str, float] | None = None):
+def _segment_crop(agent: SegmentingAgent, array, affine, geometry, timings: dict[str, float] | None = None,
+                  members: bool = False):
+    """``(crop, outside fraction, labels, probabilities, member segmentation or None)`` of one crop;
+    ``members``: through ``agent.segment_members`` where it has one (the same single pass, each
+    member's probabilities kept for the quality score)."""
     t = time.perf_counter()
     crop, outside = sample_crop(array, affine, geometry)
     t1 = time.perf_counter()
-    labels, probs = agent.segment(crop, return_probabilities=True)
+    segment_members = getattr(agent, "segment_members", None) if members else None
+    seg = None
+    if segment_members is not None:
+        seg = segment_members(crop)
+        labels, probs = seg.labels, seg.probabilities
+    else:
+        labels, probs = agent.segment(crop, return_probabilities=True)
     if timings is not None:
         timings["crop"] = timings.get("crop", 0.0) + t1 - t
         timings["infer"] = timings.get("infer", 0.0) + time.perf_counter() - t1
-    return crop, outside, np.asarray(labels, np.uint8), np.asarray(probs, np.float32)
+    return crop, outside, np.asarray(labels, np.uint8), np.asarray(probs, np.float32), seg
 
 
 def segment_wholehead(
@@ -227,6 +246,7 @@ def segment_wholehead(
     locator: SegmentingAgent | None = None,
     settle_mm: float = 2.0,
     extra_passes: int = 2,
+    quality_rules: PlausibilityRules | None = None,
 ) -> WholeHeadResult:
     """Segment both hippocampi of a whole-head T1 scan.
 
@@ -253,6 +273,11 @@ def segment_wholehead(
             crop meant to put it (the training crops' centroid position) is re-centred and run
             again with ``agent``, at most ``extra_passes`` times; still unsettled, it is flagged
             for review.
+        quality_rules: the segmentation quality limits (``min_member_agreement``...,
+            :class:`hippo.plausibility.PlausibilityRules`; default its defaults). Each side's final
+            crop is scored by :func:`hippo.quality.assess_quality` from the ensemble's own pass (no
+            extra inference); its reasons go into ``review`` as ``"left: ..."``. The crop-edge and
+            volume-range checks stay this function's own (worded per side).
 
     Returns:
         A :class:`WholeHeadResult`: per-side masks on ``array``'s grid, volumes (mm³), the
@@ -282,7 +307,7 @@ def segment_wholehead(
         registration = register_to_template(array, affine, settings=settings)
     timings["register"] = time.perf_counter() - t
     rotation = registration.rotation
-    timings.update(crop=0.0, infer=0.0, map_back=0.0)
+    timings.update(crop=0.0, infer=0.0, map_back=0.0, quality=0.0)
 
     sides: dict[str, SideResult] = {}
     for side in ("left", "right"):
@@ -295,11 +320,13 @@ def segment_wholehead(
         for attempt in range(1 + planned + max(0, int(extra_passes))):
             final = attempt >= planned  # from here on each result may be the final one
             use = agent if final or loc is None else loc
-            crop, outside, labels, probs = _segment_crop(use, array, affine, geometry, timings)
+            crop, outside, labels, probs, members = _segment_crop(use, array, affine, geometry, timings,
+                                                                  members=use is agent)
             passes += 1
             centre = _centroid(labels)
             if centre is None and use is not agent:  # the locator found nothing: ask the ensemble
-                crop, outside, labels, probs = _segment_crop(agent, array, affine, geometry, timings)
+                crop, outside, labels, probs, members = _segment_crop(agent, array, affine, geometry, timings,
+                                                                      members=True)
                 centre, loc, final = _centroid(labels), None, True
                 passes += 1
             if centre is None:
@@ -312,6 +339,12 @@ def segment_wholehead(
             geometry = crop_geometry(rotation, target, side, shape=crop_shape)
             shift += offset
             timings["crop"] += time.perf_counter() - t
+        t = time.perf_counter()
+        quality = assess_quality(
+            labels, (geometry.spacing_mm,) * 3, probabilities=probs, rules=quality_rules, check_edge=False,
+            check_volumes=False, **({} if members is None else {
+                "member_probabilities": members.member_probabilities, "unprocessed_labels": members.unprocessed_labels}))
+        timings["quality"] += time.perf_counter() - t
         t = time.perf_counter()
         sub, box = probabilities_to_scan(probs, geometry, array.shape, affine, keep=labels > 0, method=map_back)
         full = np.zeros(array.shape, np.uint8)
@@ -328,7 +361,8 @@ def segment_wholehead(
             geometry=geometry, crop_image=crop, crop_labels=labels, centroid_scan_mm=centroid_scan,
             centroid_mni=None if centroid_scan is None else registration.to_mni(centroid_scan),
             edge_faces=crop_edge_faces(labels, side), outside_fraction=outside, refine_shift_mm=shift,
-            passes=passes, settled=centre is not None and offset <= settle_mm, final_offset_mm=offset)
+            passes=passes, settled=centre is not None and offset <= settle_mm, final_offset_mm=offset,
+            quality=quality)
         timings["map_back"] += time.perf_counter() - t
 
     t = time.perf_counter()
@@ -363,6 +397,8 @@ def _review(sides: dict[str, SideResult], registration: Registration, shape, aff
         if s.edge_faces and s.volumes.total_mm3 > 0:
             review.append(f"the {side} hippocampus mask touches the {', '.join(s.edge_faces)} edge(s) of its crop: "
                           "part of it may be cut off or the crop mislocated")
+        if s.quality is not None:
+            review.extend(f"{side}: {r}" for r in s.quality.reasons)
     ai = asymmetry_index(sides["left"].volumes.total_mm3, sides["right"].volumes.total_mm3)
     if ai is not None and sides["left"].volumes.total_mm3 > 0 and sides["right"].volumes.total_mm3 > 0 \
             and abs(ai) > rules.max_asymmetry_percent:
