@@ -35,6 +35,7 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DEB_PACKAGES); \
 	fi
 
+# after the install: about 1 min on 2 idle cores, 2.8 min with another training run on them
 demo: setup
 	bash scripts/demo.sh $(BIN)/python
 

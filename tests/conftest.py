@@ -144,3 +144,19 @@ def synthetic_crop_pair(root: Path) -> tuple[Path, Path]:
     label[12:22, 25:38, 12:22] = 2
     image = (rng.normal(60, 10, shape) + 80 * (label > 0)).clip(0).astype(np.float32)
     return write_nifti(root / "image.nii.gz", image), write_nifti(root / "label.nii.gz", label)
+
+
+@pytest.fixture
+def storage_scp():
+    """A factory of ``fakes.StorageSCP`` (same keywords) on loopback; stops each one at teardown."""
+    from fakes import StorageSCP
+
+    made: list[StorageSCP] = []
+
+    def make(*args, **kwargs) -> StorageSCP:
+        made.append(StorageSCP(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for scp in made:
+        scp.stop()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from omegaconf import OmegaConf
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import (ALL_TRANSFER_SYNTAXES, AE, PYNETDICOM_IMPLEMENTATION_UID,
-                        PYNETDICOM_IMPLEMENTATION_VERSION, evt)
+                        PYNETDICOM_IMPLEMENTATION_VERSION)
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, CTImageStorage, MRImageStorage,
                                   SecondaryCaptureImageStorage, SegmentationStorage, Verification)
 
@@ -250,51 +249,14 @@ def test_listener_c_store_statuses_are_documented(tables):
 
 
 # ----------------------------------------------------------------------------------------------
-# What the senders propose (captured by a Storage SCP on loopback)
-
-
-class CapturingSCP:
-    """Accepts the given SOP classes (any transfer syntax) and records every A-ASSOCIATE-RQ."""
-
-    def __init__(self, sop_classes) -> None:
-        self.port = free_port()
-        self.requests: list[dict] = []
-        self._lock = threading.Lock()
-        ae = AE(ae_title="ORTHANC")
-        for uid in sop_classes:
-            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_REQUESTED, self._on_request),
-                                                    (evt.EVT_C_STORE, lambda event: 0x0000)])
-
-    def _on_request(self, event) -> None:
-        rq = event.assoc.requestor
-        with self._lock:
-            self.requests.append({
-                "contexts": [(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
-                             for cx in rq.requested_contexts],
-                "implementation_class_uid": rq.implementation_class_uid,
-                "implementation_version_name": rq.implementation_version_name,
-                "maximum_length": rq.maximum_length,
-            })
-
-    def stop(self) -> None:
-        self.server.shutdown()
+# What the senders propose (captured by a Storage SCP on loopback, tests/fakes.py)
 
 
 @pytest.fixture
-def scp():
-    made = []
-
-    def make(sop_classes=()):
-        s = CapturingSCP(sop_classes)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop()
+def scp(storage_scp):
+    """``scp(sop_classes)``: a Storage SCP accepting them (any transfer syntax) that records every
+    A-ASSOCIATE-RQ (``association_requests``)."""
+    return lambda sop_classes=(): storage_scp(sop_classes=sop_classes, transfer_syntaxes=ALL_TRANSFER_SYNTAXES)
 
 
 def _result_like(sop_class: str) -> Dataset:
@@ -318,7 +280,7 @@ def test_result_sender_contexts_are_documented(tables, scp):
     peer = scp(results)
     report = send([_result_like(c) for c in results], PacsConfig(port=peer.port, retries=0, timeout=10))
     assert report.ok, report
-    (request,) = peer.requests
+    (request,) = peer.association_requests
     documented = tables["sender-storage-contexts"]
     assert _flatten(request["contexts"]) == _pairs(documented)
     for ab, tss in request["contexts"]:  # one context per SOP class, both uncompressed syntaxes in it
@@ -347,7 +309,7 @@ def test_result_sender_contexts_are_documented(tables, scp):
 def test_echo_contexts_are_documented(tables, scp):
     peer = scp()
     assert echo(PacsConfig(port=peer.port, retries=0, timeout=10))
-    (request,) = peer.requests
+    (request,) = peer.association_requests
     assert _flatten(request["contexts"]) == _pairs(tables["sender-verification-contexts"])
 
 
@@ -362,7 +324,7 @@ def test_scanner_contexts_are_documented(tables, scp, tmp_path):
     peer = scp((MRImageStorage, CTImageStorage))
     result = send_study(tmp_path / "study", "127.0.0.1", peer.port, called_ae="ORTHANC", timeout_s=10)
     assert result["failed"] == 0, result
-    (request,) = peer.requests
+    (request,) = peer.association_requests
     assert _flatten(request["contexts"]) == _pairs(tables["scanner-storage-contexts"])
     assert {r["SOP Class UID"] for r in tables["network-services"] if r["SCU"] == "Yes"} == (
         {r["Abstract Syntax UID"] for r in tables["sender-storage-contexts"] + tables["scanner-storage-contexts"]

@@ -14,6 +14,7 @@ import pytest
 from conftest import require_real_data, tiny_pair
 from hippo.data.datamodule import HippocampusDataModule, cross_validation_fold, load_cases, split_by_volume
 from hippo.data.nifti import CaseError, find_pairs
+from hippo.data.pairs import UNPAIRED, select_pairs
 from hippo.preprocessing import pad_or_crop
 from hippo.data.synthetic import generate_dataset
 
@@ -244,6 +245,56 @@ def test_slice_axis_1(syn: Path) -> None:
     assert dm.preprocessing["slice_axis"] == 1
     depths = [_raw(syn, "imagesTr", n).shape[1] for n in dm.split["train"]]
     assert len(dm._datasets["train"]) == sum(depths)
+
+# ---- select_pairs (shared by the data module and hippo.eval) ------------------------------------
+
+
+@pytest.fixture
+def paired_root(tmp_path: Path) -> Path:
+    """Three pairs, an image without a label and a label without an image."""
+    root = tmp_path / "pairs"
+    for i in (1, 2, 3, 4):
+        tiny_pair(root, name=f"hippocampus_{i:03d}", seed=i)
+    (root / "labelsTr" / "hippocampus_004.nii.gz").rename(root / "labelsTr" / "hippocampus_009.nii.gz")
+    return root
+
+
+def test_select_pairs_scans_and_reports_unpaired_files(paired_root: Path, caplog) -> None:
+    pairs, skipped = select_pairs(paired_root)
+    assert [p.name for p in pairs] == ["hippocampus_001", "hippocampus_002", "hippocampus_003"]
+    assert pairs[0].image == paired_root / "imagesTr" / "hippocampus_001.nii.gz"
+    assert pairs[0].label == paired_root / "labelsTr" / "hippocampus_001.nii.gz"
+    assert skipped == [{"file": str(paired_root / "imagesTr" / "hippocampus_004.nii.gz"), "problem": UNPAIRED},
+                       {"file": str(paired_root / "labelsTr" / "hippocampus_009.nii.gz"), "problem": UNPAIRED}]
+    assert sum("skipping unpaired file" in r.getMessage() for r in caplog.records) == 2
+    dm = _dm(paired_root, None)             # the data module skips (and lists) the same files
+    dm.setup()
+    assert sorted(dm.cases) == [p.name for p in pairs] and dm.skipped == skipped
+
+
+def test_select_pairs_with_a_manifest_and_a_split_file(paired_root: Path, tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"root": str(paired_root), "cases": [
+        {"name": n, "image": f"imagesTr/{n}.nii.gz", "label": f"labelsTr/{n}.nii.gz"}
+        for n in ("hippocampus_003", "hippocampus_001")]}))
+    pairs, skipped = select_pairs(tmp_path / "elsewhere", manifest=manifest)    # root is not scanned
+    assert [p.name for p in pairs] == ["hippocampus_003", "hippocampus_001"] and skipped == []
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["hippocampus_001", "hippocampus_002"], "val": [],
+                                 "test": ["hippocampus_003", "hippocampus_077"]}))
+    pairs, skipped = select_pairs(paired_root, split_file=split)                # split_part="test"
+    assert [p.name for p in pairs] == ["hippocampus_003"] and len(skipped) == 2
+    pairs, _ = select_pairs(paired_root, split_file=split, split_part="train")
+    assert [p.name for p in pairs] == ["hippocampus_001", "hippocampus_002"]
+    pairs, _ = select_pairs(paired_root, manifest=manifest, split_file=split, split_part="train")
+    assert [p.name for p in pairs] == ["hippocampus_001"]
+    with pytest.raises(ValueError, match=r"split.json: has no 'holdout' list \(keys: \['test', 'train', 'val'\]\)"):
+        select_pairs(paired_root, split_file=split, split_part="holdout")
+    with pytest.raises(ValueError, match=r"split.json: none of its 'val' cases are under"):
+        select_pairs(paired_root, split_file=split, split_part="val")
+    with pytest.raises(FileNotFoundError, match="data directory does not exist"):
+        select_pairs(tmp_path / "nowhere")
+
 
 # ---- prepare_data -----------------------------------------------------------------------------
 

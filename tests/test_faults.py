@@ -74,7 +74,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -85,11 +84,12 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, MRImageStorage, SecondaryCaptureImageStorage,
-                                  SegmentationStorage, Verification)
+                                  SegmentationStorage)
 
 from conftest import ANY_VOLUME_OVERRIDES, REAL_DATA, synthetic_crop_pair
+from fakes import StorageSCP, wait_for
 from hippo.fileio import write_bytes_atomic, write_json_atomic
 from hippo.network.study_folders import instances as _instances
 from hippo.pacs import Outbox, PacsConfig, deliver, echo
@@ -100,73 +100,7 @@ from conftest import local_non_loopback_ip
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = 1.0
 SC, SEG, SR = SecondaryCaptureImageStorage, SegmentationStorage, Comprehensive3DSRStorage
-RESULT_CLASSES = {SC, SEG, SR}
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def _wait(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-class FakeOrthanc:
-    """A Storage SCP (AE ORTHANC) on loopback.
-
-    ``stored`` lists ``(StudyUID, SOPClassUID, SOPInstanceUID)`` of what it *kept*; ``requests``
-    every C-STORE it saw. ``script(record, n)`` (``n``: the 1-based index of the C-STORE in its
-    association) decides the answer: a status code (0 = store), ``"abort"`` (abort the association
-    before storing) or ``"store+abort"`` (store, then abort: the sender never gets the answer). It may
-    also have side effects (kill the sender)."""
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or _free_port()
-        self.stored: list[tuple[str, str, str]] = []
-        self.requests: list[tuple[str, str, str]] = []
-        self.aborted_at: list[str] = []
-        self.script: Callable[[tuple[str, str, str], int], int | str] | None = None
-        self._lock = threading.Lock()
-        ae = AE(ae_title="ORTHANC")
-        for uid in RESULT_CLASSES:
-            ae.add_supported_context(uid)
-        ae.add_supported_context(Verification)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-
-    def _on_store(self, event):
-        ds = event.dataset
-        record = (str(ds.StudyInstanceUID), str(ds.SOPClassUID), str(ds.SOPInstanceUID))
-        n = getattr(event.assoc, "_fake_n", 0) + 1
-        event.assoc._fake_n = n
-        action = self.script(record, n) if self.script else 0x0000
-        with self._lock:
-            self.requests.append(record)
-            if action in (0x0000, "store+abort"):
-                self.stored.append(record)
-            if action in ("abort", "store+abort"):
-                self.aborted_at.append(record[2])
-        if action in ("abort", "store+abort"):
-            event.assoc.abort()
-            return 0xA700
-        return action
-
-    def stored_sops(self, study_uid: str | None = None) -> Counter:
-        with self._lock:
-            return Counter(r[2] for r in self.stored if study_uid is None or r[0] == study_uid)
-
-    def result_classes(self, study_uid: str) -> Counter:
-        """SOP class -> number of *distinct* SOP instances of it stored for the study."""
-        with self._lock:
-            return Counter(cls for cls, _ in {(r[1], r[2]) for r in self.stored if r[0] == study_uid})
-
-    def has_results(self, study_uid: str) -> bool:
-        return set(self.result_classes(study_uid)) >= RESULT_CLASSES
-
-    def stop(self) -> None:
-        self.server.shutdown()
 
 
 def _result_object(sop_class: str, study_uid: str | None = None) -> Dataset:
@@ -197,10 +131,8 @@ def _uids(objs) -> list[str]:
 
 
 @pytest.fixture
-def orthanc():
-    scp = FakeOrthanc()
-    yield scp
-    scp.stop()
+def orthanc(storage_scp):
+    return storage_scp()
 
 
 # ============================================================================================ PACS
@@ -214,7 +146,7 @@ def test_outbox_survives_outage_and_refusal_then_delivers_each_object_once(tmp_p
     assert report.delivered == [] and sorted(report.queued) == sorted(_uids(objs))
     assert sorted(e.sop_instance_uid for e in outbox.pending()) == sorted(_uids(objs))
 
-    pacs = FakeOrthanc(port)  # up, but refusing every SEG (out of resources)
+    pacs = StorageSCP(port)  # up, but refusing every SEG (out of resources)
     try:
         pacs.script = lambda rec, n: 0xA700 if rec[1] == SEG else 0x0000
         flushed = outbox.flush(cfg, sleep=lambda s: None)
@@ -328,7 +260,7 @@ class ListenerProcess:
         with open(self.log_dir / f"listener-{self.starts}.out", "wb") as out:
             self.proc = subprocess.Popen(self.args, cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT)
         cfg = PacsConfig(port=self.port, called_ae="HIPPOAI", calling_ae="ORTHANC", retries=0, timeout=2)
-        _wait(lambda: self.proc.poll() is not None or echo(cfg), timeout=90, what="the listener to answer C-ECHO",
+        wait_for(lambda: self.proc.poll() is not None or echo(cfg), timeout=90, what="the listener to answer C-ECHO",
               interval=0.1)
         assert self.proc.poll() is None, self.logs()[-3000:]
         return self
@@ -439,8 +371,8 @@ def test_listener_killed_while_receiving_resumes_with_one_result_set(listener_pr
     lp.start()  # the restart waits a quiet period before taking the half study ...
     rest = [p for p in files if p not in acked]
     assert _store(lp.port, rest) == rest  # ... and the sender sends what was not acknowledged
-    _wait(lambda: orthanc.has_results(uid), what="results at the fake Orthanc")
-    _wait(lambda: (lp.dir("processed", uid) / "listener.json").is_file(), what="processed/<UID>/listener.json")
+    wait_for(lambda: orthanc.has_results(uid), what="results at the fake Orthanc")
+    wait_for(lambda: (lp.dir("processed", uid) / "listener.json").is_file(), what="processed/<UID>/listener.json")
     time.sleep(2.5)  # anything else it might send would arrive now
     assert orthanc.result_classes(uid) == Counter({SC: 1, SEG: 1, SR: 1})  # exactly one result set
     assert len(orthanc.stored_sops(uid)) == 3
@@ -460,14 +392,14 @@ def test_listener_killed_while_processing_then_same_study_again(listener_process
     report = send_study(folder, "127.0.0.1", lp.port, called_ae="HIPPOAI", calling_ae="HIPPOSCANNER", timeout_s=10)
     assert report["failed"] == 0
     work = lp.dir("work", uid)
-    _wait(lambda: work.is_dir() and any(work.glob("*.dcm")), timeout=30, interval=0.002,
+    wait_for(lambda: work.is_dir() and any(work.glob("*.dcm")), timeout=30, interval=0.002,
           what="the study in work/")
     lp.kill()  # the pipeline is running on it
     assert not orthanc.stored and not lp.dir("processed", uid).exists()
 
     lp.start()  # work/ -> incoming/ -> processed again
-    _wait(lambda: orthanc.has_results(uid), what="results after the restart")
-    _wait(lambda: (lp.dir("processed", uid) / "listener.json").is_file(), what="processed/<UID>/listener.json")
+    wait_for(lambda: orthanc.has_results(uid), what="results after the restart")
+    wait_for(lambda: (lp.dir("processed", uid) / "listener.json").is_file(), what="processed/<UID>/listener.json")
     all_names = {f"{pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID}.dcm"
                  for p in folder.rglob("*.dcm")}
     assert _names(lp.dir("processed", uid)) == all_names
@@ -476,7 +408,7 @@ def test_listener_killed_while_processing_then_same_study_again(listener_process
 
     # the same study again, after completion: skipped, no new results
     send_study(folder, "127.0.0.1", lp.port, called_ae="HIPPOAI", calling_ae="ORTHANC", timeout_s=10)
-    _wait(lambda: "all {} instance(s) already processed".format(len(all_names)) in lp.logs(), timeout=30,
+    wait_for(lambda: "all {} instance(s) already processed".format(len(all_names)) in lp.logs(), timeout=30,
           what="the repeated study to be skipped")
     assert orthanc.result_classes(uid) == Counter({SC: 1, SEG: 1, SR: 1})
     assert len(orthanc.stored) == 3
@@ -498,14 +430,14 @@ def test_listener_killed_after_sending_results_gives_no_second_result_set(listen
 
     orthanc.script = kill_on_sr
     send_study(folder, "127.0.0.1", lp.port, called_ae="HIPPOAI", calling_ae="HIPPOSCANNER", timeout_s=10)
-    _wait(lambda: lp.proc.poll() is not None, timeout=60, what="the listener killed by the PACS")
+    wait_for(lambda: lp.proc.poll() is not None, timeout=60, what="the listener killed by the PACS")
     first = orthanc.stored_sops(uid)
     assert orthanc.result_classes(uid) == Counter({SC: 1, SEG: 1, SR: 1})
     assert lp.dir("work", uid).is_dir() and not lp.dir("processed", uid).exists()  # not recorded
 
     lp.start()  # redoes the study (documented restart rule) and re-sends its results
-    _wait(lambda: (lp.dir("processed", uid) / "listener.json").is_file(), what="processed/<UID>/listener.json")
-    _wait(lambda: sum(orthanc.stored_sops(uid).values()) >= 6, timeout=10, what="the re-sent results")
+    wait_for(lambda: (lp.dir("processed", uid) / "listener.json").is_file(), what="processed/<UID>/listener.json")
+    wait_for(lambda: sum(orthanc.stored_sops(uid).values()) >= 6, timeout=10, what="the re-sent results")
     assert lp.stop() == 0
     # at-least-once with the same SOP instances: the PACS holds one result set
     assert orthanc.stored_sops(uid) == Counter({u: 2 for u in first})
@@ -590,7 +522,7 @@ def test_atomic_write_crash_before_rename_leaves_only_a_hidden_temporary(tmp_pat
     outbox = Outbox(root)
     assert outbox.pending() == [] and len(outbox) == 0
     assert _instances(root) == []  # the listener's rule for incoming/ and work/ skips it too
-    pacs = FakeOrthanc()
+    pacs = StorageSCP()
     try:
         assert outbox.flush(PacsConfig(port=pacs.port, retries=0, timeout=5)).results == []
         assert pacs.requests == []
@@ -626,7 +558,7 @@ def test_listener_process_binds_loopback_refuses_unknown_aes_and_never_logs_pati
     assert not echo(PacsConfig(port=lp.port, called_ae="NOTHIPPO", calling_ae="ORTHANC", retries=0, timeout=5))
 
     send_study(folder, "127.0.0.1", lp.port, called_ae="HIPPOAI", calling_ae="HIPPOSCANNER", timeout_s=10)
-    _wait(lambda: orthanc.has_results(uid), what="results")
+    wait_for(lambda: orthanc.has_results(uid), what="results")
     assert lp.stop() == 0
     logs = lp.logs()
     assert f"study {uid}: ok" in logs and "rejected" in logs

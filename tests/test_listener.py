@@ -1,6 +1,6 @@
 """The AI listener (hippo.network.listener) on loopback, no Orthanc needed: a pynetdicom Storage SCP
-plays Orthanc and records what comes back; the scanner emulator sends studies; a small random
-UNet runs the real pipeline.
+(tests/fakes.py) plays Orthanc and records what comes back; the scanner emulator sends studies; a
+small random UNet runs the real pipeline.
 
 Covered: a study in -> SC, SEG, SR back to "Orthanc" and the inputs in processed/; a study arriving
 while another is processed is queued, not lost; an instance re-sent while its study is processed is
@@ -22,18 +22,17 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import (Comprehensive3DSRStorage, KeyObjectSelectionDocumentStorage,
-                                  SecondaryCaptureImageStorage, SegmentationStorage, Verification)
+from pynetdicom import AE
+from pynetdicom.sop_class import KeyObjectSelectionDocumentStorage, SecondaryCaptureImageStorage
 
 from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES, REAL_DATA, synthetic_crop_pair
+from fakes import RESULT_CLASSES, wait_for
 from hippo.network.listener import STATUS_INVALID_UID, STATUS_OUT_OF_RESOURCES, Listener
 from hippo.pacs import Outbox, PacsConfig, echo
 from hippo.scanner import ScannerSendError, send_study, write_study
@@ -41,48 +40,6 @@ from hippo.network.orthanc import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = 0.5
-RESULT_CLASSES = {SecondaryCaptureImageStorage, SegmentationStorage, Comprehensive3DSRStorage}
-
-
-def _wait(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-class FakeOrthanc:
-    """A Storage SCP (AE ORTHANC) on loopback recording (StudyUID, SOPClassUID, SOPInstanceUID, calling AE)."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.received: list[tuple[str, str, str, str]] = []
-        self._lock = threading.Lock()
-        ae = AE(ae_title="ORTHANC")
-        for uid in (*RESULT_CLASSES, KeyObjectSelectionDocumentStorage):
-            ae.add_supported_context(uid)
-        ae.add_supported_context(Verification)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-
-    def _on_store(self, event):
-        ds = event.dataset
-        with self._lock:
-            self.received.append((str(ds.StudyInstanceUID), str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                                  event.assoc.requestor.ae_title))
-        return 0x0000
-
-    def for_study(self, study_uid: str) -> list[tuple[str, str, str, str]]:
-        with self._lock:
-            return [r for r in self.received if r[0] == study_uid]
-
-    def has_results(self, study_uid: str) -> bool:
-        return {r[1] for r in self.for_study(study_uid)} >= RESULT_CLASSES
-
-    def stop(self) -> None:
-        self.server.shutdown()
 
 
 # --------------------------------------------------------------------------------------- fixtures
@@ -114,10 +71,9 @@ def make_study(nifti_case, tmp_path_factory):
 
 
 @pytest.fixture
-def orthanc():
-    scp = FakeOrthanc()
-    yield scp
-    scp.stop()
+def orthanc(storage_scp):
+    """The fake Orthanc: takes the results (and the key object the listener may send)."""
+    return storage_scp(sop_classes=(*RESULT_CLASSES, KeyObjectSelectionDocumentStorage))
 
 
 @pytest.fixture
@@ -169,7 +125,7 @@ def test_study_is_processed_and_results_reach_the_pacs(make_listener, make_study
     report = _send(listener, folder)
     assert report["failed"] == 0 and report["sent"] == report["total"] > 35
 
-    _wait(lambda: orthanc.has_results(uid), what="SC, SEG and SR at the fake Orthanc")
+    wait_for(lambda: orthanc.has_results(uid), what="SC, SEG and SR at the fake Orthanc")
     assert listener.wait_idle(30)
     got = orthanc.for_study(uid)
     assert sorted(r[1] for r in got) == sorted(RESULT_CLASSES) and {r[3] for r in got} == {"HIPPOAI"}
@@ -235,12 +191,12 @@ def test_studies_arriving_during_processing_are_queued_not_lost(make_listener, m
     for p in sorted(fa.glob("*.dcm"))[:4]:
         shutil.copy(p, again / p.name)
     _send(listener, again)
-    _wait(lambda: ub in listener.status()["queued"] and ua in listener.status()["receiving"], timeout=10,
+    wait_for(lambda: ub in listener.status()["queued"] and ua in listener.status()["receiving"], timeout=10,
           what="B queued and A's re-sent instances waiting")
     assert _sop_names(listener.incoming_dir / ua) == _sop_names(again)
     release.set()
 
-    _wait(lambda: orthanc.has_results(ua) and orthanc.has_results(ub), what="results of both studies")
+    wait_for(lambda: orthanc.has_results(ua) and orthanc.has_results(ub), what="results of both studies")
     assert listener.wait_idle(30)
     assert calls == [ua, ub]                        # A once, B once; the re-sent A was not reprocessed
     assert len(orthanc.for_study(ua)) == 3 and len(orthanc.for_study(ub)) == 3
@@ -311,7 +267,7 @@ def test_restart_resumes_incoming_and_interrupted_work(make_listener, make_study
     pending.StudyInstanceUID, pending.Modality = generate_uid(), "OT"
     Outbox(listener.outbox_dir).put(pending, PacsConfig(port=orthanc.port, called_ae="ORTHANC", calling_ae="HIPPOAI"))
     listener.start()
-    _wait(lambda: orthanc.has_results(uc) and orthanc.has_results(ud), what="results of the resumed studies")
+    wait_for(lambda: orthanc.has_results(uc) and orthanc.has_results(ud), what="results of the resumed studies")
     assert listener.wait_idle(30)
     assert listener.status()["counts"]["studies_resumed"] == 2
     assert [r[2] for r in orthanc.for_study(pending.StudyInstanceUID)] == [pending.SOPInstanceUID]
@@ -333,7 +289,7 @@ def test_same_study_twice_and_our_results_coming_back_give_one_set_of_results(ma
     uid = manifest["study_instance_uid"]
     listener = make_listener().start()
     _send(listener, folder)
-    _wait(lambda: orthanc.has_results(uid), what="results")
+    wait_for(lambda: orthanc.has_results(uid), what="results")
     assert listener.wait_idle(30)
     record = (listener.processed_dir / uid / "listener.json").read_bytes()
 
@@ -364,13 +320,13 @@ def test_failed_study_is_kept_and_merged_when_completed(make_listener, make_stud
             shutil.copy(p, target / Path(p).name)
     listener = make_listener().start()
     _send(listener, part1)  # no HippoCrop series yet: the pipeline fails at ingest
-    _wait(lambda: (listener.failed_dir / uid / "error.json").is_file(), what="failed study")
+    wait_for(lambda: (listener.failed_dir / uid / "error.json").is_file(), what="failed study")
     error = json.loads((listener.failed_dir / uid / "error.json").read_text())
     assert error["status"] == "failed" and error["stage"] == "ingest" and "HippoCrop" in error["error"]
     assert not orthanc.for_study(uid)
 
     _send(listener, part2)  # the rest arrives later: merged with the failed part, processed
-    _wait(lambda: orthanc.has_results(uid), what="results after completion")
+    wait_for(lambda: orthanc.has_results(uid), what="results after completion")
     assert listener.wait_idle(30)
     assert _sop_names(listener.processed_dir / uid) == _sop_names(part1) | _sop_names(part2)
     assert not (listener.failed_dir / uid).exists()
@@ -408,7 +364,7 @@ def test_listen_entrypoint_runs_until_sigterm(tmp_path, model_file):
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         cfg = PacsConfig(port=port, called_ae="HIPPOAI", calling_ae="ORTHANC", retries=0, timeout=2)
-        _wait(lambda: proc.poll() is not None or echo(cfg), timeout=60, what="the listener to answer C-ECHO")
+        wait_for(lambda: proc.poll() is not None or echo(cfg), timeout=60, what="the listener to answer C-ECHO")
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
@@ -461,7 +417,7 @@ def test_outbox_is_retried_on_a_timer_not_only_when_a_study_comes(make_listener,
     pending.StudyInstanceUID, pending.Modality = generate_uid(), "OT"
     Outbox(listener.outbox_dir).put(pending, PacsConfig(port=orthanc.port, called_ae="ORTHANC", calling_ae="HIPPOAI"))
     listener.start()
-    _wait(lambda: listener.status()["outbox_pending"] == 0, timeout=20, what="the outbox to drain on its own")
+    wait_for(lambda: listener.status()["outbox_pending"] == 0, timeout=20, what="the outbox to drain on its own")
     assert [r[2] for r in orthanc.for_study(pending.StudyInstanceUID)] == [pending.SOPInstanceUID]
 
 
@@ -491,12 +447,12 @@ def test_series_sent_in_two_bursts_gives_one_result_of_the_whole_series(make_lis
     first, rest = _two_bursts(files, tmp_path)
     listener = make_listener().start()
     assert _send(listener, first)["failed"] == 0
-    _wait(lambda: (listener.failed_dir / uid / "error.json").exists(), what="the partial series to wait in failed/")
+    wait_for(lambda: (listener.failed_dir / uid / "error.json").exists(), what="the partial series to wait in failed/")
     error = json.loads((listener.failed_dir / uid / "error.json").read_text())
     assert f"incomplete: 20 of {len(files)} instances" in error["error"]
     assert not orthanc.for_study(uid)  # nothing measured from part of the series
     assert _send(listener, rest)["failed"] == 0
-    _wait(lambda: orthanc.has_results(uid), what="the result of the whole series")
+    wait_for(lambda: orthanc.has_results(uid), what="the result of the whole series")
     assert listener.wait_idle(30)
     got = orthanc.for_study(uid)
     assert sorted(r[1] for r in got) == sorted(RESULT_CLASSES)  # one result set, not two
@@ -514,11 +470,11 @@ def test_new_result_of_a_study_rejects_the_earlier_one_the_iocm_way(make_listene
     first, rest = _two_bursts(files, tmp_path, drop=("ImagesInAcquisition",))  # nothing says more is coming
     listener = make_listener().start()
     assert _send(listener, first)["failed"] == 0
-    _wait(lambda: orthanc.has_results(uid), what="the result of the first part")
+    wait_for(lambda: orthanc.has_results(uid), what="the result of the first part")
     assert listener.wait_idle(30)
     earlier = {r[2] for r in orthanc.for_study(uid)}
     assert _send(listener, rest)["failed"] == 0
-    _wait(lambda: any(r[1] == KeyObjectSelectionDocumentStorage for r in orthanc.for_study(uid)),
+    wait_for(lambda: any(r[1] == KeyObjectSelectionDocumentStorage for r in orthanc.for_study(uid)),
           what="the rejection note")
     assert listener.wait_idle(30)
     got = orthanc.for_study(uid)

@@ -16,16 +16,16 @@ import http.client
 import json
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from fakes import StorageSCP, wait_until
 from hippo.data.synthetic import make_case
 from hippo.network import orthanc as orth
 from hippo.network.orthanc import (OrthancClient, OrthancError, OrthancSettings, build_config, ensure_credentials,
@@ -276,52 +276,13 @@ def test_access_filter_decisions_in_lua() -> None:
 # A real Orthanc
 
 
-class FakeAI:
-    """A Storage SCP standing in for the AI listener: records (calling AE, study, series, SOP,
-    SeriesDescription) of every instance it receives."""
-
-    def __init__(self, port: int, ae_title: str = "HIPPOAI") -> None:
-        self.port = port
-        self.received: list[tuple[str, str, str, str, str]] = []
-        self.lock = threading.Lock()
-        ae = AE(ae_title=ae_title)
-        ae.require_called_aet = True
-        ae.supported_contexts = StoragePresentationContexts
-        ae.add_supported_context(Verification)
-        self.server = ae.start_server(("127.0.0.1", port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-
-    def _on_store(self, event):
-        ds = event.dataset
-        with self.lock:
-            self.received.append((str(event.assoc.requestor.ae_title).strip(), str(ds.StudyInstanceUID),
-                                  str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
-                                  str(ds.get("SeriesDescription", ""))))
-        return 0x0000
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.received)
-
-    def shutdown(self) -> None:
-        self.server.shutdown()
-
-
-def _wait(predicate, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
-
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
-    """A running Orthanc (StableAge 2 s, routing to a FakeAI) -> (settings, proc, client, fake_ai, dir)."""
+    """A running Orthanc (StableAge 2 s, routing to a fake AI listener: a ``fakes.StorageSCP``)
+    -> (settings, proc, client, fake_ai, dir)."""
     if find_orthanc() is None:
         pytest.skip("Orthanc is not installed (Debian: apt-get install orthanc orthanc-dicomweb)")
-    ai = FakeAI(free_port())
+    ai = StorageSCP(ae_title="HIPPOAI", sop_classes=(), all_storage=True, require_called_aet=True)
     base = tmp_path_factory.mktemp("orthanc")
     settings = OrthancSettings(
         dicom_port=free_port(), http_port=free_port(), stable_age=2,
@@ -339,7 +300,7 @@ def pacs(tmp_path_factory):
         yield settings, proc, OrthancClient(settings.http_url, auth=auth), ai, base
     finally:
         stop(proc)
-        ai.shutdown()
+        ai.stop()
 
 
 def _echo(settings: OrthancSettings, calling_ae: str, **kw) -> bool:
@@ -409,16 +370,16 @@ def test_store_and_route_hippocrop_once(pacs, tmp_path: Path) -> None:
         assert len(qido) == 1
 
     # after StableAge the Lua script sends the HippoCrop series (only it) to the fake AI
-    assert _wait(lambda: ai.count() >= crop["n_instances"], 30), \
+    assert wait_until(lambda: ai.count() >= crop["n_instances"], 30), \
         f"routing did not deliver within 30 s; Orthanc log:\n{orth.tail(base / orth.LOG_NAME)}"
     time.sleep(1.0)
     with ai.lock:
-        received = list(ai.received)
+        received = list(ai.stored)
     assert len(received) == crop["n_instances"]
-    assert {r[0] for r in received} == {settings.aet}
-    assert {r[1] for r in received} == {manifest["study_instance_uid"]}
-    assert {r[2] for r in received} == {crop["series_instance_uid"]}
-    assert {r[3] for r in received} == {i["MainDicomTags"]["SOPInstanceUID"] for i in crop_instances}
+    assert {r.calling_ae for r in received} == {settings.aet}
+    assert {r.study for r in received} == {manifest["study_instance_uid"]}
+    assert {r.series for r in received} == {crop["series_instance_uid"]}
+    assert {r.sop_instance for r in received} == {i["MainDicomTags"]["SOPInstanceUID"] for i in crop_instances}
     assert any(study_id in line and "-> hippoai (series" in line
                for line in _log_lines(base, "HippoVolume routing"))
     jobs = [j for j in client.jobs() if j.get("Type") == "DicomModalityStore"]
@@ -444,7 +405,7 @@ def test_store_and_route_hippocrop_once(pacs, tmp_path: Path) -> None:
         return (any(study_id in line and "a result series is already there" in line for line in lines)
                 and any(other_id in line and "no HippoCrop or whole-head T1 series" in line for line in lines))
 
-    assert _wait(decided, settings.stable_age + 10), \
+    assert wait_until(decided, settings.stable_age + 10), \
         f"OnStableStudy did not run for both studies; Orthanc log:\n{orth.tail(base / orth.LOG_NAME)}"
     time.sleep(settings.stable_age + 1)
     assert ai.count() == crop["n_instances"], "the study was routed a second time"

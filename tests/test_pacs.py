@@ -1,13 +1,12 @@
 """hippo.pacs: C-ECHO, C-STORE over one association, retries with backoff, the on-disk outbox.
 
-A pynetdicom Storage SCP runs in-process on a free loopback port (no Orthanc needed).
+A pynetdicom Storage SCP (tests/fakes.py) runs in-process on a loopback port (no Orthanc needed).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import warnings
 from collections import Counter
 
@@ -17,9 +16,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (ComprehensiveSRStorage, ExplicitVRLittleEndian, MRImageStorage,
                          SecondaryCaptureImageStorage, SegmentationStorage, generate_uid)
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage, Verification
+from pynetdicom.sop_class import Comprehensive3DSRStorage
 
+from fakes import StorageSCP
 from hippo.pacs import (Outbox, PacsConfig, SendReport, deliver, echo, send, validate_uid)
 from hippo.network.orthanc import free_port
 
@@ -27,45 +26,9 @@ STORAGE = [SecondaryCaptureImageStorage, SegmentationStorage, Comprehensive3DSRS
            MRImageStorage]
 
 
-class FakePacs:
-    """A Storage SCP recording what it receives; ``status`` is what C-STORE answers."""
-
-    def __init__(self, port: int, status: int = 0x0000, ae_title: str = "ORTHANC",
-                 require_called_aet: bool = False):
-        self.port, self.status = port, status
-        self.received: list[str] = []          # SOPInstanceUIDs acknowledged with success
-        self.requests: list[str] = []          # every C-STORE request seen
-        self.associations = 0
-        self.lock = threading.Lock()
-        ae = AE(ae_title=ae_title)
-        ae.require_called_aet = require_called_aet
-        for uid in STORAGE:
-            ae.add_supported_context(uid)
-        ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted)]
-        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
-
-    def _on_accepted(self, event):
-        with self.lock:
-            self.associations += 1
-
-    def _on_store(self, event):
-        uid = str(event.request.AffectedSOPInstanceUID)
-        with self.lock:
-            self.requests.append(uid)
-            if self.status == 0x0000:
-                self.received.append(uid)
-        return self.status
-
-    def stop(self):
-        self.server.shutdown()
-
-
 @pytest.fixture
-def pacs():
-    server = FakePacs(free_port())
-    yield server
-    server.stop()
+def pacs(storage_scp):
+    return storage_scp(sop_classes=STORAGE)
 
 
 def cfg_for(port: int, **kw) -> PacsConfig:
@@ -129,7 +92,7 @@ def test_send_delivers_all_in_one_association(pacs, caplog):
     assert report.ok and report.delivered_uids == uids(objs) and not report.undelivered
     assert report.attempts == 1 and report.associations == 1
     assert pacs.associations == 1
-    assert sorted(pacs.received) == sorted(uids(objs))
+    assert sorted(pacs.stored_uids()) == sorted(uids(objs))
     assert [r.state for r in report.results] == ["success"] * 4
     assert all(r.status == 0 for r in report.results)
     assert "4/4 delivered" in caplog.text and "Doe" not in caplog.text
@@ -145,7 +108,7 @@ def test_send_paths_and_datasets_without_file_meta(pacs, tmp_path):
     report = send([path, bare], cfg_for(pacs.port))
     assert report.ok, report
     assert report.results[0].source == str(path) and report.results[1].source == "<dataset>"
-    assert sorted(pacs.received) == sorted([on_disk.SOPInstanceUID, bare.SOPInstanceUID])
+    assert sorted(pacs.stored_uids()) == sorted([on_disk.SOPInstanceUID, bare.SOPInstanceUID])
     assert not hasattr(bare, "file_meta") or "TransferSyntaxUID" not in bare.file_meta
 
 
@@ -157,7 +120,7 @@ def test_invalid_objects_are_reported_not_raised(pacs, tmp_path):
     good = result_object(SecondaryCaptureImageStorage)
     report = send([junk, no_uid, good], cfg_for(pacs.port))
     assert [r.state for r in report.results] == ["invalid", "invalid", "success"]
-    assert pacs.received == [good.SOPInstanceUID]
+    assert pacs.stored_uids() == [good.SOPInstanceUID]
 
 
 def test_unsupported_sop_class_is_a_failure_not_a_crash(pacs):
@@ -166,7 +129,7 @@ def test_unsupported_sop_class_is_a_failure_not_a_crash(pacs):
     report = send([odd, good], cfg_for(pacs.port))
     assert report.results[0].state == "failure" and "context" in report.results[0].message
     assert report.results[1].state == "success"
-    assert pacs.received == [good.SOPInstanceUID] and report.attempts == 1
+    assert pacs.stored_uids() == [good.SOPInstanceUID] and report.attempts == 1
 
 
 def test_pacs_down_reports_all_undelivered_with_backoff():
@@ -181,20 +144,20 @@ def test_pacs_down_reports_all_undelivered_with_backoff():
 
 def test_retry_succeeds_once_pacs_comes_up():
     port = free_port()
-    servers: list[FakePacs] = []
+    servers: list[StorageSCP] = []
     delays: list[float] = []
 
     def sleep_then_start(seconds: float) -> None:
         delays.append(seconds)
         if not servers:
-            servers.append(FakePacs(port))
+            servers.append(StorageSCP(port, sop_classes=STORAGE))
 
     objs = results_batch()
     try:
         report = send(objs, cfg_for(port, retries=3, backoff=0.005), sleep=sleep_then_start)
         assert report.ok and report.attempts == 2 and report.associations == 1
         assert delays == [0.005]
-        assert sorted(servers[0].received) == sorted(uids(objs)) and servers[0].associations == 1
+        assert sorted(servers[0].stored_uids()) == sorted(uids(objs)) and servers[0].associations == 1
     finally:
         for s in servers:
             s.stop()
@@ -202,14 +165,14 @@ def test_retry_succeeds_once_pacs_comes_up():
 
 def test_rejected_association_is_retried_then_reported():
     port = free_port()
-    server = FakePacs(port, ae_title="ORTHANC", require_called_aet=True)
+    server = StorageSCP(port, sop_classes=STORAGE, ae_title="ORTHANC", require_called_aet=True)
     try:
         delays: list[float] = []
         report = send(results_batch(), cfg_for(port, called_ae="WRONG", retries=1),
                       sleep=delays.append)
         assert report.attempts == 2 and report.associations == 0 and len(delays) == 1
         assert all(r.state == "not_sent" and "rejected" in r.message for r in report.results)
-        assert server.requests == []
+        assert server.request_uids() == []
     finally:
         server.stop()
 
@@ -233,7 +196,7 @@ def test_down_then_outbox_then_flush_delivers_exactly_once(tmp_path):
     assert not outbox.flush(cfg, sleep=lambda s: None).delivered
     assert {e.attempts for e in outbox.pending()} == {1}
 
-    server = FakePacs(port)
+    server = StorageSCP(port, sop_classes=STORAGE)
     try:
         flushed = outbox.flush()            # destination from the sidecars
         assert flushed.ok and sorted(flushed.delivered_uids) == sorted(uids(objs))
@@ -241,7 +204,7 @@ def test_down_then_outbox_then_flush_delivers_exactly_once(tmp_path):
         assert list((tmp_path / "outbox").glob("*.json")) == []
         again = outbox.flush(cfg)
         assert again.results == [] and again.attempts == 0
-        assert Counter(server.received) == Counter({u: 1 for u in uids(objs)})
+        assert Counter(server.stored_uids()) == Counter({u: 1 for u in uids(objs)})
         assert server.associations == 1
     finally:
         server.stop()
@@ -255,7 +218,7 @@ def test_deliver_with_pacs_up_queues_nothing(pacs, tmp_path):
 
 def test_refusing_scp_leaves_objects_in_outbox(tmp_path):
     port = free_port()
-    server = FakePacs(port, status=0xA700)
+    server = StorageSCP(port, sop_classes=STORAGE, status=0xA700)
     outbox = Outbox(tmp_path / "ob")
     objs = results_batch()
     try:
@@ -264,7 +227,7 @@ def test_refusing_scp_leaves_objects_in_outbox(tmp_path):
         assert {r.state for r in report.results} == {"failure"}
         assert report.attempts == 1           # a failure status is not a network retry
         assert sorted(e.sop_instance_uid for e in outbox.pending()) == sorted(uids(objs))
-        assert sorted(server.requests) == sorted(uids(objs)) and server.received == []
+        assert sorted(server.request_uids()) == sorted(uids(objs)) and server.stored_uids() == []
 
         flushed = outbox.flush(cfg_for(port))        # still refusing
         assert not flushed.delivered and len(outbox.pending()) == 3
@@ -273,7 +236,7 @@ def test_refusing_scp_leaves_objects_in_outbox(tmp_path):
 
         server.status = 0x0000                       # recovers
         assert outbox.flush(cfg_for(port)).ok and outbox.pending() == []
-        assert Counter(server.received) == Counter({u: 1 for u in uids(objs)})
+        assert Counter(server.stored_uids()) == Counter({u: 1 for u in uids(objs)})
     finally:
         server.stop()
 
@@ -292,7 +255,7 @@ def test_half_written_and_foreign_files_are_never_sent(pacs, tmp_path):
     assert [e.sop_instance_uid for e in outbox.pending()] == [good.SOPInstanceUID]
     report = outbox.flush(cfg_for(pacs.port))
     assert report.delivered_uids == [good.SOPInstanceUID]
-    assert pacs.received == [good.SOPInstanceUID]
+    assert pacs.stored_uids() == [good.SOPInstanceUID]
     assert list(root.glob("*.json")) == []                    # orphan removed, sent one removed
     assert (root / f".{half.SOPInstanceUID}.dcm.abc123.tmp").exists()
 

@@ -1,6 +1,7 @@
 """Deployment end to end: studies built by the scanner emulator from the real NIfTI data go through
-``hippo.deploy``; results are read back (pydicom, highdicom) and sent to a Storage SCP on loopback,
-including a PACS outage that leaves the objects in the outbox and a later flush that delivers."""
+``hippo.deploy``; results are read back (pydicom, highdicom) and sent to a Storage SCP on loopback
+(tests/fakes.py), including a PACS outage that leaves the objects in the outbox and a later flush
+that delivers."""
 
 from __future__ import annotations
 
@@ -14,44 +15,16 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import (Comprehensive3DSRStorage, SecondaryCaptureImageStorage,
-                                  SegmentationStorage, Verification)
+from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 
 from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES
+from fakes import StorageSCP
 from hippo.data.nifti import load_nifti
 from hippo.preprocessing import label_volumes_mm3
 from hippo.dicom.volume import load_series
 from hippo.deploy.pipeline import StudyProcessor, find_studies, run_batch
 from hippo.scanner import StudyInfo, write_series, write_study
 from hippo.network.orthanc import free_port as _free_port
-
-
-class StorageSCP:
-    """A pynetdicom Storage SCP on loopback that keeps what it receives."""
-
-    def __init__(self, port: int):
-        self.port, self.received, self.server = port, [], None
-
-    def _on_store(self, event):
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        self.received.append(ds)
-        return 0x0000
-
-    def start(self):
-        ae = AE(ae_title="ORTHANC")
-        for uid in (SecondaryCaptureImageStorage, SegmentationStorage, Comprehensive3DSRStorage):
-            ae.add_supported_context(uid)
-        ae.add_supported_context(Verification)
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-        return self
-
-    def stop(self):
-        if self.server:
-            self.server.shutdown()
-            self.server = None
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +100,7 @@ def test_measured_volumes_equal_label_volumes_through_dicom(real_data_root, tmp_
 
 
 def test_deploy_command_sends_results_and_prints_volumes(studies, model_file, tmp_path):
-    scp = StorageSCP(_free_port()).start()
+    scp = StorageSCP(keep_datasets=True)
     try:
         before = {p: p.stat().st_mtime_ns for p in (studies / "study_0").rglob("*") if p.is_file()}
         proc = subprocess.run(
@@ -139,9 +112,9 @@ def test_deploy_command_sends_results_and_prints_volumes(studies, model_file, tm
         scp.stop()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "anterior" in proc.stdout and "mm³" in proc.stdout
-    classes = sorted(str(ds.SOPClassUID) for ds in scp.received)
+    classes = sorted(str(ds.SOPClassUID) for ds in scp.datasets)
     assert classes == sorted([SecondaryCaptureImageStorage, SegmentationStorage, Comprehensive3DSRStorage])
-    study_uid = {str(ds.StudyInstanceUID) for ds in scp.received}
+    study_uid = {str(ds.StudyInstanceUID) for ds in scp.datasets}
     assert len(study_uid) == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["n_ok"] == 1 and summary["studies"][0]["study_uid"] in study_uid
@@ -159,7 +132,7 @@ def test_pacs_outage_keeps_objects_in_outbox_then_flush_delivers(studies, model_
     assert "queued" in proc.stdout
     assert len(list(outbox.glob("*.dcm"))) == 3
 
-    scp = StorageSCP(port).start()
+    scp = StorageSCP(port, keep_datasets=True)
     try:
         proc = subprocess.run([sys.executable, "-m", "hippo.deploy", "outbox=flush", *common,
                                f"hydra.run.dir={tmp_path / 'flush'}"], capture_output=True, text=True, timeout=300)
@@ -169,7 +142,7 @@ def test_pacs_outage_keeps_objects_in_outbox_then_flush_delivers(studies, model_
         assert again.returncode == 0
     finally:
         scp.stop()
-    uids = [str(ds.SOPInstanceUID) for ds in scp.received]
+    uids = [str(ds.SOPInstanceUID) for ds in scp.datasets]
     assert len(uids) == 3 and len(set(uids)) == 3              # each delivered exactly once
     assert not list(outbox.glob("*.dcm"))
 

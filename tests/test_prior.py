@@ -16,6 +16,7 @@ import pydicom
 import pytest
 
 from conftest import dciodvfy_problems
+from fakes import wait_for
 from hippo.dicom.objects import ALGORITHM_NAME, make_seg, make_sr
 from hippo.measure import measure_volumes
 from hippo.prior import (MIN_DAYS_FOR_RATE, DicomwebPriorSource, PriorError, PriorLookup, PriorResult,
@@ -337,17 +338,6 @@ def test_report_page_draws_the_change_table_or_the_reason():
 
 
 # ------------------------------------------------------------------------------------------- end to end
-def _wait(predicate, timeout: float, what: str) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.service
 def test_second_study_a_year_later_shows_the_change_against_the_first(model_file, tmp_path):
     """Orthanc (authentication on, DICOMweb, Lua routing) + the listener: the scanner emulator sends
@@ -391,7 +381,7 @@ def test_second_study_a_year_later_shows_the_change_against_the_first(model_file
             assert sent["failed"] == 0
             uid = manifest["study_instance_uid"]
             record = listener.processed_dir / uid / "listener.json"
-            _wait(record.exists, 240, f"study {n + 1} to be processed")
+            wait_for(record.exists, 240, f"study {n + 1} to be processed", interval=0.3)
             records.append((uid, json.loads(record.read_text())))
             assert records[-1][1]["status"] in ("ok", "review"), records[-1][1]  # a random model: review flags
             assert listener.wait_idle(30)
@@ -415,8 +405,8 @@ def test_second_study_a_year_later_shows_the_change_against_the_first(model_file
         # the SR and the SC in the PACS are the ones made with the comparison
         client = OrthancClient(settings.http_url, auth=auth)
         study_id = client.find_study(uid2)
-        _wait(lambda: {s["MainDicomTags"].get("Modality") for s in client.series(study_id)} >= {"SR", "OT"}, 60,
-              "the second study's results in the PACS")
+        wait_for(lambda: {s["MainDicomTags"].get("Modality") for s in client.series(study_id)} >= {"SR", "OT"}, 60,
+                 "the second study's results in the PACS", interval=0.3)
         by_modality = {s["MainDicomTags"].get("Modality"): s for s in client.series(study_id)}
         sr_id = client.instances(by_modality["SR"]["ID"])[0]["ID"]
         sr = pydicom.dcmread(io.BytesIO(client.request("GET", f"/instances/{sr_id}/file")))

@@ -10,28 +10,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from conftest import ANY_VOLUME, require_real_data
+from fakes import wait_for
 from hippo.network.listener import Listener
 from hippo.network.orthanc import (OrthancClient, OrthancSettings, find_dicomweb_plugin, find_orthanc, free_port,
                                    start_orthanc, stop, wait_ready)
 from hippo.scanner import send_study, write_study
 
 pytestmark = pytest.mark.service
-
-
-def _wait(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_listener_restarted_after_a_crash_mid_receive_fetches_the_rest_and_measures_once(model_file, tmp_path):
@@ -71,7 +62,7 @@ def test_listener_restarted_after_a_crash_mid_receive_fetches_the_rest_and_measu
 
         listener.start()
         record = listener.processed_dir / uid / "listener.json"
-        _wait(record.exists, what="the study to be completed from the PACS and measured")
+        wait_for(record.exists, timeout=60, what="the study to be completed from the PACS and measured")
         assert listener.wait_idle(30)
         done = json.loads(record.read_text())
         assert done["status"] == "ok" and done["instances"] == len(files)

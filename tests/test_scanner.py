@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -14,7 +13,9 @@ import pydicom
 import pytest
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import ALL_TRANSFER_SYNTAXES
 
+from fakes import StorageSCP
 from hippo.data.nifti import load_nifti
 from hippo.preprocessing import label_volumes_mm3
 from hippo.dicom.volume import load_series
@@ -219,36 +220,16 @@ def test_real_study_manifest_label_volumes(tmp_path, real_data_root):
 # send_study
 
 
-def _storage_scp(received: list, ae_title: str = "ORTHANC"):
-    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-
-    lock = threading.Lock()
-
-    def on_store(event):
-        with lock:
-            received.append(event.request.AffectedSOPInstanceUID)
-        return 0x0000
-
-    ae = AE(ae_title=ae_title)
-    ae.add_supported_context(MRImageStorage, ALL_TRANSFER_SYNTAXES)
-    return ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-
-
 def test_send_study_stores_every_instance(tmp_path, pair_writer):
     image_path, _ = pair_writer(tmp_path / "nifti", shape=(4, 5, 6))
     manifest = write_study(image_path, tmp_path / "study", distractors=False, seed=2, nested=True)
     expected = {pydicom.dcmread(p).SOPInstanceUID for p in manifest["files"]["HippoCrop"]}
-    received: list[str] = []
-    server = _storage_scp(received)
-    try:
-        port = server.server_address[1]
-        result = send_study(tmp_path / "study", "127.0.0.1", port)
-    finally:
-        server.shutdown()
+    with StorageSCP(sop_classes=[MRImageStorage], transfer_syntaxes=ALL_TRANSFER_SYNTAXES) as server:
+        result = send_study(tmp_path / "study", "127.0.0.1", server.port)
     assert result["total"] == result["sent"] == len(expected) == 6
     assert result["failed"] == 0 and result["failures"] == []
     assert result["skipped_non_dicom"] == len(manifest["junk_files"])
-    assert set(received) == expected
+    assert set(server.stored_uids()) == expected
 
 
 def test_send_to_closed_port_is_a_clear_error(tmp_path, pair_writer):

@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hippo.fileio import write_json_atomic
-from hippo.data.nifti import Case, CaseError, CasePaths, find_pairs, is_nifti, load_case
+from hippo.data.nifti import Case, CaseError, CasePaths, is_nifti, load_case
+from hippo.data.pairs import select_pairs
 from hippo.preprocessing import NORMALIZATIONS, pad_or_crop
 
 log = logging.getLogger(__name__)
@@ -273,15 +274,8 @@ class HippocampusDataModule(L.LightningDataModule):
         generate_dataset(self.root, **self.synthetic)
 
     def _pairs(self) -> list[CasePaths]:
-        if self.manifest:
-            from hippo.data.manifest import read_manifest
-
-            pairs, unpaired = read_manifest(self.manifest), []
-        else:
-            pairs, unpaired = find_pairs(self.root)
-        for path in unpaired:
-            self.skipped.append({"file": path, "problem": "no matching image/label partner"})
-            log.warning("skipping unpaired file %s", path)
+        pairs, unpaired = select_pairs(self.root, self.manifest)
+        self.skipped.extend(unpaired)
         if self.max_cases:
             pairs = pairs[: int(self.max_cases)]
         return pairs

@@ -17,7 +17,8 @@ from hippo.config import config_dir
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from hippo.eval.evaluate import evaluate_model, format_comparison, format_summary, select_pairs
+    from hippo.data.pairs import select_pairs
+    from hippo.eval.evaluate import evaluate_model, format_comparison, format_summary
     from hippo.infer import InferenceAgent, InferenceSettings
     from hippo.metrics import paired_difference, write_results
     from hippo.weights import default_split_path

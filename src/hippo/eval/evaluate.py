@@ -6,42 +6,16 @@ it measures exactly what deployment will run. Called by ``python -m hippo.eval``
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
-from hippo.data.nifti import CaseError, CasePaths, find_pairs, load_case, load_nifti
+from hippo.data.nifti import CaseError, CasePaths, load_case, load_nifti
 from hippo.infer import InferenceAgent
 from hippo.metrics import volume_metrics
+from hippo.quality import assess_quality
 
 log = logging.getLogger(__name__)
-
-
-def select_pairs(root: str, manifest: str | None = None, split_file: str | None = None,
-                 split_part: str = "test") -> tuple[list[CasePaths], list[dict[str, str]]]:
-    """The labelled pairs to evaluate, and the files skipped as unpaired.
-
-    ``manifest`` (a curation manifest.json) replaces the directory scan; ``split_file`` (a
-    training run's split.json) keeps only the cases of ``split_part``.
-    """
-    if manifest:
-        from hippo.data.manifest import read_manifest
-
-        pairs, unpaired = read_manifest(manifest), []
-    else:
-        pairs, unpaired = find_pairs(root)
-    skipped = [{"file": f, "problem": "no matching image/label partner"} for f in unpaired]
-    if split_file:
-        split = json.loads(Path(split_file).read_text())
-        if split_part not in split:
-            raise ValueError(f"{split_file}: has no {split_part!r} list (keys: {sorted(split)})")
-        wanted = set(split[split_part])
-        pairs = [p for p in pairs if p.name in wanted]
-        if not pairs:
-            raise ValueError(f"{split_file}: none of its {split_part!r} cases are under {root}")
-    return pairs, skipped
 
 
 def evaluate_model(agent: InferenceAgent, pairs: list[CasePaths]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -49,7 +23,8 @@ def evaluate_model(agent: InferenceAgent, pairs: list[CasePaths]) -> tuple[list[
 
     Returns:
         ``(per_volume, skipped)``: metric rows (see :func:`hippo.metrics.volume_metrics`, plus
-        ``name`` and ``seconds``), and the cases that could not be read, with the reason.
+        ``name``, ``seconds``, and ``quality_score`` / ``quality_flagged`` of :mod:`hippo.quality`
+        with the default limits), and the cases that could not be read, with the reason.
     """
     rows, skipped = [], []
     for pair in pairs:
@@ -61,8 +36,12 @@ def evaluate_model(agent: InferenceAgent, pairs: list[CasePaths]) -> tuple[list[
             skipped.append({"file": exc.path, "problem": exc.problem})
             continue
         t0 = time.perf_counter()
-        pred = agent.segment(raw)
-        row = {"name": pair.name, **volume_metrics(pred, truth.label, spacing)}
+        seg = agent.segment_members(raw)  # the same pass as segment(), members kept for the quality score
+        pred = seg.labels
+        quality = assess_quality(pred, spacing, member_probabilities=seg.member_probabilities,
+                                 probabilities=seg.probabilities, unprocessed_labels=seg.unprocessed_labels)
+        row = {"name": pair.name, **volume_metrics(pred, truth.label, spacing),
+               "quality_score": quality.score, "quality_flagged": quality.flagged}
         row["seconds"] = round(time.perf_counter() - t0, 4)
         rows.append(row)
         log.info("%s: Dice anterior %.4f posterior %.4f", pair.name, row["dice_anterior"], row["dice_posterior"])

@@ -300,7 +300,8 @@ def publish(runs: Sequence[Path], dest: Path, cv_dirs: Sequence[Path] = (), abla
     of one cross-validation, or views) become one ensemble file with weights stored as
     ``weight_format`` (see :func:`hippo.infer.save_ensemble_file`), evaluated on their common test split
     (under ``data_root``, default the runs' ``data.root``). Writes the split and the model card."""
-    from hippo.eval.evaluate import evaluate_model, select_pairs
+    from hippo.data.pairs import select_pairs
+    from hippo.eval.evaluate import evaluate_model
     from hippo.infer import InferenceAgent, build_members, ensemble_payload, load_model_file, write_model_payload
     from hippo.metrics import summarize
 
