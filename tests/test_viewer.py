@@ -642,10 +642,11 @@ def _orthanc_with_host(orthanc: "_Orthanc", host: str) -> None:
         raise orthanc.orth.OrthancError(f"GET /system with Host {host}: HTTP {status}", status)
 
 
-def _chrome(browser: str, profile: Path, url: str, *, screenshot: Path | None = None, timeout: float = 180) -> str:
+def _chrome(browser: str, profile: Path, url: str, *, screenshot: Path | None = None, timeout: float = 180,
+            budget_ms: int = 40000) -> str:
     args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={profile}", "--window-size=1400,900", "--virtual-time-budget=40000"]
+            f"--user-data-dir={profile}", "--window-size=1400,900", f"--virtual-time-budget={budget_ms}"]
     args += [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
     proc = subprocess.run(args + [url], capture_output=True, text=True, timeout=timeout)
     if screenshot:
