@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from hippo.fileio import write_json_atomic  # noqa: E402
 from hippo.infer import InferenceAgent  # noqa: E402
+from hippo.metrics import dice as metric_dice  # noqa: E402
 from hippo.plausibility import PlausibilityRules  # noqa: E402
 from hippo.quality import assess_quality  # noqa: E402
 
@@ -86,11 +87,7 @@ DEGRADATIONS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """Per-structure Dice (1 anterior, 2 posterior; 1.0 when both are empty) and their mean."""
-    out = {}
-    for value, name in ((1, "anterior"), (2, "posterior")):
-        a, b = pred == value, ref == value
-        total = int(a.sum() + b.sum())
-        out[name] = 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+    out = {name: metric_dice(pred == value, ref == value) for value, name in ((1, "anterior"), (2, "posterior"))}
     out["mean"] = (out["anterior"] + out["posterior"]) / 2
     return out
 

@@ -70,7 +70,7 @@ def test_implausible_volumes_are_flagged_and_plausible_ones_not():
 def test_rules_from_config_refuse_unknown_keys():
     rules = PlausibilityRules.from_mapping({"total_mm3": [1, 2], "max_voxel_mm": 2})
     assert rules.total_mm3 == (1.0, 2.0) and rules.max_voxel_mm == 2
-    with pytest.raises(TypeError, match="max_voxels"):
+    with pytest.raises(ValueError, match="PlausibilityRules: unknown setting.*'max_voxels'"):
         PlausibilityRules.from_mapping({"max_voxels": 3})
 
 

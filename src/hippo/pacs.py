@@ -29,7 +29,7 @@ import os
 import re
 import socket
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, Union
@@ -40,6 +40,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
+from hippo.config import settings_fields
 from hippo.fileio import write_bytes_atomic, write_json_atomic
 
 try:  # POSIX advisory lock so that two flushes never send the same entry concurrently
@@ -123,13 +124,9 @@ class PacsConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "PacsConfig":
-        """From a mapping, ignoring ``_target_``-style keys; unknown keys raise ``TypeError``."""
-        cfg = dict(cfg or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in cfg if k not in known and not k.startswith("_"))
-        if unknown:
-            raise TypeError(f"unknown PACS setting(s): {', '.join(unknown)}")
-        return cls(**{k: v for k, v in cfg.items() if k in known})
+        """From a mapping (the ``pacs`` config group), ignoring ``_target_``; a key this class does
+        not have raises ``ValueError`` naming it (:func:`hippo.config.settings_fields`)."""
+        return cls(**settings_fields(cls, cfg))
 
     @property
     def destination(self) -> str:

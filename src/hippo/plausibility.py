@@ -20,10 +20,12 @@ numpy only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from hippo.config import settings_fields
 
 __all__ = ["PlausibilityRules", "InputAssessment", "ImplausibleInputError", "assess_input", "assess_volumes"]
 
@@ -72,12 +74,9 @@ class PlausibilityRules:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "PlausibilityRules":
-        """Rules from a (Hydra) mapping; ``_target_``-style keys ignored, unknown keys refused."""
-        cfg = {k: v for k, v in dict(cfg or {}).items() if not str(k).startswith("_")}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise TypeError(f"unknown plausibility setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        """Rules from a (Hydra) mapping; ``_target_`` ignored, a key this class does not have raises
+        ``ValueError`` naming it (:func:`hippo.config.settings_fields`)."""
+        cfg = settings_fields(cls, cfg)
         tuples = {k: tuple(float(x) for x in v) for k, v in cfg.items() if isinstance(v, (list, tuple))}
         return cls(**{**cfg, **tuples})
 

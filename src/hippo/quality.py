@@ -45,8 +45,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from hippo.metrics import dice
 from hippo.plausibility import PlausibilityRules, assess_volumes
-from hippo.preprocessing import voxel_volume_mm3
+from hippo.preprocessing import label_volumes_mm3, voxel_volume_mm3
 
 __all__ = ["QualityAssessment", "assess_quality", "member_agreement"]
 
@@ -92,12 +93,6 @@ class QualityAssessment:
         return asdict(self)
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
 def member_agreement(member_labels: Sequence[np.ndarray]) -> dict[str, float]:
     """Mean pairwise Dice between members' label maps, per structure.
 
@@ -118,7 +113,7 @@ def member_agreement(member_labels: Sequence[np.ndarray]) -> dict[str, float]:
     out = {}
     for value, name in STRUCTURES.items():
         masks = [m == value for m in maps]
-        out[name] = float(np.mean([_dice(a, b) for a, b in itertools.combinations(masks, 2)]))
+        out[name] = float(np.mean([dice(a, b) for a, b in itertools.combinations(masks, 2)]))
     return out
 
 
@@ -228,9 +223,7 @@ def assess_quality(
                            "main structure and were removed")
     if check_volumes:
         if volumes_mm3 is None:
-            n1, n2 = int(np.count_nonzero(labels == 1)), int(np.count_nonzero(labels == 2))
-            volumes_mm3 = {"anterior_mm3": n1 * voxel_mm3, "posterior_mm3": n2 * voxel_mm3,
-                           "total_mm3": (n1 + n2) * voxel_mm3}
+            volumes_mm3 = label_volumes_mm3(labels, spacing_mm)
         reasons += assess_volumes(volumes_mm3, rules)
     out.flagged = bool(reasons)
     return out

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hippo.pacs import Outbox, PacsConfig
-from hippo.prior import PriorLookup, lookup_from_config
 from hippo.infer import InferenceSettings
+from hippo.deploy.options import processor_options
 from hippo.deploy.pipeline import (StudyOutcome, build_processor, describe_volumes, find_studies, run_batch,
                             summary_table, write_summary)
 
@@ -45,16 +45,6 @@ def flush_outbox(cfg: Mapping[str, Any]) -> dict[str, int]:
     return counts
 
 
-def _prior_lookup(cfg: Mapping[str, Any], send: bool) -> PriorLookup | None:
-    """Where the patient's earlier result comes from: ``prior=PATH`` (must exist), else the PACS search
-    of the ``prior_lookup`` group when results are sent (docs/prior-comparison.md)."""
-    from hippo.credentials import read_credentials
-
-    if cfg.get("prior") and not Path(cfg["prior"]).is_file():
-        raise SystemExit(f"error: prior={cfg['prior']}: no such file (give our SR file or a result.json)")
-    return lookup_from_config(cfg, send=send, read_credentials=read_credentials)
-
-
 def run_deploy(cfg: Mapping[str, Any]) -> int:
     """Run the deployment described by ``cfg`` (``conf/deploy.yaml`` resolved); returns the exit code."""
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies at INFO
@@ -72,18 +62,13 @@ def run_deploy(cfg: Mapping[str, Any]) -> int:
         model_path = settings.resolve_model(cfg["paths"]["log_dir"])
         studies = [Path(cfg["study"])] if cfg.get("study") else \
             find_studies(cfg["studies"], exclude=[cfg["results_dir"], cfg["outbox_dir"]])
+        # the same map as the listener's (hippo.deploy.options); prior=PATH must exist
+        options = processor_options(cfg)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     results_dir = Path(cfg["results_dir"])
-    report = cfg["report"]
-    factory = functools.partial(
-        build_processor, model_path, results_dir, **settings.agent_options,
-        pacs=cfg["pacs"] if send else None, outbox_dir=cfg["outbox_dir"],
-        rules=dict(cfg["series"]), io_threads=int(cfg["io_threads"]),
-        series_numbers=report["series_numbers"], write_png=bool(report["write_png"]),
-        plausibility=dict(cfg["plausibility"]),
-        prior=_prior_lookup(cfg, send),
-    )
+    factory = functools.partial(build_processor, model_path, results_dir, pacs=cfg["pacs"] if send else None,
+                                outbox_dir=cfg["outbox_dir"], **options)
     log.info("model %s; %d study(ies); results in %s", model_path, len(studies), results_dir)
     t0 = time.perf_counter()
     outcomes = run_batch(studies, factory, workers=int(cfg["workers"]), on_done=_print_outcome)
