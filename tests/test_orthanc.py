@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import http.client
+import io
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -76,6 +78,8 @@ def test_write_config_defaults(tmp_path: Path, fake_plugins: Path) -> None:
     assert access == path.parent / "access.lua" and routing == path.parent / "routing.lua"
     text = routing.read_text()
     assert 'HIPPO_ROUTE_TO = "hippoai"' in text and 'HIPPO_ROUTE_SCOPE = "series"' in text
+    # where the routing remembers what it sent per input series (sent again only when changed)
+    assert 'HIPPO_ROUTED_METADATA = "HippoRouted"' in text and cfg["UserMetadata"] == {"HippoRouted": 4831}
     assert "function OnStableStudy(studyId, tags, metadata)" in text
     text = access.read_text()
     assert 'HIPPO_ALLOWED_HOSTS = { ["127.0.0.1:8042"] = true, ["localhost:8042"] = true }' in text
@@ -121,7 +125,7 @@ def test_settings_validation(bad: dict) -> None:
 
 
 def test_unknown_setting_and_missing_plugin(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match="colour"):
+    with pytest.raises(ValueError, match="OrthancSettings: unknown setting.*'colour'"):
         OrthancSettings.from_mapping({"colour": "red"})
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -272,6 +276,108 @@ def test_access_filter_decisions_in_lua() -> None:
     assert _run_lua(both) == "functionfunction"
 
 
+# -- the routing decision (routing.lua's pure functions), run in Lua 5.3 without Orthanc
+
+
+def _lua(value) -> str:
+    """A Python value (dict, list, str, int, None) as a Lua literal."""
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return orth._lua_string(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"[{_lua(k)}] = {_lua(v)}" for k, v in value.items()) + " }"
+    return "{ " + ", ".join(_lua(v) for v in value) + " }"
+
+
+def _series(sid: str, description: str, n: int = 3, modality: str = "MR", number: int = 1, **tags) -> dict:
+    return {"ID": sid, "Instances": [f"{sid}-i{k:03d}" for k in range(n)],
+            "MainDicomTags": {"SeriesDescription": description, "Modality": modality, "SeriesNumber": str(number),
+                              **tags}}
+
+
+def _route(series: list[dict], routed: dict[str, str] | None = None,
+           acquisition: dict[str, str] | None = None) -> tuple[list[str], list[str], str, list[str]]:
+    """Run ``HippoRoutingDecision`` on an expanded series list. ``routed``: series id -> stored
+    fingerprint ("SAME": the series' current one); ``acquisition``: series id -> MRAcquisitionType
+    read from an instance. Returns (sent ids, recorded ids, reason, ids whose header was read)."""
+    code = (orth.routing_script() + "\nprint = function() end\n"
+            f"local series = {_lua(series)}\nlocal routed = {_lua(routed or {})}\n"
+            f"local acquisition = {_lua(acquisition or {})}\nlocal read = {{}}\n"
+            "local byId = {}\nfor _, s in ipairs(series) do byId[s['ID']] = s end\n"
+            "local function routedOf(id)\n"
+            "  if routed[id] == 'SAME' then return HippoSeriesFingerprint(byId[id]) end\n"
+            "  return routed[id]\nend\n"
+            "local function acquisitionTypeOf(s) table.insert(read, s['ID']) return acquisition[s['ID']] end\n"
+            "local send, record, reason = HippoRoutingDecision(series, routedOf, acquisitionTypeOf)\n"
+            "local function ids(list) local out = {} for _, e in ipairs(list) do table.insert(out, e.id) end "
+            "return table.concat(out, ',') end\n"
+            "RESULT = ids(send) .. '|' .. ids(record) .. '|' .. (reason or '') .. '|' .. table.concat(read, ',')\n")
+    got = _run_lua(code)
+    assert not got.startswith("LUA ERROR"), got
+    sent, recorded, reason, read = got.split("|")
+    split = lambda s: s.split(",") if s else []  # noqa: E731
+    return split(sent), split(recorded), reason, split(read)
+
+
+def test_routing_sends_changed_inputs_once_and_never_results() -> None:
+    crop = _series("crop", "HippoCrop", n=20, number=4)
+    t1 = _series("t1", "T1 MPRAGE full brain", number=1, MRAcquisitionType="3D")
+    results = [_series("sc", "AI hippocampus volume report, research use", 1, "OT", 9001),
+               _series("seg", "AI hippocampus segmentation", 1, "SEG", 9002),
+               _series("sr", "whatever", 1, "SR", 9003),
+               _series("ko", "AI hippocampus results superseded, research use", 1, "KO", 9004)]
+    # a new study: its HippoCrop series only (crops win over T1 candidates)
+    assert _route([t1, crop]) == (["crop"], [], "", [])
+    # our results arrive: the study is stable again, its input unchanged -> nothing (no loop)
+    sent, recorded, reason, _ = _route([t1, crop, *results], routed={"crop": "SAME"})
+    assert (sent, recorded) == ([], []) and "HippoCrop series unchanged since routed (crop: 20 instances)" in reason
+    # the rest of the series arrives (35 instances now, 20 when routed): sent again, results or not
+    whole = _series("crop", "HippoCrop", n=35, number=4)
+    fingerprint_20 = _run_lua(orth.routing_script() + f"\nRESULT = HippoSeriesFingerprint({_lua(crop)})")
+    assert fingerprint_20.startswith("20:") and len(fingerprint_20) == 3 + 16
+    routed_20 = {"crop": fingerprint_20}
+    assert _route([whole, *results], routed=routed_20)[:2] == (["crop"], [])
+    # the same count made of other instances is a change too; the order of the ids is not
+    other = dict(crop, Instances=[f"x{k}" for k in range(20)])
+    assert _route([other, *results], routed=routed_20)[0] == ["crop"]
+    shuffled = dict(crop, Instances=list(reversed(crop["Instances"])))
+    assert _route([shuffled, *results], routed=routed_20)[0] == []
+    # a study imported with its results and no routing record: recorded, not sent (measured before)
+    sent, recorded, reason, _ = _route([crop, *results])
+    assert (sent, recorded) == ([], ["crop"]) and "a result series is already there (series sc)" in reason
+    # result series are never inputs, whatever their description
+    fake = _series("res", "HippoCrop research use", 5, "MR", 9002)
+    assert _route([fake]) == ([], [], "no HippoCrop or whole-head T1 series", [])
+
+
+def test_whole_head_prefilter_is_lenient_and_bounded() -> None:
+    study = [
+        _series("scout", "AAHead_Scout_32ch-head-coil", number=1),
+        _series("loc", "localizer", number=2, MRAcquisitionType="2D"),
+        _series("mprage", "MPRAGE_EnchancedContrast", number=3),             # a plain T1 (Siemens protocol)
+        _series("post", "t1_mprage_sag_post_contrast", number=9, ProtocolName="T1 GADO"),  # the listener decides
+        _series("iso", "sag iso 1mm", number=5),                             # unnamed: 3D from its header
+        _series("ax2d", "ax 5mm", number=6),                                 # unnamed: 2D from its header
+        _series("t2", "t2_tse_tra", number=7),
+        _series("flair", "3D FLAIR sag", number=8, MRAcquisitionType="3D"),   # 3D, but another weighting
+        _series("dwi", "ep2d_diff_mddw", number=10),
+        _series("ct", "T1 window", modality="CT", number=11),
+    ]
+    sent, recorded, reason, read = _route(study, acquisition={"iso": "3D", "ax2d": "2D"})
+    assert sent == ["mprage", "post", "iso"] and recorded == [] and reason == ""  # named first, by number
+    assert sorted(read) == ["ax2d", "iso"]     # headers read only where the names leave it open
+    # at most 4 candidates per study: named ones first, then by SeriesNumber
+    many = [_series(f"s{k}", f"t1_mprage_{k}", number=20 - k) for k in range(6)] + [_series("iso", "sag iso 1mm")]
+    assert _route(many, acquisition={"iso": "3D"})[0] == ["s5", "s4", "s3", "s2"]
+    # a study with a HippoCrop series reads no header at all
+    assert _route([*study, _series("crop", "HippoCrop")], acquisition={"iso": "3D"}) == (["crop"], [], "", [])
+
+
 # ----------------------------------------------------------------------------------------------
 # A real Orthanc
 
@@ -385,8 +491,8 @@ def test_store_and_route_hippocrop_once(pacs, tmp_path: Path) -> None:
     jobs = [j for j in client.jobs() if j.get("Type") == "DicomModalityStore"]
     assert jobs and all(j["State"] == "Success" for j in jobs)
 
-    # a result series arriving (from the AI's AE) makes the study stable again: not routed again;
-    # a study without a HippoCrop series is not routed at all
+    # a result series arriving (from the AI's AE) makes the study stable again: its input series is
+    # unchanged, so it is not routed again; a study without a HippoCrop series is not routed at all
     info = StudyInfo(**manifest["study"])
     write_series(np.zeros((8, 8, 3), np.uint16), np.eye(4), tmp_path / "result", study=info,
                  series_description=RESULT_DESCRIPTION, series_number=9002)
@@ -402,7 +508,7 @@ def test_store_and_route_hippocrop_once(pacs, tmp_path: Path) -> None:
 
     def decided() -> bool:
         lines = _log_lines(base, "not sent")
-        return (any(study_id in line and "a result series is already there" in line for line in lines)
+        return (any(study_id in line and "HippoCrop series unchanged since routed" in line for line in lines)
                 and any(other_id in line and "no HippoCrop or whole-head T1 series" in line for line in lines))
 
     assert wait_until(decided, settings.stable_age + 10), \
@@ -411,6 +517,180 @@ def test_store_and_route_hippocrop_once(pacs, tmp_path: Path) -> None:
     assert ai.count() == crop["n_instances"], "the study was routed a second time"
     assert len(client.series(study_id)) == 5
     assert client.study(study_id)["IsStable"] is True
+
+
+@pytest.mark.service
+def test_whole_head_candidates_routed_by_name_or_3d_header_not_refused_for_contrast(pacs, tmp_path: Path) -> None:
+    """A study without HippoCrop: Orthanc sends the T1-named series (a Siemens "EnchancedContrast"
+    protocol included) and an unnamed series whose instances say MRAcquisitionType 3D (Orthanc 1.10
+    does not index that tag: the script reads it from one instance), and nothing else."""
+    settings, _, client, ai, base = pacs
+    info = StudyInfo(seed=13)
+    plans = [  # description, MRAcquisitionType, routed?
+        ("AAHead_Scout_32ch-head-coil", "2D", False), ("MPRAGE_EnchancedContrast", None, True),
+        ("sag iso 1mm", "3D", True), ("ax 5mm", "2D", False), ("t2_tse_tra", "2D", False),
+        ("3D FLAIR sag", "3D", False),
+    ]
+    expected = set()
+    for number, (description, kind, routed) in enumerate(plans, start=1):
+        folder = tmp_path / f"s{number}"
+        extra = {} if kind is None else {"MRAcquisitionType": kind}
+        write_series(np.ones((8, 8, 3), np.uint16), np.eye(4), folder, study=info, series_description=description,
+                     series_number=number, extra=extra)
+        assert send_study(folder, "127.0.0.1", settings.dicom_port, called_ae=settings.aet,
+                          calling_ae="HIPPOSCANNER")["sent"] == 3
+        if routed:
+            expected.add(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
+    study_id = client.find_study(info.study_instance_uid)
+    assert wait_until(lambda: any(study_id in line and "-> hippoai" in line
+                                  for line in _log_lines(base, "HippoVolume routing")), settings.stable_age + 15), \
+        f"the study was not routed; Orthanc log:\n{orth.tail(base / orth.LOG_NAME)}"
+    assert wait_until(lambda: len(ai.for_study(info.study_instance_uid)) >= 6, 15)
+    time.sleep(1.0)
+    assert {r.series for r in ai.for_study(info.study_instance_uid)} == expected
+    assert len(ai.for_study(info.study_instance_uid)) == 6
+
+
+def _two_parts(files: list[Path], out: Path, at: int = 20) -> tuple[Path, Path]:
+    """``files`` (one series, slice order) copied into ``out/first`` (``files[:at]``) and ``out/rest``
+    without ImagesInAcquisition: nothing in the first part says that more is coming."""
+    parts = (out / "first", out / "rest")
+    for part, chunk in zip(parts, (files[:at], files[at:])):
+        part.mkdir(parents=True)
+        for p in chunk:
+            ds = pydicom.dcmread(p)
+            del ds.ImagesInAcquisition
+            ds.save_as(part / p.name)
+    return parts
+
+
+def _referenced_uids(ds) -> set[str]:
+    """Every ReferencedSOPInstanceUID anywhere in ``ds`` (nested sequences included)."""
+    found = set()
+    for element in ds:
+        if element.keyword == "ReferencedSOPInstanceUID":
+            found.add(str(element.value))
+        elif element.VR == "SQ":
+            for item in element.value:
+                found |= _referenced_uids(item)
+    return found
+
+
+@pytest.mark.service
+def test_series_in_two_parts_is_routed_again_measured_whole_and_the_partial_result_rejected(model_file, tmp_path):
+    """Issue 23: a scanner sends a HippoCrop series as 20 instances, then (after the partial result
+    is back in the PACS) the other 15, without ImagesInAcquisition. The real Orthanc routes the
+    series again because it changed since it was routed (not refused because results are there),
+    the listener measures the whole series and rejects the partial result with an IOCM note; our
+    results arriving never route anything (two routing jobs in all)."""
+    from conftest import ANY_VOLUME, REAL_DATA, synthetic_crop_pair
+    from fakes import wait_for
+    from hippo.network.listener import Listener
+
+    if find_orthanc() is None:
+        pytest.skip("Orthanc is not installed (Debian: apt-get install orthanc orthanc-dicomweb)")
+    t_start = time.monotonic()
+    if (REAL_DATA / "imagesTr" / "hippocampus_001.nii.gz").is_file():
+        image, label = REAL_DATA / "imagesTr/hippocampus_001.nii.gz", REAL_DATA / "labelsTr/hippocampus_001.nii.gz"
+    else:
+        image, label = synthetic_crop_pair(tmp_path / "synthetic")
+    listener_port = free_port()
+    auth = new_credentials()
+    settings = OrthancSettings(
+        dicom_port=free_port(), http_port=free_port(), stable_age=1, users=dict([auth]), dicomweb=False,
+        modalities={"hippoai": {"aet": "HIPPOAI", "host": "127.0.0.1", "port": listener_port},
+                    "scanner": {"aet": "HIPPOSCANNER", "host": "127.0.0.1", "port": free_port()}},
+        name="HippoVolume two-part test PACS")
+    base = tmp_path / "orthanc"
+    proc = start_orthanc(settings, base)
+    listener = None
+    try:
+        wait_ready(settings.http_url, 30, proc=proc, name=settings.name, auth=auth, log_file=base / orth.LOG_NAME)
+        client = OrthancClient(settings.http_url, auth=auth)
+        manifest = write_study(image, tmp_path / "study", label_path=label, seed=23, distractors=False)
+        uid = manifest["study_instance_uid"]
+        files = [Path(p) for p in manifest["files"]["HippoCrop"]]  # slice order
+        inputs = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+        first, rest = _two_parts(files, tmp_path / "parts")
+        listener = Listener(port=listener_port, root=tmp_path / "listener", model_path=model_file,
+                            allowed_calling_aets=["ORTHANC"], quiet_seconds=1.0,
+                            pacs={"port": settings.dicom_port, "called_ae": settings.aet, "calling_ae": "HIPPOAI",
+                                  "timeout": 10, "retries": 1},
+                            processor_options={"io_threads": 2, "plausibility": ANY_VOLUME}, stop_timeout=60)
+        listener.start()
+        record_path = listener.processed_dir / uid / "listener.json"
+
+        def in_pacs() -> dict[str, str]:
+            """SOPInstanceUID -> Modality of every instance of the study in Orthanc."""
+            study_id = client.find_study(uid)
+            return {} if study_id is None else {
+                i["MainDicomTags"]["SOPInstanceUID"]: s["MainDicomTags"].get("Modality", "")
+                for s in client.series(study_id) for i in client.instances(s["ID"])}
+
+        def routing_lines() -> list[str]:
+            study_id = client.find_study(uid)
+            return [line for line in _log_lines(base, "HippoVolume routing") if study_id and study_id in line]
+
+        # part 1: routed, measured from 20 instances, the result stored in the PACS
+        assert send_study(first, "127.0.0.1", settings.dicom_port, called_ae=settings.aet,
+                          calling_ae="HIPPOSCANNER")["sent"] == 20
+        wait_for(record_path.exists, 120, "the first part to be measured", interval=0.2)
+        partial = json.loads(record_path.read_text())
+        assert partial["instances"] == 20 and partial["status"] in ("ok", "review"), partial
+        partial_uids = set(partial["result_sop_instance_uids"])
+        assert len(partial_uids) == 3
+        wait_for(lambda: partial_uids <= set(in_pacs()), 60, "the partial result in the PACS", interval=0.2)
+        # ...which makes the study unstable, then stable again: the routing runs (a second log line)
+        wait_for(lambda: len(routing_lines()) >= 2, 30, "the routing to run again after the results", interval=0.2)
+
+        # part 2, after the partial result is in the PACS: the series is routed again, whole
+        assert send_study(rest, "127.0.0.1", settings.dicom_port, called_ae=settings.aet,
+                          calling_ae="HIPPOSCANNER")["sent"] == len(files) - 20
+        wait_for(lambda: json.loads(record_path.read_text()).get("instances") == len(files), 120,
+                 "the whole series to be measured", interval=0.2)
+        whole = json.loads(record_path.read_text())
+        current = set(whole["result_sop_instance_uids"])
+        assert whole["status"] in ("ok", "review") and len(current) == 3 and not current & partial_uids
+        assert set(whole["supersedes"]) == partial_uids
+        wait_for(lambda: current | {whole["rejection_note"]} <= set(in_pacs()), 60,
+                 "the new result and the rejection note in the PACS", interval=0.2)
+        assert listener.wait_idle(30)
+
+        # the PACS: the whole input series, the partial result (rejected by the note), the current one
+        stored = in_pacs()
+        assert {u for u, m in stored.items() if m == "MR"} == inputs
+        note_id = client.post_json("/tools/lookup", whole["rejection_note"])[0]["ID"]
+        note = pydicom.dcmread(io.BytesIO(client.request("GET", f"/instances/{note_id}/file")))
+        assert note.Modality == "KO" and note.ConceptNameCodeSequence[0].CodeValue == "113001"  # Rejected for QR
+        rejected = _referenced_uids(note) - inputs
+        assert rejected == partial_uids
+        assert set(stored) - inputs - rejected - {whole["rejection_note"]} == current   # one current result
+        assert sorted(stored[u] for u in current) == ["OT", "SEG", "SR"]
+        seg_uid = next(u for u in current if stored[u] == "SEG")
+        seg = pydicom.dcmread(io.BytesIO(client.request(
+            "GET", f"/instances/{client.post_json('/tools/lookup', seg_uid)[0]['ID']}/file")))
+        assert _referenced_uids(seg) & inputs == inputs       # made from every instance of the series
+
+        # no loop: our results and the note made the study stable again, and nothing more was routed
+        wait_for(lambda: any("HippoCrop series unchanged since routed" in line and f": {len(files)} instances" in line
+                             for line in routing_lines()), 30, "the routing to see the new results", interval=0.2)
+        time.sleep(settings.stable_age + 1.5)
+        lines = routing_lines()
+        sent_lines = [line for line in lines if "-> hippoai" in line]
+        assert len(sent_lines) == 2, lines
+        assert "(20 instances)" in sent_lines[0]
+        assert f"({len(files)} instances, changed since routed with 20)" in sent_lines[1]
+        assert any("unchanged since routed" in line and ": 20 instances" in line for line in lines), lines
+        assert len([j for j in client.jobs() if j.get("Type") == "DicomModalityStore"]) == 2
+        assert listener.status()["counts"]["studies_ok"] == 2
+        assert whole["new_instances"] == len(files) - 20
+        print(f"two-part routing test: {time.monotonic() - t_start:.1f} s (measuring {partial['seconds']:.1f} + "
+              f"{whole['seconds']:.1f} s); total {partial['volumes']['total_mm3']:.0f} mm3 from 20 instances, "
+              f"{whole['volumes']['total_mm3']:.0f} mm3 from {len(files)}")
+    finally:
+        if listener is not None:
+            listener.stop(timeout=30)
+        stop(proc)
 
 
 def _raw(port: int, method: str, path: str, headers: dict[str, str] | None = None, body: bytes | None = None,

@@ -35,7 +35,9 @@ Rules:
   (the same study sent again, e.g. re-routed), it is skipped: no new results, the re-sent copies
   are dropped. When at least one instance is new, the earlier instances (from ``processed/`` and
   ``failed/``) are merged with the new ones and the whole study is processed again, which produces
-  a new set of results (the study changed). Instances that are our own results coming back
+  a new set of results (the study changed), and the earlier set is rejected by an IOCM note (Orthanc's
+  routing sends an input series again whenever it has changed since it was sent, e.g. the rest of a
+  series that arrived in parts: docs/network.md). Instances that are our own results coming back
   (their SOP Instance UIDs are recorded in ``listener.json``) are dropped, so a routing loop
   cannot make the listener process its own output. A study in ``failed/`` is retried when it is
   sent again.
@@ -93,8 +95,7 @@ from hippo.fileio import write_bytes_atomic, write_json_atomic
 from hippo.network.study_folders import (SUFFIX, instance_names, instances, link_or_copy, partial_studies,
                                         remove_trash, replace_study_dir, study_folders)
 from hippo.pacs import TCP_NODELAY_HANDLERS, Outbox, PacsConfig, PacsError, move_series, validate_uid
-from hippo.prior import lookup_from_config
-from hippo.credentials import read_credentials
+from hippo.deploy.options import processor_options
 
 log = logging.getLogger(__name__)
 
@@ -612,7 +613,13 @@ class Listener:
             return
 
         n_total = len(names) + len(merged)
-        log.info("study %s: processing %d instance(s) (%d new)", uid, n_total, len(names))
+        unseen = names - done  # the re-measure decision: instances the earlier result was not made from
+        if done:
+            log.info("study %s: %d instance(s) beyond the %d measured before (e.g. the rest of a series that "
+                     "arrived in parts): measuring again from all %d; the earlier result is then rejected",
+                     uid, len(unseen), len(done), n_total)
+        else:
+            log.info("study %s: processing %d instance(s) (%d new)", uid, n_total, len(unseen))
         previous = self._current_results(uid)  # read now: the new results overwrite their files
         t0 = time.perf_counter()
         outcome = processor.process(work)
@@ -623,7 +630,7 @@ class Listener:
             "finished": _now(),
             "seconds": round(seconds, 3),
             "instances": n_total,
-            "new_instances": len(names),
+            "new_instances": len(unseen),
         }
         if outcome.status in ("ok", "review"):  # results made (and sent); "review" flags them in the report
             result_uids = self._result_uids(outcome.files)
@@ -805,7 +812,10 @@ class Listener:
 
         for p in self.processed_dir.glob("*/listener.json"):
             with contextlib.suppress(OSError, ValueError, TypeError):
-                for u in json.loads(p.read_text()).get("result_sop_instance_uids", []):
+                record = json.loads(p.read_text())
+                # the current result, the one it superseded and the rejection note are all ours
+                for u in [*record.get("result_sop_instance_uids", []), *record.get("supersedes", []),
+                          *([record["rejection_note"]] if record.get("rejection_note") else [])]:
                     self._result_names.add(f"{u}{SUFFIX}")
 
     # ------------------------------------------------------------------------------ config
@@ -820,17 +830,7 @@ class Listener:
         model_path = settings.model_path
         if "processor_factory" not in overrides:
             model_path = settings.resolve_model(cfg["paths"]["log_dir"])
-        report = dict(cfg["report"])
-        options = {
-            "rules": dict(cfg["series"]),
-            "io_threads": int(cfg["io_threads"]),
-            **settings.agent_options,
-            "series_numbers": report["series_numbers"],
-            "write_png": bool(report["write_png"]),
-            "plausibility": dict(cfg["plausibility"]),
-            # the patient's earlier result: the PACS search (DICOMweb, the network's credentials)
-            "prior": lookup_from_config(cfg, send=bool(cfg["send"]), read_credentials=read_credentials),
-        }
+        options = processor_options(cfg)  # the same map as hippo.deploy's (hippo.deploy.options)
         kwargs: dict[str, Any] = dict(
             ae_title=lc["ae_title"], host=lc["host"],
             port=int(lc["port"]),
@@ -857,13 +857,13 @@ class Listener:
 def run_listener(cfg: Mapping[str, Any], *, ready: Callable[[Listener], None] | None = None) -> int:
     """Run the listener described by ``cfg`` (``conf/listen.yaml`` resolved) until SIGTERM/SIGINT,
     then stop gracefully. Returns the exit code (0 clean, 1 a study outlived the stop timeout,
-    2 it could not start: no model, port in use)."""
+    2 it could not start: no model, a missing prior file, a config setting refused, port in use)."""
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies at INFO
     if not cfg.get("log_pynetdicom", False):
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     try:
         listener = Listener.from_config(cfg)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # no model or prior file; a setting refused
         log.error("error: %s", exc)
         return 2
     stop = threading.Event()
