@@ -136,22 +136,22 @@ def test_siemens_mosaic_is_refused_as_a_mosaic():
 
 
 def test_siemens_xa10_enhanced_split_series_is_refused_and_one_instance_loads(tmp_path):
-    """Siemens XA10 Enhanced MR: 4 instances of 6 frames = 4 time points. Selection names both
-    the split enhanced series and the time series (TemporalPositionIndex 1..4); load_series refuses
-    several multi-frame instances. One instance alone is one 3D volume: selected by the default
-    rules (bar the description), loaded with the per-frame geometry (3.375 mm, 2.4 mm slices), and
-    to_source gives the stored frames back in the file's frame order."""
+    """Siemens XA10 Enhanced MR: 4 instances of 6 frames = 4 time points. Several multi-frame
+    instances are one series (their frames stacked by position), so what refuses this one is what
+    it is: a time series (TemporalPositionIndex 1..4); load_series finds frames of two instances at
+    one position. One instance alone is one 3D volume: selected by the default rules (bar the
+    description), loaded with the per-frame geometry (3.375 mm, 2.4 mm slices), and to_source
+    gives the stored frames back in the file's frame order."""
     folder = _vendor("siemens_xa10_enhanced")
     scan = scan_study(folder)
     assert scan.n_instances == 4 and not scan.ignored and scan.series[0].is_enhanced
-    split = ("enhanced multi-frame series split over 4 instances (4 enhanced, NumberOfFrames 6): only a "
-             "series of one multi-frame instance is read as a volume")
     time = ("time series: 4 volumes of 6 slices at the same positions (fMRI / dynamic; TemporalPositionIndex "
             "1..4, AcquisitionNumber 1..4), not one 3D volume")
     for rules in (None, SelectionRules(description_contains=None)):
         msg, reasons = _rejection(folder, rules)
-        assert split in reasons and time in reasons and split in msg
-    with pytest.raises(SeriesGeometryError, match="split over several instances"):
+        assert time in reasons and time in msg and not any("split" in r for r in reasons)
+    with pytest.raises(SeriesGeometryError, match=r"6_1\.dcm frame \d and .*6_2\.dcm frame \d are at the same "
+                                                  r"position"):
         load_series(select_series(scan, SelectionRules(**ANYTHING)).files)
 
     one = tmp_path / "one"
@@ -487,10 +487,18 @@ def test_enhanced_time_series_and_non_magnitude_frames_are_refused(tmp_path):
     assert "phase image (FrameType P; ComplexImageComponent PHASE): not an anatomical magnitude image" \
         in _rejection(enh.parent)[0]
 
+    # the same series split over two enhanced instances is one volume; one of them mixed with
+    # classic single-frame files is not
     split = tmp_path / "split"
     make_enhanced(paths[:4], split / "A.dcm")
     make_enhanced(paths[4:], split / "B.dcm")
-    msg = _rejection(split)[0]
-    assert "enhanced multi-frame series split over 2 instances" in msg
-    with pytest.raises(SeriesGeometryError, match="must be one enhanced instance"):
-        load_series(sorted(split.iterdir()))
+    series = select_series(scan_study(split))
+    assert series.n_instances == 2 and series.n_frames == n
+    np.testing.assert_array_equal(load_series(series.files).array, load_series(paths).array)
+    mixed = tmp_path / "mixed"
+    make_enhanced(paths[:4], mixed / "A.dcm")
+    for k, path in enumerate(paths[4:]):
+        shutil.copy(path, mixed / f"classic{k}.dcm")
+    assert "mixes 1 enhanced (functional-group) instance(s) with 3 classic one(s)" in _rejection(mixed)[0]
+    with pytest.raises(SeriesGeometryError, match="not both"):
+        load_series(sorted(mixed.iterdir()))

@@ -76,7 +76,9 @@ def test_the_whole_head_t1_is_chosen_over_localizers_t2_flair_and_a_reformat(hea
     assert why["t1_mprage_sag"] == ""
     assert "excluded pattern" in why["localizer_sag"] and "not a whole head" in why["localizer_sag"]
     assert "not a 3D acquisition (MRAcquisitionType 2D)" in why["t2_tse_tra"]
-    assert "excluded pattern" in why["t2_flair_tra"]
+    # by what the scans are (their headers), not by their names
+    assert "not T1-weighted: InversionTime 2500 ms (longer than 1500 ms: fluid-attenuated" in why["t2_flair_tra"]
+    assert "not T1-weighted: EchoTime 100 ms (longer than 15 ms" in why["t2_tse_tra"]
     assert "derived images" in why["t1_mprage_tra_MPR"]
 
 
@@ -146,7 +148,7 @@ def test_the_rules_come_from_the_series_config():
     assert rules.enabled and rules.min_extent_mm == 100 and "mprage" in rules.description_patterns
     assert SelectionRules.from_mapping(series).description_contains == "HippoCrop"  # the block is not its business
     assert not WholeHeadRules.from_mapping(OmegaConf.to_container(off.series)["wholehead"]).enabled
-    with pytest.raises(TypeError, match="min_extent"):
+    with pytest.raises(ValueError, match="WholeHeadRules: unknown setting.*'min_extent'"):
         WholeHeadRules.from_mapping({"min_extent": 3})
 
 

@@ -11,9 +11,10 @@ Typical use::
     series = select_series(scan, SelectionRules(**cfg.selection))   # exactly one, or an error
     series.files                                                     # -> paths for load_series
 
-A series is one 3D volume as single-frame instances (one per slice) or as one enhanced multi-frame
-instance (Enhanced / Legacy Converted Enhanced MR: per-frame geometry from the functional groups,
-read from the header too). Series that cannot be one anatomical volume (Siemens mosaics, time
+A series is one 3D volume as single-frame instances (one per slice) or as enhanced instances
+(Enhanced / Legacy Converted Enhanced MR: one multi-frame instance, several multi-frame instances,
+or one frame per instance; per-frame geometry from the shared or per-frame functional groups, read
+from the header too). Series that cannot be one anatomical volume (Siemens mosaics, time
 series, field maps, phase or diffusion images) are refused by name with the reason.
 
 Nothing in here raises for a single bad file: files that are not DICOM, are truncated, or lack the
@@ -35,7 +36,7 @@ import struct
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -46,6 +47,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
+from hippo.config import settings_fields
 from hippo.dicom.geometry import same_orientation, same_pixel_spacing, slice_normal, stack_problem
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ __all__ = [
     "frame_attributes",
     "has_functional_groups",
     "mosaic_evidence",
+    "mr_parameters",
+    "contrast_state",
     "ENHANCED_MR_SOP_CLASSES",
 ]
 
@@ -109,8 +113,9 @@ _SIEMENS_MOSAIC_TAG = 0x0019100A
 
 def has_functional_groups(ds: Dataset) -> bool:
     """True for an image whose per-frame geometry is in functional groups (Enhanced MR, Legacy
-    Converted Enhanced MR, ...): it has a PerFrameFunctionalGroupsSequence."""
-    return "PerFrameFunctionalGroupsSequence" in ds
+    Converted Enhanced MR, ...): it has a PerFrameFunctionalGroupsSequence, or (a single-frame
+    enhanced instance as some converters write it) only a SharedFunctionalGroupsSequence."""
+    return "PerFrameFunctionalGroupsSequence" in ds or bool(ds.get("SharedFunctionalGroupsSequence"))
 
 
 def _group_values(item: Dataset | None, out: dict[str, Any]) -> None:
@@ -137,12 +142,119 @@ def frame_attributes(ds: Dataset) -> list[dict[str, Any]]:
     shared_seq = ds.get("SharedFunctionalGroupsSequence") or []
     shared: dict[str, Any] = {}
     _group_values(shared_seq[0] if len(shared_seq) else None, shared)
+    if "PerFrameFunctionalGroupsSequence" not in ds:  # shared groups only: every frame alike
+        n = _int_or_none(ds.get("NumberOfFrames")) or 1
+        return [dict(shared) for _ in range(max(n, 1))]
     out = []
     for item in ds.PerFrameFunctionalGroupsSequence:
         values = dict(shared)
         _group_values(item, values)
         out.append(values)
     return out
+
+
+#: What an MR image's headers say about its acquisition, for telling a T1 from other scans
+#: (:func:`mr_parameters`): top-level attribute -> where an enhanced image keeps it instead
+#: (functional group sequence, attribute in its item).
+_MR_PARAMETER_GROUPS: dict[str, tuple[str, str]] = {
+    "RepetitionTime": ("MRTimingAndRelatedParametersSequence", "RepetitionTime"),
+    "FlipAngle": ("MRTimingAndRelatedParametersSequence", "FlipAngle"),
+    "EchoTrainLength": ("MRTimingAndRelatedParametersSequence", "EchoTrainLength"),
+    "EchoTime": ("MREchoSequence", "EffectiveEchoTime"),
+    "InversionTime": ("MRModifierSequence", "InversionTimes"),
+    "InversionRecovery": ("MRModifierSequence", "InversionRecovery"),
+    "AcquisitionContrast": ("MRImageFrameTypeSequence", "AcquisitionContrast"),
+}
+#: ContrastBolusAgent values that say "no agent" rather than name one.
+NO_AGENT_VALUES = frozenset({"", "NONE", "NO", "N/A", "NA", "NIL", "-", "0", "NO CONTRAST", "WITHOUT"})
+
+
+def _first_group_value(ds: Dataset, seq_kw: str, kw: str) -> Any:
+    """``kw`` from the first item of ``seq_kw`` in the shared functional groups, else in the first
+    per-frame item; ``None`` when neither has it."""
+    for groups in (ds.get("SharedFunctionalGroupsSequence") or [], (ds.get("PerFrameFunctionalGroupsSequence")
+                                                                      or [])[:1]):
+        for item in groups:
+            seq = item.get(seq_kw)
+            if seq:
+                value = seq[0].get(kw)
+                if value is not None and value != "":
+                    return value
+    return None
+
+
+def mr_parameters(ds: Dataset) -> dict[str, Any]:
+    """What the headers of one MR image say about its acquisition, from the top level or (enhanced
+    images) the functional groups: ``ScanningSequence``, ``SequenceVariant`` (tuples of upper-case
+    strings), ``SequenceName``, ``PulseSequenceName``, ``EchoPulseSequence`` (SPIN/GRADIENT/BOTH),
+    ``AcquisitionContrast`` (T1, T2, FLUID_ATTENUATED, ...), ``InversionRecovery`` (YES/NO),
+    ``RepetitionTime``, ``EchoTime``, ``InversionTime``, ``FlipAngle``, ``EchoTrainLength``
+    (floats; ms / degrees), and ``contrast``: ``(state, evidence)`` from the contrast/bolus
+    attributes (:func:`contrast_state`). Absent attributes are absent keys. Headers only."""
+    out: dict[str, Any] = {}
+    for kw in ("ScanningSequence", "SequenceVariant", "ScanOptions"):
+        values = _strings(ds.get(kw))
+        if values:
+            out[kw] = values
+    for kw in ("SequenceName", "PulseSequenceName", "EchoPulseSequence", "AcquisitionContrast",
+               "InversionRecovery"):
+        value = str(ds.get(kw, "") or "").strip()
+        if value:
+            out[kw] = value.upper() if kw != "SequenceName" and kw != "PulseSequenceName" else value
+    for kw in ("RepetitionTime", "EchoTime", "InversionTime", "FlipAngle", "EchoTrainLength"):
+        value = _float_or_none(ds.get(kw))
+        if value is not None:
+            out[kw] = value
+    if has_functional_groups(ds):
+        for kw, (seq_kw, item_kw) in _MR_PARAMETER_GROUPS.items():
+            if kw in out:
+                continue
+            value = _first_group_value(ds, seq_kw, item_kw)
+            if value is None:
+                continue
+            if isinstance(value, (list, tuple, MultiValue)):
+                value = value[0] if len(value) else None
+            if kw in ("InversionRecovery", "AcquisitionContrast"):
+                out[kw] = str(value).strip().upper()
+            elif _float_or_none(value) is not None:
+                out[kw] = _float_or_none(value)
+    out["contrast"] = contrast_state(ds)
+    return out
+
+
+def contrast_state(ds: Dataset) -> tuple[str, str]:
+    """Whether the headers say a contrast agent was given: ``("agent", evidence)`` (e.g.
+    ``"ContrastBolusAgent 'Gadovist'"``), ``("none", evidence)`` when they say none was
+    (ContrastBolusAgent present and empty or "NONE", ContrastBolusAgentAdministered NO) or
+    ``("", "")`` when no contrast/bolus attribute is there at all. Looks at the top level
+    (Contrast/Bolus module) and the Contrast/Bolus Usage functional group of enhanced images."""
+    none_evidence = ""
+    if "ContrastBolusAgent" in ds:
+        agent = str(ds.get("ContrastBolusAgent") or "").strip()
+        if agent.upper() not in NO_AGENT_VALUES:
+            return "agent", f"ContrastBolusAgent {agent!r}"
+        none_evidence = f"ContrastBolusAgent {agent!r}" if agent else "ContrastBolusAgent empty"
+    for item in ds.get("ContrastBolusAgentSequence") or []:
+        meaning = str(item.get("CodeMeaning", "") or item.get("CodeValue", "") or "").strip()
+        if meaning and meaning.upper() not in NO_AGENT_VALUES:
+            return "agent", f"ContrastBolusAgentSequence {meaning!r}"
+    for kw in ("ContrastBolusVolume", "ContrastBolusTotalDose", "ContrastBolusIngredientConcentration"):
+        value = _float_or_none(ds.get(kw))
+        if value is not None and value > 0:
+            return "agent", f"{kw} {value:g}"
+    ingredient = str(ds.get("ContrastBolusIngredient", "") or "").strip()
+    if ingredient and ingredient.upper() not in NO_AGENT_VALUES:
+        return "agent", f"ContrastBolusIngredient {ingredient!r}"
+    groups = list(ds.get("SharedFunctionalGroupsSequence") or []) + \
+        list((ds.get("PerFrameFunctionalGroupsSequence") or []))
+    for item in groups:
+        for usage in item.get("ContrastBolusUsageSequence") or []:
+            given = str(usage.get("ContrastBolusAgentAdministered", "") or "").strip().upper()
+            if given == "YES":
+                return "agent", "ContrastBolusUsageSequence ContrastBolusAgentAdministered YES"
+            if given == "NO" and not none_evidence:
+                none_evidence = "ContrastBolusUsageSequence ContrastBolusAgentAdministered NO"
+    return ("none", none_evidence) if none_evidence else ("", "")
 
 
 class StudyError(RuntimeError):
@@ -226,6 +338,8 @@ class InstanceHeader:
     mr_acquisition_type: str = ""             # MRAcquisitionType (0018,0023): "2D" / "3D" / ""
     protocol_name: str = ""                   # ProtocolName (0018,1030)
     slice_thickness: float | None = None      # SliceThickness (0018,0050), mm
+    #: what the headers say about the acquisition (:func:`mr_parameters`); whole-head T1 selection
+    mr: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def is_enhanced(self) -> bool:
@@ -315,6 +429,14 @@ def _frame_headers(ds: Dataset) -> tuple[FrameHeader, ...]:
             b_value=_float_or_none(values.get("DiffusionBValue")),
         ))
     return tuple(out)
+
+
+def _slice_thickness(ds: Dataset) -> float | None:
+    """SliceThickness at the top level, else (enhanced) from the Pixel Measures functional group."""
+    value = _float_or_none(ds.get("SliceThickness"))
+    if value is None and has_functional_groups(ds):
+        value = _float_or_none(_first_group_value(ds, "PixelMeasuresSequence", "SliceThickness"))
+    return value
 
 
 def _looks_like_raw_dicom(path: Path) -> bool:
@@ -463,7 +585,8 @@ def _header_from_dataset(path: Path, ds: Dataset, *, pos: int, size: int
             frames=_frame_headers(ds),
             mr_acquisition_type=str(ds.get("MRAcquisitionType", "") or "").strip().upper(),
             protocol_name=str(ds.get("ProtocolName", "") or ""),
-            slice_thickness=_float_or_none(ds.get("SliceThickness")),
+            slice_thickness=_slice_thickness(ds),
+            mr=mr_parameters(ds),
         )
     except Exception as exc:  # a malformed value somewhere in the header
         return None, f"unreadable DICOM header: {type(exc).__name__}: {exc}"
@@ -581,11 +704,13 @@ class SeriesInfo:
         """Why this series cannot be *one* 3D volume, from the headers (empty list when it can).
 
         Refused: a Siemens mosaic (ImageType MOSAIC or CSA NumberOfImagesInMosaic); a multi-frame
-        instance without per-frame functional groups (classic multi-frame); an enhanced series
-        split over several instances; several images at each slice position (a time series when
+        instance without per-frame functional groups (classic multi-frame); a series mixing
+        enhanced and classic instances; several images at each slice position (a time series when
         the headers say so: NumberOfTemporalPositions, TemporalPositionIdentifier/Index or
         AcquisitionNumber vary; otherwise echoes / contrasts / field-map parts mixed in one series).
-        A series is acceptable as single-frame instances (one per slice) or one enhanced instance.
+        A series is acceptable as single-frame instances (one per slice) or as enhanced instances
+        (one multi-frame instance, several multi-frame instances, or one frame per instance) whose
+        frames together make one stack.
         """
         inst = self.instances
         problems: list[str] = []
@@ -609,10 +734,10 @@ class SeriesInfo:
                             f"cannot be placed in space ({classic_mf[0].path})")
             return problems
         enhanced = [h for h in inst if h.is_enhanced]
-        if enhanced and len(inst) > 1:
-            problems.append(f"enhanced multi-frame series split over {len(inst)} instances "
-                            f"({len(enhanced)} enhanced, NumberOfFrames {_fmt_set(self.number_of_frames)}): "
-                            "only a series of one multi-frame instance is read as a volume")
+        if enhanced and len(enhanced) != len(inst):
+            classic = next(h for h in inst if not h.is_enhanced)
+            problems.append(f"mixes {len(enhanced)} enhanced (functional-group) instance(s) with "
+                            f"{len(inst) - len(enhanced)} classic one(s) (e.g. {classic.path}): not one volume")
         repeated = self._repeated_positions()
         if repeated:
             problems.append(repeated)
@@ -1059,8 +1184,9 @@ class SelectionRules:
         modality: required Modality (None or "" = any).
         description_contains: case-insensitive substring of SeriesDescription (None or "" = any).
         single_volume: require a series that is one 3D volume: single-frame instances (one per
-            slice) or one enhanced multi-frame instance; refuses Siemens mosaics, time series (4D),
-            classic multi-frame instances and enhanced series split over several instances
+            slice) or enhanced instances whose frames make one stack (one or several multi-frame
+            instances, or single-frame enhanced ones); refuses Siemens mosaics, time series (4D),
+            classic multi-frame instances and series mixing enhanced and classic instances
             (:meth:`SeriesInfo.volume_problems`).
         anatomical_only: refuse field maps, phase, real/imaginary and diffusion images
             (:meth:`SeriesInfo.content_problems`).
@@ -1124,16 +1250,11 @@ class SelectionRules:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "SelectionRules":
-        """Rules from a mapping (e.g. an OmegaConf node converted to a dict); ``_target_`` and
-        other ``_underscore_`` keys are ignored, unknown keys raise ``TypeError`` naming them."""
-        cfg = dict(cfg or {})
-        cfg.pop("wholehead", None)  # the whole-head T1 fallback's own rules (hippo.dicom.wholehead_select)
-        known = {f.name for f in fields(cls)}
-        unknown = [k for k in cfg if k not in known and not k.startswith("_")]
-        if unknown:
-            raise TypeError(f"unknown selection rule(s): {', '.join(sorted(unknown))}; "
-                            f"known: {', '.join(sorted(known))}")
-        return cls(**{k: v for k, v in cfg.items() if k in known})
+        """Rules from a mapping (e.g. the ``series`` config group); ``_target_`` is ignored, a key
+        this class does not have raises ``ValueError`` naming it (:func:`hippo.config.settings_fields`)."""
+        values = settings_fields(cls, cfg, handled=("wholehead",))
+        values.pop("wholehead", None)  # the whole-head T1 fallback's own rules (hippo.dicom.wholehead_select)
+        return cls(**values)
 
     def rejection_reasons(self, series: SeriesInfo) -> list[str]:
         """Every rule ``series`` breaks (empty list = it matches)."""
@@ -1154,10 +1275,11 @@ class SelectionRules:
             reasons.extend(series.content_problems())
         if self.complete_series:
             reasons.extend(series.completeness_problems())
-        # slices: the frames of an enhanced instance, else the instances
-        if series.is_single_enhanced and series.n_frames < self.min_instances:
-            reasons.append(f"only {series.n_frames} frame(s) in the enhanced instance, need >= {self.min_instances}")
-        elif not series.is_single_enhanced and series.n_instances < self.min_instances:
+        # slices: the frames of enhanced instances, else the instances
+        if series.is_enhanced and series.n_frames < self.min_instances:
+            where = "the enhanced instance" if series.n_instances == 1 else f"{series.n_instances} enhanced instances"
+            reasons.append(f"only {series.n_frames} frame(s) in {where}, need >= {self.min_instances}")
+        elif not series.is_enhanced and series.n_instances < self.min_instances:
             reasons.append(f"only {series.n_instances} instance(s), need >= {self.min_instances}")
         if self.max_instances is not None and series.n_frames > self.max_instances:
             unit = "instances" if series.is_single_frame else "frames"

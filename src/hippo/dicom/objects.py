@@ -2,6 +2,10 @@
 
 highdicom + pydicom + numpy only (no torch).
 
+* Sources: a classic series, or enhanced instances in any layout (one or several multi-frame
+  instances, single-frame enhanced instances; pixel measures and orientation shared or per frame):
+  highdicom is given single-frame stand-ins of the frames and the SEG then references the real
+  instances and frames (:func:`_segmentation`).
 * :func:`make_seg` — a BINARY Segmentation with two segments, "Anterior hippocampus" (1) and
   "Posterior hippocampus" (2), SNOMED CT Anatomical Structure / Hippocampus (5366008) with an
   Anterior / Posterior type modifier, algorithm type AUTOMATIC with its Algorithm Identification
@@ -24,10 +28,12 @@ from typing import Any, Mapping, Sequence
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from hippo.dicom.ingest import frame_attributes, has_functional_groups
 from hippo.measure import Volumes, validate_mask
 
 SEG_SERIES_NUMBER = 9002
@@ -91,8 +97,10 @@ def make_seg(
     Args:
         source_datasets: the source MR instances (one series and frame of reference): one per
             slice, sorted along the slice normal -- frame ``i`` of ``mask_frames`` belongs to
-            ``source_datasets[i]`` -- or one multi-frame (enhanced) instance: frame ``i`` of
-            ``mask_frames`` belongs to its frame ``i`` in the file's order.
+            ``source_datasets[i]`` -- or enhanced instances (one or several, multi-frame or
+            single-frame, functional groups shared or per frame): ``mask_frames`` holds the frames
+            of ``source_datasets[0]`` in the file's order, then those of ``source_datasets[1]``,
+            ... (``SeriesVolume.to_source``). The SEG references each instance and frame.
         mask_frames: ``(n_frames, Rows, Columns)`` labels in ``{0, 1, 2}``, pixel-aligned with the
             sources (what ``SeriesVolume.to_source(mask)`` returns).
         model_version: recorded in the Algorithm Identification and SoftwareVersions.
@@ -159,7 +167,164 @@ def _segment_description(number: int, label: str, modifiers: Sequence, rgb: tupl
 def _segmentation(sources: list[Dataset], frames: np.ndarray, descriptions: list, *, model_version: str,
                   series_number: int, series_description: str, series_instance_uid: str | None,
                   sop_instance_uid: str | None, device_serial_number: str) -> hd.seg.Segmentation:
-    """The BINARY, pixel-aligned, uncompressed SEG of ``frames`` (labels = segment numbers)."""
+    """The BINARY, pixel-aligned, uncompressed SEG of ``frames`` (labels = segment numbers).
+
+    Enhanced sources (one or several instances, functional groups shared or per frame) are given
+    to highdicom as one single-frame stand-in per source frame (the frame's geometry at the top
+    level, sorted along the normal): highdicom takes one multi-frame source at most and reads its
+    pixel measures and orientation from the shared groups only. The stand-ins' references are then
+    replaced by the real instance and frame (:func:`_point_to_real_sources`)."""
+    stand_ins = _frame_stand_ins(sources) if any(has_functional_groups(ds) for ds in sources) else None
+    if stand_ins is not None:
+        order, images, real = stand_ins
+        seg = _highdicom_segmentation(images, frames[order], descriptions, model_version=model_version,
+                                      series_number=series_number, series_description=series_description,
+                                      series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
+                                      device_serial_number=device_serial_number)
+        _point_to_real_sources(seg, real, sources)
+        return seg
+    return _highdicom_segmentation(sources, frames, descriptions, model_version=model_version,
+                                   series_number=series_number, series_description=series_description,
+                                   series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
+                                   device_serial_number=device_serial_number)
+
+
+#: Top-level attributes of an enhanced instance left out of its frames' stand-ins (the frame's own
+#: geometry replaces them; the rest is pixel data and multi-frame structure).
+_NOT_IN_STAND_IN = ("PixelData", "FloatPixelData", "DoubleFloatPixelData", "PerFrameFunctionalGroupsSequence",
+                    "SharedFunctionalGroupsSequence", "NumberOfFrames", "DimensionIndexSequence",
+                    "DimensionOrganizationSequence", "SOPClassUID", "SOPInstanceUID", "ImageType",
+                    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+                    "SpacingBetweenSlices")
+
+
+def _frame_stand_ins(sources: list[Dataset]) -> tuple[np.ndarray, list[Dataset], dict[str, tuple[Dataset, int | None]]]:
+    """Single-frame MR stand-ins for every frame of ``sources`` (enhanced instances, or classic
+    single-frame ones among them), in slice order along the normal.
+
+    Returns ``(order, stand_ins, real)``: ``order[i]`` is the index, in the concatenated frames of
+    ``sources``, of stand-in ``i``; ``real`` maps a stand-in's SOPInstanceUID to ``(source dataset,
+    1-based frame number or None)``.
+
+    Raises:
+        ValueError: a frame without position, orientation or pixel spacing (names the file and frame).
+    """
+    from pydicom.uid import MRImageStorage
+
+    entries = []  # (source, frame number or None, geometry dict)
+    for ds in sources:
+        if has_functional_groups(ds):
+            for k, values in enumerate(frame_attributes(ds)):
+                entries.append((ds, k + 1, values))
+        else:
+            entries.append((ds, None, {kw: ds.get(kw) for kw in ("ImagePositionPatient", "ImageOrientationPatient",
+                                                                  "PixelSpacing", "SliceThickness",
+                                                                  "SpacingBetweenSlices") if ds.get(kw) is not None}))
+    for ds, frame, values in entries:
+        for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+            if values.get(kw) in (None, ""):
+                where = f"{_name(ds)} frame {frame}" if frame else _name(ds)
+                raise ValueError(f"{where}: no {kw} (neither in the per-frame nor in the shared functional groups); "
+                                 "the SEG cannot be placed on the source frames")
+    iop = [float(v) for v in entries[0][2]["ImageOrientationPatient"]]
+    spacing = [float(v) for v in entries[0][2]["PixelSpacing"]]
+    normal = np.cross(iop[:3], iop[3:])
+    positions = np.array([[float(v) for v in values["ImagePositionPatient"]] for _, _, values in entries])
+    order = np.argsort(positions @ normal, kind="stable")
+    steps = np.diff(np.sort(positions @ normal))
+    step = float(np.median(steps)) if len(steps) else 1.0
+    bases: dict[int, Dataset] = {}
+    stand_ins, real = [], {}
+    for index in order:
+        ds, frame, values = entries[index]
+        base = bases.get(id(ds))
+        if base is None:
+            base = bases[id(ds)] = Dataset()
+            for elem in ds:
+                if elem.keyword not in _NOT_IN_STAND_IN and elem.tag.group != 0x0002:
+                    base.add(elem)
+        image = Dataset()
+        for elem in base:
+            image.add(elem)
+        image.SOPClassUID = MRImageStorage
+        image.SOPInstanceUID = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), str(frame), "stand-in"])
+        image.ImageType = list(ds.get("ImageType") or ["ORIGINAL", "PRIMARY"])[:2]
+        image.ImagePositionPatient = list(values["ImagePositionPatient"])
+        image.ImageOrientationPatient = iop  # one orientation (load_series checked they agree)
+        image.PixelSpacing = spacing
+        thickness = values.get("SliceThickness") or ds.get("SliceThickness")
+        image.SliceThickness = float(thickness) if thickness not in (None, "") else abs(step)
+        if values.get("SpacingBetweenSlices") not in (None, ""):
+            image.SpacingBetweenSlices = values["SpacingBetweenSlices"]
+        stand_ins.append(image)
+        real[str(image.SOPInstanceUID)] = (ds, frame)
+    return order, stand_ins, real
+
+
+def _point_to_real_sources(seg: Dataset, real: Mapping[str, tuple[Dataset, int | None]],
+                           sources: list[Dataset]) -> None:
+    """Replace every reference to a stand-in (:func:`_frame_stand_ins`) in ``seg`` by its real
+    instance and frame: the per-frame Derivation Image Source Image items name the instance and its
+    ReferencedFrameNumber; the Source Image Sequence and the Referenced Series Sequence (Common
+    Instance Reference) list each real instance once."""
+
+    def fix(item: Dataset) -> None:
+        for elem in item:
+            if elem.VR == "SQ":
+                for sub in elem.value:
+                    fix(sub)
+        uid = str(item.get("ReferencedSOPInstanceUID", "") or "")
+        if uid in real:
+            ds, frame = real[uid]
+            item.ReferencedSOPClassUID = ds.SOPClassUID
+            item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+            if frame is not None:
+                item.ReferencedFrameNumber = frame
+
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        fix(item)
+
+    def instance_items() -> list[Dataset]:
+        out = []
+        for ds in sources:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = ds.SOPClassUID
+            ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+            out.append(ref)
+        return out
+
+    seg.SourceImageSequence = instance_items()
+    for series in seg.get("ReferencedSeriesSequence") or []:
+        series.ReferencedInstanceSequence = instance_items()
+
+
+def _referenced_segment(seg: Dataset, number: int) -> hd.sr.ReferencedSegment:
+    """The SR's reference to segment ``number`` of ``seg`` with every source image (and frame) its
+    frames were derived from: one item per source instance, all its frames listed (highdicom's
+    ``from_segmentation`` keeps one frame per instance)."""
+    frames: dict[str, tuple[str, set[int]]] = {}
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) != number:
+            continue
+        for derivation in item.get("DerivationImageSequence") or []:
+            for src in derivation.get("SourceImageSequence") or []:
+                uid = str(src.ReferencedSOPInstanceUID)
+                entry = frames.setdefault(uid, (str(src.ReferencedSOPClassUID), set()))
+                value = src.get("ReferencedFrameNumber")
+                if value is not None:
+                    entry[1].update(int(v) for v in (value if isinstance(value, (list, MultiValue)) else [value]))
+    if not frames or not any(f for _, f in frames.values()):
+        return hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
+    images = [hd.sr.SourceImageForSegmentation(referenced_sop_class_uid=cls, referenced_sop_instance_uid=uid,
+                                               referenced_frame_numbers=sorted(f) or None)
+              for uid, (cls, f) in frames.items()]
+    return hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                                   segment_number=number, source_images=images)
+
+
+def _highdicom_segmentation(sources: list[Dataset], frames: np.ndarray, descriptions: list, *, model_version: str,
+                            series_number: int, series_description: str, series_instance_uid: str | None,
+                            sop_instance_uid: str | None, device_serial_number: str) -> hd.seg.Segmentation:
     return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=frames,
@@ -240,7 +405,7 @@ def make_sr(
             # the SEG segment's tracking UID, so that SEG segment and SR group name the same finding
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=str(segment_items[number].get("TrackingUID", "")) or generate_uid(), identifier=label),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number),
+            referenced_segment=_referenced_segment(seg, number),
             finding_type=HIPPOCAMPUS,
             finding_sites=[hd.sr.FindingSite(anatomic_location=HIPPOCAMPUS, topographical_modifier=modifier)],
             algorithm_id=algorithm,
@@ -481,6 +646,7 @@ def make_wholehead_sr(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
     quality: Mapping[str, Mapping[str, Any] | None] | None = None,
+    change: Mapping[str, Any] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 SR of both hippocampi: per segment of :func:`make_wholehead_seg` a volumetric ROI
     group (TID 1411) whose finding site carries the laterality and the part; per side a group
@@ -518,7 +684,7 @@ def make_wholehead_sr(
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=str(segment_items[number].get("TrackingUID", "")) or generate_uid(), identifier=label),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number),
+            referenced_segment=_referenced_segment(seg, number),
             finding_type=HIPPOCAMPUS,
             finding_sites=[hd.sr.FindingSite(anatomic_location=HIPPOCAMPUS, laterality=side, topographical_modifier=part)],
             algorithm_id=algorithm,
@@ -543,9 +709,13 @@ def make_wholehead_sr(
     for name in ("left", "right"):
         if quality and quality.get(name) is not None:
             groups.append(quality_group(quality[name], algorithm, sop_instance_uid=sop_instance_uid, side=name))
-    return _measurement_report_sr([seg, *sources], groups, model_version=model_version, series_number=series_number,
-                                  series_description=series_description, series_instance_uid=series_instance_uid,
-                                  sop_instance_uid=sop_instance_uid)
+    change_groups = wholehead_change_groups(change, algorithm, sop_instance_uid=sop_instance_uid)
+    sr = _measurement_report_sr([seg, *sources], groups + change_groups, model_version=model_version,
+                                series_number=series_number, series_description=series_description,
+                                series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid)
+    if change_groups:
+        sr.CodingSchemeIdentificationSequence = [prior_coding_scheme()]
+    return sr
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -620,5 +790,58 @@ def prior_comparison_groups(comparison: Mapping[str, Any] | None, algorithm: hd.
             name=PRIOR_CODES["prior_date"], value=prior_date, relationship_type="CONTAINS"))
         group[0].ContentSequence.append(hd.sr.TextContentItem(
             name=PRIOR_CODES["comparability"], value=comparable[:1024], relationship_type="CONTAINS"))
+        groups.append(group)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole head: change since an earlier scan, one group per side (hippo.change.wholehead_change's block)
+# ---------------------------------------------------------------------------------------------------
+WHOLEHEAD_CHANGE_CODES = {
+    "mdc95_percent": Code("MDC95PCT", PRIOR_SCHEME, "Minimal detectable change (95 %) of the percent volume change"),
+    "statement": Code("RELCHG", PRIOR_SCHEME, "Reliable change statement"),
+}
+
+
+def wholehead_change_groups(change: Mapping[str, Any] | None, algorithm: hd.sr.AlgorithmIdentification, *,
+                            sop_instance_uid: str | None = None) -> list:
+    """TID 1501 groups "Change since prior study: left/right hippocampus" (finding site Hippocampus
+    with laterality), or ``[]`` when ``change`` (:func:`hippo.change.wholehead_change`'s block) is not
+    available. Each: the total volume's change in mm³, %, mm³/a and %/a (items without a value left
+    out), the minimal detectable change (95 %) of the measurement mode used (%), the prior study date
+    (DATE, when known) and a TEXT item with the reliable-change sentence and the mode."""
+    import datetime as _dt
+
+    if not change or not change.get("available"):
+        return []
+    earlier = change.get("earlier_date")
+    groups = []
+    for name, side in (("left", LEFT), ("right", RIGHT)):
+        entry = (change.get("sides") or {}).get(name) or {}
+        values = entry.get("total") or {}
+        measurements = [hd.sr.Measurement(name=PRIOR_CODES[k], value=float(values[k]), unit=PRIOR_UNITS[k],
+                                          algorithm_id=algorithm)
+                        for k in PRIOR_UNITS if values.get(k) is not None]
+        if entry.get("mdc95_percent") is not None:
+            measurements.append(hd.sr.Measurement(name=WHOLEHEAD_CHANGE_CODES["mdc95_percent"],
+                                                  value=float(entry["mdc95_percent"]), unit=PRIOR_UNITS["change_percent"],
+                                                  algorithm_id=algorithm))
+        identifier = f"Change since prior study: {name} hippocampus"
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking", identifier]) if sop_instance_uid
+                else generate_uid(), identifier=identifier),
+            finding_type=HIPPOCAMPUS,
+            finding_sites=[hd.sr.FindingSite(anatomic_location=HIPPOCAMPUS, laterality=side)],
+            algorithm_id=algorithm,
+            measurements=measurements or None,
+        )
+        if earlier:
+            group[0].ContentSequence.append(hd.sr.DateContentItem(
+                name=PRIOR_CODES["prior_date"], value=_dt.date.fromisoformat(str(earlier)), relationship_type="CONTAINS"))
+        mode = "paired measurement" if change.get("mode") == "paired" else "two independent measurements"
+        text = f"{entry.get('statement', '')} ({mode})".replace("\u2212", "-")  # Latin-1 (ISO_IR 100) has no minus sign
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=WHOLEHEAD_CHANGE_CODES["statement"], value=text[:1024], relationship_type="CONTAINS"))
         groups.append(group)
     return groups

@@ -2,11 +2,12 @@
 
 The model works on volumes in the NIfTI/Decathlon convention: array axes ``(X, Y, Z)`` with a
 voxel->RAS affine that is (close to) diagonal positive ("closest canonical RAS"). A DICOM series is
-a stack of single-frame images placed in LPS patient coordinates, or one enhanced multi-frame
-image (Enhanced / Legacy Converted Enhanced MR) whose frames are placed by functional groups (per
-frame PlanePosition, shared or per-frame PlaneOrientation and PixelMeasures, per-frame
-PixelValueTransformation). :func:`load_series` turns the stack into that convention and keeps what
-is needed to map a result (a mask) back onto the source frames, pixel-aligned, for a DICOM SEG.
+a stack of single-frame images placed in LPS patient coordinates, or enhanced images (Enhanced /
+Legacy Converted Enhanced MR: one multi-frame instance, several, or one frame per instance) whose
+frames are placed by functional groups (PlanePosition, PlaneOrientation, PixelMeasures and
+PixelValueTransformation, each shared or per frame) and stacked across instances by position.
+:func:`load_series` turns the stack into that convention and keeps what is needed to map a result
+(a mask) back onto the source frames, pixel-aligned, for a DICOM SEG.
 
 Geometry, in DICOM terms (PS3.3 C.7.6.2):
 
@@ -72,12 +73,14 @@ class PixelDecodeError(SeriesError):
 class SeriesVolume:
     """A series as a volume in closest canonical RAS.
 
-    Two kinds of source: a classic series (one single-frame dataset per slice) and a multi-frame
-    source (one enhanced instance holding every slice as a frame; :attr:`is_multiframe`). For a
-    multi-frame source ``datasets`` is ``[the multi-frame dataset]`` and :meth:`to_source` /
-    :meth:`from_source` / :attr:`source_shape` use ``(NumberOfFrames, Rows, Columns)`` with frame
-    ``k`` pixel-aligned to frame ``k`` of the instance *in the file's frame order* (whatever the
-    spatial order of the frames is).
+    Two kinds of source: a classic series (one single-frame dataset per slice) and an enhanced
+    source (:attr:`is_multiframe`): enhanced instances -- one multi-frame instance, several
+    multi-frame instances, or one single-frame enhanced instance per slice -- whose frames are the
+    slices. For an enhanced source ``datasets`` are those instances (by InstanceNumber) and
+    :meth:`to_source` / :meth:`from_source` / :attr:`source_shape` use ``(total frames, Rows,
+    Columns)``: the frames of ``datasets[0]`` in the file's frame order, then those of
+    ``datasets[1]``, ... (whatever the spatial order of the frames is);
+    :attr:`frame_references` says which instance and frame each is.
 
     Attributes:
         array: ``(X, Y, Z) float32``, stored values with RescaleSlope/RescaleIntercept applied
@@ -86,7 +89,7 @@ class SeriesVolume:
         spacing: ``(sx, sy, sz)`` voxel size in mm of ``array``'s axes.
         datasets: the source pydicom datasets (headers and pixels), sorted by ascending projection
             of ``ImagePositionPatient`` on the slice normal (InstanceNumber order in the fallback);
-            for a multi-frame source, the one multi-frame dataset.
+            for an enhanced source, its instances in InstanceNumber order.
         warnings: human-readable notes (dropped duplicates, InstanceNumber fallback, tilt, ...).
         series_uid: the SeriesInstanceUID.
         source_affine_lps: ``(4, 4)`` voxel -> LPS (mm) affine of the source stack indexed
@@ -94,8 +97,9 @@ class SeriesVolume:
             sorted order, i.e. slice ``s`` is frame ``frame_order[s]`` of the file).
         ornt: nibabel orientation ``(3, 2)`` that maps the source stack onto ``array``.
         files: the file name (or a description) of each dataset, in ``datasets`` order.
-        frame_order: multi-frame source only (else ``None``): ``frame_order[s]`` is the 0-based
-            file frame index of slice ``s`` of the sorted stack (ascending along the normal).
+        frame_order: enhanced source only (else ``None``): ``frame_order[s]`` is the 0-based
+            index, in the concatenated frames of ``datasets``, of slice ``s`` of the sorted stack
+            (ascending along the normal).
     """
 
     array: np.ndarray
@@ -111,8 +115,16 @@ class SeriesVolume:
 
     @property
     def is_multiframe(self) -> bool:
-        """True when the source is one multi-frame (enhanced) instance."""
+        """True when the source is enhanced (functional-group) instances, one or several."""
         return self.frame_order is not None
+
+    @property
+    def frame_references(self) -> list[tuple[int, int | None]]:
+        """Per source frame (the first axis of :meth:`to_source`): ``(index into datasets, 1-based
+        frame number)``; the frame number is ``None`` for a classic single-frame source."""
+        if self.frame_order is None:
+            return [(i, None) for i in range(len(self.datasets))]
+        return [(i, k + 1) for i, ds in enumerate(self.datasets) for k in range(_n_frames(ds))]
 
     @property
     def source_shape(self) -> tuple[int, int, int]:
@@ -130,9 +142,9 @@ class SeriesVolume:
 
         Returns:
             ``(n_slices, Rows, Columns)`` array of the same dtype; frame ``k`` is pixel-aligned with
-            ``datasets[k]`` (the exact inverse of the reorientation, no resampling). For a
-            multi-frame source ``(NumberOfFrames, Rows, Columns)``, frame ``k`` pixel-aligned with
-            frame ``k`` of the instance in the file's frame order.
+            ``datasets[k]`` (the exact inverse of the reorientation, no resampling). For an
+            enhanced source ``(total frames, Rows, Columns)``: the frames of ``datasets`` one
+            instance after the other, each in the file's frame order (:attr:`frame_references`).
 
         Raises:
             ValueError: ``mask_ras`` does not have ``array``'s shape.
@@ -171,7 +183,8 @@ class _Item:
     header: Dataset
     path: Path | None
     full: Dataset | None  # dataset with pixel data, when given or once read
-    frame: int | None = None  # 0-based frame of a multi-frame source (header: that frame's values)
+    frame: int | None = None  # 0-based frame over the enhanced sources (header: that frame's values)
+    source: int = 0  # index of the enhanced instance the frame belongs to
 
 
 def load_series(
@@ -182,8 +195,10 @@ def load_series(
     series_uid: str | None = None,
 ) -> SeriesVolume:
     """Read one DICOM series into a volume in closest canonical RAS: single-frame instances (one
-    per slice), or one enhanced multi-frame instance (functional groups give each frame's geometry
-    and rescale; the same checks apply to its frames as to a classic series' files).
+    per slice), or enhanced instances -- one or several multi-frame instances, or single-frame
+    enhanced ones -- whose frames are stacked by position (shared or per-frame functional groups
+    give each frame's geometry and rescale; the same checks apply to the frames as to a classic
+    series' files).
 
     Args:
         paths_or_datasets: files (``str``/``PathLike``) and/or pydicom datasets of one series, in any
@@ -203,9 +218,9 @@ def load_series(
         SeriesGeometryError: no input, several series, a single slice, mixed Rows/Columns/
             PixelSpacing/ImageOrientationPatient (names the file), duplicate positions (names both
             files), a missing slice (names the gap position in mm), non-uniform spacing; a
-            multi-frame instance without functional groups, or a series of several instances of
-            which one is multi-frame (an enhanced series split over instances). For a multi-frame
-            source the messages name the file and the frame (``FILE frame 3``, 1-based).
+            multi-frame instance without functional groups, or a series mixing enhanced and
+            classic instances. For an enhanced source the messages name the file and the frame
+            (``FILE frame 3``, 1-based).
         PixelDecodeError: pixel data that cannot be decoded (names the file and transfer syntax).
         FileNotFoundError / pydicom.errors.InvalidDicomError: an unreadable input file.
     """
@@ -245,19 +260,33 @@ def load_series(
             raise SeriesGeometryError(f"series {uid}: {it.name} is a Siemens mosaic ({mosaic}): slices tiled in "
                                       f"one image, not a volume")
 
-    # --- a multi-frame source: its frames become the slices ----------------------------------------
-    source: _Item | None = None
+    # --- enhanced sources: their frames become the slices ------------------------------------------
+    sources_mf: list[_Item] = []
     multi = [it for it in items if _n_frames(it.header) > 1 or has_functional_groups(it.header)]
     if multi:
-        if len(items) > 1:
+        if len(multi) != len(items):
+            plain = [it for it in items if it not in multi]
             names = ", ".join(f"{it.name} ({_n_frames(it.header)} frames)" for it in multi[:3])
             raise SeriesGeometryError(
                 f"series {uid}: {len(items)} instances, {len(multi)} of them multi-frame or enhanced ({names}"
-                f"{', ...' if len(multi) > 3 else ''}); a multi-frame series must be one enhanced instance "
-                f"holding every slice (an enhanced series split over several instances is not supported)")
-        source = items[0]
-        _check_greyscale(source, uid)
-        items = _frame_items(source, uid)
+                f"{', ...' if len(multi) > 3 else ''}) and {len(plain)} classic (e.g. {plain[0].name}); a series "
+                f"is one volume as classic single-frame instances or as enhanced instances, not both")
+        classic_mf = [it for it in multi if not has_functional_groups(it.header)]
+        if classic_mf:
+            it = classic_mf[0]
+            raise SeriesGeometryError(
+                f"series {uid}: {it.name} is a multi-frame image ({_n_frames(it.header)} frames) without per-frame "
+                f"functional groups (PerFrameFunctionalGroupsSequence): its frames cannot be placed in space; "
+                f"only enhanced multi-frame images (e.g. Enhanced MR Image Storage) are supported")
+        sources_mf = sorted(items, key=_instance_key)
+        items = []
+        offset = 0
+        for index, src in enumerate(sources_mf):
+            _check_greyscale(src, uid)
+            frames_of = _frame_items(src, uid, offset=offset, source_index=index)
+            items.extend(frames_of)
+            offset += len(frames_of)
+    source = sources_mf[0] if sources_mf else None
 
     # --- per-file checks and consistency -------------------------------------------------------
     if source is None:
@@ -300,9 +329,9 @@ def load_series(
 
     # --- pixels -----------------------------------------------------------------------------------
     frame_order = None
-    if source is not None:
+    if sources_mf:
         frame_order = np.array([it.frame for it in items], dtype=np.intp)
-        frames = _read_multiframe_pixels(source, items, uid)[frame_order]  # sorted (n, Rows, Columns)
+        frames = _read_enhanced_pixels(sources_mf, items, uid, workers)[frame_order]  # sorted (n, Rows, Columns)
     else:
         frames = _read_pixels(items, uid, workers)  # (n, Rows, Columns) float32
     if frames.shape[1:] != (rows, cols):
@@ -320,7 +349,7 @@ def load_series(
     array = np.ascontiguousarray(apply_orientation(stack, ornt), dtype=np.float32)
     affine = aff_ras_src @ inv_ornt_aff(ornt, stack.shape)
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
-    sources = [source] if source is not None else items
+    sources = sources_mf if sources_mf else items
     return SeriesVolume(
         array=array,
         affine=affine,
@@ -369,12 +398,24 @@ def _n_frames(header: Dataset) -> int:
 _FRAME_COPIED = ("SOPInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "SamplesPerPixel")
 
 
-def _frame_items(source: _Item, uid: str) -> list[_Item]:
+def _instance_key(it: _Item) -> tuple:
+    """Order of the enhanced instances of one series: InstanceNumber, then file name."""
+    num = it.header.get("InstanceNumber", None)
+    try:
+        num = int(num)
+    except (TypeError, ValueError):
+        num = None
+    return (num is None, num or 0, it.name)
+
+
+def _frame_items(source: _Item, uid: str, *, offset: int = 0, source_index: int = 0) -> list[_Item]:
     """One :class:`_Item` per frame of an enhanced instance, in file frame order: its header a
     small dataset with that frame's PixelSpacing, ImageOrientationPatient, ImagePositionPatient,
     SliceThickness, SpacingBetweenSlices, RescaleSlope/Intercept (functional groups: per-frame,
-    else shared; rescale falls back to the top level) and InstanceNumber = frame number, so that
-    the classic checks and ordering apply unchanged."""
+    else shared; rescale falls back to the top level) and InstanceNumber, so that the classic
+    checks and ordering apply unchanged. ``frame`` is the frame's index in the concatenation of
+    the series' enhanced instances (``offset`` + frame index); the InstanceNumber fallback orders
+    by (instance, frame)."""
     hdr = source.header
     if not has_functional_groups(hdr):
         raise SeriesGeometryError(
@@ -389,6 +430,7 @@ def _frame_items(source: _Item, uid: str) -> list[_Item]:
     items = []
     for k, values in enumerate(per_frame):
         ds = Dataset()
+        ds.InstanceNumber = offset + k + 1
         for kw in _FRAME_COPIED:
             if kw in hdr:
                 setattr(ds, kw, hdr[kw].value)
@@ -399,8 +441,8 @@ def _frame_items(source: _Item, uid: str) -> list[_Item]:
                    "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept"):
             if kw in values:
                 setattr(ds, kw, values[kw])
-        ds.InstanceNumber = k + 1
-        items.append(_Item(f"{source.name} frame {k + 1}", ds, source.path, None, frame=k))
+        items.append(_Item(f"{source.name} frame {k + 1}", ds, source.path, None, frame=offset + k,
+                           source=source_index))
     return items
 
 
@@ -586,19 +628,42 @@ def _rescale(pixels: np.ndarray, header: Dataset) -> np.ndarray:
     return (pixels.astype(np.float64) * slope + intercept).astype(np.float32)
 
 
-def _read_multiframe_pixels(source: _Item, frames: list[_Item], uid: str) -> np.ndarray:
-    """All frames of a multi-frame source, ``(NumberOfFrames, Rows, Columns) float32`` in file frame
-    order, each rescaled with its own (per-frame functional group) slope and intercept."""
-    pixels = _decode(source, uid)
-    n = len(frames)
-    if pixels.ndim == 2 and n == 1:
-        pixels = pixels[None]
-    if pixels.ndim != 3 or pixels.shape[0] != n:
-        raise SeriesGeometryError(f"series {uid}: {source.name}: expected {n} greyscale frames, got pixel "
-                                  f"shape {pixels.shape}")
-    out = np.empty(pixels.shape, dtype=np.float32)
+def _read_enhanced_pixels(sources: list[_Item], frames: list[_Item], uid: str, workers: int) -> np.ndarray:
+    """All frames of the enhanced sources, ``(total frames, Rows, Columns) float32`` in the order
+    of the concatenated sources (each in file frame order), each rescaled with its own (per-frame
+    functional group) slope and intercept."""
+    by_source: dict[int, list[_Item]] = {}
     for it in frames:
-        out[it.frame] = _rescale(pixels[it.frame], it.header)
+        by_source.setdefault(it.source, []).append(it)
+
+    def one(index: int) -> tuple[int, np.ndarray]:
+        src, its = sources[index], by_source.get(index, [])
+        pixels = _decode(src, uid)
+        n = _n_frames(src.header)
+        if pixels.ndim == 2 and n == 1:
+            pixels = pixels[None]
+        if pixels.ndim != 3 or pixels.shape[0] != n:
+            raise SeriesGeometryError(f"series {uid}: {src.name}: expected {n} greyscale frames, got pixel "
+                                      f"shape {pixels.shape}")
+        return index, pixels
+
+    total = sum(_n_frames(s.header) for s in sources)
+    out: np.ndarray | None = None
+    if workers == 1 or len(sources) < 4:
+        decoded = [one(i) for i in range(len(sources))]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            decoded = list(pool.map(one, range(len(sources))))
+    starts = np.cumsum([0] + [_n_frames(s.header) for s in sources])
+    for index, pixels in decoded:
+        if out is None:
+            out = np.empty((total, *pixels.shape[1:]), dtype=np.float32)
+        elif pixels.shape[1:] != out.shape[1:]:
+            raise SeriesGeometryError(f"series {uid}: {sources[index].name}: frames of {pixels.shape[1:]}, other "
+                                      f"instances {out.shape[1:]}")
+        for it in by_source.get(index, []):
+            out[it.frame] = _rescale(pixels[it.frame - starts[index]], it.header)
+    assert out is not None
     return out
 
 

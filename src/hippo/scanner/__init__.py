@@ -4,7 +4,9 @@ What it is for: end-to-end tests and demonstrations of the deployment (ingest ->
 -> results -> PACS) without a scanner. It writes
 
 * :func:`write_series`: one volume (with its voxel->RAS affine) as a single-frame MR Image Storage
-  series with exact geometry (ImagePositionPatient / ImageOrientationPatient / PixelSpacing /
+  series, or in an enhanced layout (Enhanced / Legacy Converted Enhanced MR: one multi-frame
+  instance, several, or one frame per instance; functional groups shared or per frame), with exact
+  geometry (ImagePositionPatient / ImageOrientationPatient / PixelSpacing /
   SliceThickness / SpacingBetweenSlices derived from the affine, in LPS), so
   :func:`hippo.dicom.volume.load_series` gives the same array (after reorientation to closest
   canonical RAS) and the same affine;
@@ -20,6 +22,8 @@ Command line::
                                   [--seed N] [--nested] [--manifest M.json]
     python -m hippo.scanner write-wholehead --scan T1.nii.gz|T1.mgz --out DIR [--orientation axial]
                                             [--no-t1] [--no-distractors] [--no-localizer] [--seed N]
+                                            [--t1-layout enhanced|legacy [--frames-per-instance N]
+                                             [--per-frame-groups]]
     python -m hippo.scanner send --dir DIR --host H --port P [--called-ae A] [--calling-ae B]
 
 Rooms: :mod:`~hippo.scanner.study_info` (the patient and study), :mod:`~hippo.scanner.series_writer`

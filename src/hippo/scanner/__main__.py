@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--no-distractors", action="store_true", help="no T2, FLAIR or reformat")
     h.add_argument("--no-localizer", action="store_true", help="no localizer series")
     h.add_argument("--seed", type=int, default=None, help="deterministic patient and UIDs")
+    h.add_argument("--t1-layout", choices=("classic", "enhanced", "legacy"), default="classic",
+                   help="how the T1 is stored: classic MR Image Storage, Enhanced MR, or Legacy Converted Enhanced MR")
+    h.add_argument("--frames-per-instance", type=int, default=None,
+                   help="enhanced layouts: slices per instance (default all in one; 1 = single-frame enhanced)")
+    h.add_argument("--per-frame-groups", action="store_true",
+                   help="enhanced layouts: pixel measures and orientation in each per-frame functional group item")
     s = sub.add_parser("send", help="C-STORE every DICOM file of a folder over one association")
     s.add_argument("--dir", required=True, help="folder to send (searched recursively)")
     s.add_argument("--host", required=True)
@@ -46,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--calling-ae", default="HIPPOSCANNER")
     s.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
     return parser
+
+
+def _t1_layout(args: argparse.Namespace) -> dict | None:
+    """The T1's write_series layout keywords from the write-wholehead options (None: classic)."""
+    if args.t1_layout == "classic":
+        if args.frames_per_instance is not None or args.per_frame_groups:
+            raise ValueError("--frames-per-instance and --per-frame-groups need --t1-layout enhanced or legacy")
+        return None
+    return {"layout": args.t1_layout, "frames_per_instance": args.frames_per_instance,
+            "functional_groups": "per_frame" if args.per_frame_groups else "shared"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "write-wholehead":
             manifest = write_wholehead_study(args.scan, args.out, orientation=args.orientation, t1=not args.no_t1,
                                              distractors=not args.no_distractors, localizer=not args.no_localizer,
-                                             seed=args.seed)
+                                             seed=args.seed, t1_layout=_t1_layout(args))
             summary = {k: manifest[k] for k in ("study_instance_uid", "patient_id", "out_dir")}
             summary["series"] = {d: s["n_instances"] for d, s in manifest["series"].items()}
             print(json.dumps(summary, indent=2))

@@ -1,6 +1,15 @@
-"""One volume as a single-frame DICOM MR (or CT) series with exact geometry: positions, orientation
-and spacings derived from the voxel->RAS affine (in LPS), so :func:`hippo.dicom.volume.load_series`
-gives back the same array and affine."""
+"""One volume as a DICOM MR (or CT) series with exact geometry: positions, orientation and spacings
+derived from the voxel->RAS affine (in LPS), so :func:`hippo.dicom.volume.load_series` gives back
+the same array and affine.
+
+Layouts (``layout``): ``"classic"`` (MR Image Storage, one single-frame file per slice) and the
+enhanced forms real archives hold (``"enhanced"``: Enhanced MR Image Storage; ``"legacy"``: Legacy
+Converted Enhanced MR Image Storage): every slice in one multi-frame instance, split over several
+multi-frame instances (``frames_per_instance``), or one frame per instance
+(``frames_per_instance=1``, the single-frame enhanced form of archives and converters); pixel
+measures and plane orientation in the shared or in the per-frame functional groups
+(``functional_groups``), MR timing (TR, TE, TI, flip angle) in the MR timing / echo / modifier
+functional groups as enhanced images keep them."""
 
 from __future__ import annotations
 
@@ -16,7 +25,9 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
+    EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
+    LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
     PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
@@ -32,6 +43,9 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _SOP_CLASS = {"MR": MRImageStorage, "CT": CTImageStorage}
 
 FileNames = Literal["instance", "uid", "random"]
+Layout = Literal["classic", "enhanced", "legacy"]
+#: The enhanced SOP classes of the layouts.
+_ENHANCED_SOP_CLASS = {"enhanced": EnhancedMRImageStorage, "legacy": LegacyConvertedEnhancedMRImageStorage}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,8 +66,12 @@ def write_series(
     series_instance_uid: str | None = None,
     series_time: str | None = None,
     extra: dict[str, Any] | None = None,
+    layout: Layout = "classic",
+    frames_per_instance: int | None = None,
+    functional_groups: Literal["shared", "per_frame"] = "shared",
 ) -> list[Path]:
-    """Write a 3D volume as a single-frame DICOM image series (one file per slice).
+    """Write a 3D volume as a DICOM image series: single-frame files (one per slice), or enhanced
+    MR instances (``layout``).
 
     Args:
         volume: ``(X, Y, Z)`` array (any integer or float dtype, finite). Integer-valued data whose
@@ -75,7 +93,19 @@ def write_series(
             ``"random"`` (random hex, no extension, like many PACS exports).
         series_instance_uid: SeriesInstanceUID (generated when ``None``).
         series_time: SeriesTime ``HHMMSS`` (the study time when ``None``).
-        extra: further header attributes by keyword (e.g. ``{"RepetitionTime": 2300}``).
+        extra: further header attributes by keyword (e.g. ``{"RepetitionTime": 2300}``). In an
+            enhanced layout the MR timing attributes among them (RepetitionTime, EchoTime,
+            InversionTime, FlipAngle, EchoTrainLength, ScanningSequence, SequenceVariant,
+            SequenceName, ScanOptions) go where enhanced images keep them (functional groups,
+            EchoPulseSequence, PulseSequenceName), the rest to the top level.
+        layout: ``"classic"`` (MR/CT Image Storage, one file per slice), ``"enhanced"`` (Enhanced
+            MR Image Storage) or ``"legacy"`` (Legacy Converted Enhanced MR Image Storage); MR only.
+        frames_per_instance: enhanced layouts: slices per instance (``None``: all in one
+            instance; ``1``: one single-frame enhanced instance per slice; else the last instance
+            holds the rest).
+        functional_groups: enhanced layouts: PixelMeasures and PlaneOrientation in the
+            ``"shared"`` functional groups or repeated in each ``"per_frame"`` item (as Siemens XA
+            writes them). PlanePosition, FrameContent and PixelValueTransformation are per frame.
 
     Returns:
         The written paths, in InstanceNumber order (ascending position along the slice normal).
@@ -99,6 +129,14 @@ def write_series(
         raise ValueError(f"write_series: file_names must be 'instance', 'uid' or 'random', got {file_names!r}")
     if np.issubdtype(volume.dtype, np.floating) and not np.isfinite(volume).all():
         raise ValueError("write_series: the volume holds NaN or infinite values")
+    if layout not in ("classic", *_ENHANCED_SOP_CLASS):
+        raise ValueError(f"write_series: layout must be 'classic', 'enhanced' or 'legacy', got {layout!r}")
+    if layout != "classic" and modality != "MR":
+        raise ValueError(f"write_series: the enhanced layouts are MR only, got modality {modality!r}")
+    if functional_groups not in ("shared", "per_frame"):
+        raise ValueError(f"write_series: functional_groups must be 'shared' or 'per_frame', got {functional_groups!r}")
+    if frames_per_instance is not None and int(frames_per_instance) < 1:
+        raise ValueError(f"write_series: frames_per_instance must be >= 1, got {frames_per_instance}")
 
     stack, aff_stack = _to_stack(volume, affine, slice_axis)  # (Columns, Rows, n), voxel -> LPS
     stored, slope, intercept, signed = _choose_storage(stack)
@@ -117,6 +155,28 @@ def write_series(
     out_dir.mkdir(parents=True, exist_ok=True)
     name_rng = random.Random(series_uid) if study.seed is not None else random.Random(uuid.uuid4().int)
     paths: list[Path] = []
+    if layout != "classic":
+        per = n_slices if frames_per_instance is None else int(frames_per_instance)
+        for i, first in enumerate(range(0, n_slices, per)):
+            ks = list(range(first, min(first + per, n_slices)))
+            sop_uid = study._uid("instance", series_uid, "enhanced", i) if study.seed is not None else generate_uid()
+            headers = [_slice_dataset(
+                study=study, modality=modality, series_uid=series_uid, sop_uid=sop_uid,
+                series_description=series_description, series_number=series_number,
+                series_time=series_time or study.study_time, instance_number=i + 1,
+                position=aff_stack[:3, 3] + k * step, iop=np.concatenate([r_dir, c_dir]), row_spacing=row_spacing,
+                col_spacing=col_spacing, slice_spacing=slice_spacing,
+                slice_location=float(np.dot(aff_stack[:3, 3] + k * step, normal)), rows=n_rows, columns=n_cols,
+                signed=signed, slope=slope, intercept=intercept, window=(window_center, window_width), extra=extra,
+            ) for k in ks]
+            ds = _enhanced_dataset(headers, ks, layout=layout, per_frame_groups=functional_groups == "per_frame")
+            ds.PixelData = np.ascontiguousarray(np.stack([stored[:, :, k].T for k in ks])).tobytes()
+            name = {"instance": f"IM{i + 1:05d}.dcm", "uid": f"{sop_uid}.dcm"}.get(
+                file_names, f"{name_rng.getrandbits(64):016x}")
+            buf = io.BytesIO()
+            pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+            paths.append(write_bytes_atomic(out_dir / name, buf.getvalue()))
+        return paths
     for k in range(n_slices):
         sop_uid = study._uid("instance", series_uid, k) if study.seed is not None else generate_uid()
         position = aff_stack[:3, 3] + k * step
@@ -215,6 +275,137 @@ def _choose_storage(stack: np.ndarray) -> tuple[np.ndarray, float, float, bool]:
         slope = 1.0
     stored = np.clip(np.round((values - intercept) / slope), 0, 65535).astype(np.uint16)
     return stored, slope, intercept, False
+
+
+#: Classic MR attributes that an enhanced image keeps elsewhere (functional groups or other names).
+_MR_CLASSIC_ONLY = ("RepetitionTime", "EchoTime", "InversionTime", "FlipAngle", "EchoTrainLength", "ScanningSequence",
+                    "SequenceVariant", "ScanOptions", "SequenceName", "ImagedNucleus", "ImagingFrequency",
+                    "MagneticFieldStrength", "SliceLocation", "ImagesInAcquisition", "PatientOrientation",
+                    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+                    "SpacingBetweenSlices", "RescaleIntercept", "RescaleSlope", "WindowCenter", "WindowWidth")
+
+
+def _enhanced_dataset(headers: list[Dataset], slices: list[int], *, layout: str, per_frame_groups: bool) -> Dataset:
+    """One enhanced MR instance (everything but PixelData) holding the slices whose classic headers
+    are ``headers`` (``slices``: their indices in the whole series, for the frame content)."""
+    first = headers[0]
+    ds = Dataset()
+    ds.file_meta = first.file_meta
+    sop_class = _ENHANCED_SOP_CLASS[layout]
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    for elem in first:
+        if elem.keyword not in _MR_CLASSIC_ONLY:
+            ds.add(elem)
+    ds.SOPClassUID = sop_class
+    ds.NumberOfFrames = len(headers)
+    acq = first
+    scanning = [str(v).upper() for v in (acq.get("ScanningSequence") or [])]
+    variant = [str(v).upper() for v in (acq.get("SequenceVariant") or [])]
+    contrast = str(acq.get("AcquisitionContrast", "") or "") or ("T1" if "IR" in scanning and "GR" in scanning
+                                                                 else "UNKNOWN")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.PixelPresentation, ds.VolumetricProperties, ds.VolumeBasedCalculationTechnique = "MONOCHROME", "VOLUME", "NONE"
+    ds.ComplexImageComponent, ds.AcquisitionContrast = "MAGNITUDE", contrast
+    ds.ContentQualification = "PRODUCT"
+    ds.BurnedInAnnotation = "NO"
+    ds.PresentationLUTShape = "IDENTITY"
+    if "MagneticFieldStrength" in acq:
+        ds.MagneticFieldStrength = acq.MagneticFieldStrength
+        ds.ResonantNucleus = acq.get("ImagedNucleus", "1H")
+    ds.PulseSequenceName = str(acq.get("SequenceName", "") or "unknown")[:16]
+    ds.EchoPulseSequence = "GRADIENT" if "GR" in scanning and "SE" not in scanning else         ("BOTH" if "GR" in scanning else "SPIN")
+    ds.MultipleSpinEcho, ds.MultiPlanarExcitation, ds.PhaseContrast = "NO", "NO", "NO"
+    ds.TimeOfFlightContrast, ds.ArterialSpinLabelingContrast, ds.SteadyStatePulseSequence = "NO", "NO", "NONE"
+    ds.EchoPlanarPulseSequence = "YES" if "EP" in scanning else "NO"
+    ds.SaturationRecovery, ds.SpectrallySelectedSuppression = "NO", "NONE"
+    ds.OversamplingPhase, ds.GeometryOfKSpaceTraversal, ds.SegmentedKSpaceTraversal = "NONE", "RECTILINEAR", "SINGLE"
+    ds.RectilinearPhaseEncodeReordering, ds.CoverageOfKSpace = "LINEAR", "FULL"
+    ds.KSpaceFiltering, ds.ParallelAcquisition, ds.PartialFourier = "NONE", "NO", "NO"
+    ds.ResonantNucleus = str(acq.get("ImagedNucleus", "1H") or "1H")
+    ds.ApplicableSafetyStandardAgency = "IEC"
+    ds.AcquisitionDateTime = f"{acq.get('AcquisitionDate', '')}{acq.get('AcquisitionTime', '')}"
+    ds.AcquisitionDuration = 0
+
+    timing = Dataset()
+    if "RepetitionTime" in acq:
+        timing.RepetitionTime = acq.RepetitionTime
+    if "FlipAngle" in acq:
+        timing.FlipAngle = acq.FlipAngle
+    timing.EchoTrainLength = int(acq.get("EchoTrainLength", 1) or 1)
+    timing.RFEchoTrainLength, timing.GradientEchoTrainLength = 0 if ds.EchoPulseSequence == "GRADIENT" else 1, 1
+    timing.SpecificAbsorptionRateSequence = []
+    timing.GradientOutputType = "DB_DT"
+    timing.GradientOutput = 0
+    echo = Dataset()
+    if "EchoTime" in acq:
+        echo.EffectiveEchoTime = acq.EchoTime
+    modifier = Dataset()
+    modifier.InversionRecovery = "YES" if "InversionTime" in acq or "IR" in scanning else "NO"
+    if "InversionTime" in acq:
+        modifier.InversionTimes = [acq.InversionTime]
+    modifier.FlowCompensation, modifier.Spoiling = "NONE", "RF_AND_GRADIENT" if "SP" in variant else "NONE"
+    modifier.T2Preparation, modifier.SpectrallySelectedExcitation, modifier.SpatialPresaturation = "NO", "NONE", "NONE"
+    modifier.PartialFourier, modifier.ParallelAcquisition = "NO", "NO"
+
+    def measures_of(h: Dataset) -> Dataset:
+        m = Dataset()
+        m.PixelSpacing, m.SliceThickness = h.PixelSpacing, h.SliceThickness
+        m.SpacingBetweenSlices = h.SpacingBetweenSlices
+        return m
+
+    def orientation_of(h: Dataset) -> Dataset:
+        o = Dataset()
+        o.ImageOrientationPatient = h.ImageOrientationPatient
+        return o
+
+    shared = Dataset()
+    shared.MRTimingAndRelatedParametersSequence = [timing]
+    shared.MREchoSequence = [echo]
+    shared.MRModifierSequence = [modifier]
+    if not per_frame_groups:
+        shared.PixelMeasuresSequence = [measures_of(first)]
+        shared.PlaneOrientationSequence = [orientation_of(first)]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for h, k in zip(headers, slices):
+        item = Dataset()
+        content = Dataset()
+        content.StackID, content.InStackPositionNumber = "1", k + 1
+        content.DimensionIndexValues = [1, k + 1]
+        content.FrameAcquisitionNumber = 1
+        item.FrameContentSequence = [content]
+        position = Dataset()
+        position.ImagePositionPatient = h.ImagePositionPatient
+        item.PlanePositionSequence = [position]
+        transform = Dataset()
+        transform.RescaleIntercept, transform.RescaleSlope, transform.RescaleType = \
+            h.RescaleIntercept, h.RescaleSlope, "US"
+        item.PixelValueTransformationSequence = [transform]
+        voi = Dataset()
+        voi.WindowCenter, voi.WindowWidth = h.WindowCenter, h.WindowWidth
+        item.FrameVOILUTSequence = [voi]
+        ftype = Dataset()
+        ftype.FrameType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+        ftype.PixelPresentation, ftype.VolumetricProperties = "MONOCHROME", "VOLUME"
+        ftype.VolumeBasedCalculationTechnique, ftype.ComplexImageComponent = "NONE", "MAGNITUDE"
+        ftype.AcquisitionContrast = contrast
+        item.MRImageFrameTypeSequence = [ftype]
+        if per_frame_groups:
+            item.PixelMeasuresSequence = [measures_of(h)]
+            item.PlaneOrientationSequence = [orientation_of(h)]
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    dim_org = Dataset()
+    dim_org.DimensionOrganizationUID = pydicom.uid.generate_uid(entropy_srcs=[str(first.SeriesInstanceUID), "dim"])
+    ds.DimensionOrganizationSequence = [dim_org]
+    stack_dim, pos_dim = Dataset(), Dataset()
+    stack_dim.DimensionOrganizationUID = pos_dim.DimensionOrganizationUID = dim_org.DimensionOrganizationUID
+    stack_dim.DimensionIndexPointer = pydicom.tag.Tag("StackID")
+    stack_dim.FunctionalGroupPointer = pydicom.tag.Tag("FrameContentSequence")
+    pos_dim.DimensionIndexPointer = pydicom.tag.Tag("InStackPositionNumber")
+    pos_dim.FunctionalGroupPointer = pydicom.tag.Tag("FrameContentSequence")
+    ds.DimensionIndexSequence = [stack_dim, pos_dim]
+    return ds
 
 
 def _slice_dataset(*, study: StudyInfo, modality: str, series_uid: str, sop_uid: str, series_description: str,

@@ -8,7 +8,7 @@ import datetime as _dt
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -218,6 +218,9 @@ def write_wholehead_study(
     localizer: bool = True,
     seed: int | None = None,
     study: StudyInfo | None = None,
+    t1_layout: Mapping[str, Any] | None = None,
+    t1_description: str | None = None,
+    t1_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write an emulated brain MR study around a real whole-head T1 (NIfTI or MGZ): the T1 as a 3D
     MPRAGE series ("t1_mprage_sag" or "t1_mprage_tra", MRAcquisitionType 3D, its own voxels and
@@ -234,6 +237,11 @@ def write_wholehead_study(
         localizer: write three 3-slice localizer series ("localizer", 2D; sagittal, coronal, axial).
         seed: deterministic patient/study attributes and UIDs.
         study: patient/study attributes (default ``StudyInfo(seed=seed)``).
+        t1_layout: how the T1 series is stored, as :func:`write_series` keywords: ``layout``
+            (``"classic"``, ``"enhanced"``, ``"legacy"``), ``frames_per_instance``,
+            ``functional_groups`` (``"shared"`` / ``"per_frame"``); default classic.
+        t1_description: the T1's SeriesDescription and ProtocolName (default by orientation).
+        t1_extra: more T1 header attributes (e.g. ``{"ContrastBolusAgent": "Gadovist"}``).
 
     Returns:
         Manifest: ``study_instance_uid``, ``scan``, ``t1_description``, ``series`` (description ->
@@ -252,8 +260,9 @@ def write_wholehead_study(
     scan = read_scan(scan_path)
     image, affine = scan.array, scan.affine
     shape = np.asarray(image.shape)
-    t1_description = WHOLEHEAD_T1_DESCRIPTIONS[orientation]
-    t1_headers = dict(_SEQUENCE_HEADERS["T1"], ProtocolName=t1_description)
+    t1_description = t1_description or WHOLEHEAD_T1_DESCRIPTIONS[orientation]
+    t1_headers = dict(_SEQUENCE_HEADERS["T1"], ProtocolName=t1_description, **dict(t1_extra or {}))
+    layouts = {t1_description: dict(t1_layout or {})} if t1 else {}
     # (description, volume, affine, slice_axis, headers)
     plans: list[tuple[str, np.ndarray, np.ndarray, int, dict[str, Any]]] = []
     if localizer:
@@ -288,7 +297,7 @@ def write_wholehead_study(
         series_time = (base_time + _dt.timedelta(minutes=3 * i)).strftime("%H%M%S")
         paths = write_series(vol, aff, out_dir, study=study, series_description=desc, series_number=number,
                              slice_axis=axis, file_names="uid", series_instance_uid=series_uid,
-                             series_time=series_time, extra=headers)
+                             series_time=series_time, extra=headers, **layouts.get(desc, {}))
         manifest["files"][desc] = [str(p) for p in paths]
         manifest["series"][desc] = {"series_instance_uid": series_uid, "series_number": number,
                                     "n_instances": len(paths), "shape": list(vol.shape), "slice_axis": axis}
