@@ -283,12 +283,12 @@ def test_deploy_on_a_real_whole_head_study_matches_predict(name, tmp_path):
     model = sorted(glob.glob(str(Path(__file__).resolve().parents[1] / "src/hippo/weights/*.pt")))[0]
     write_wholehead_study(scan, tmp_path / "study", orientation=orientation, seed=11)
 
-    processor = build_processor(model, tmp_path / "out", precision="bfloat16")
+    processor = build_processor(model, tmp_path / "out", precision="auto")
     outcome = processor.process(tmp_path / "study")
     assert outcome.status in ("ok", "review"), (outcome.stage, outcome.error)
     assert outcome.kind == "wholehead" and outcome.series_description.startswith("t1_mprage_")
 
-    predicted = ScanProcessor(model, tmp_path / "predict", precision="bfloat16", write_png=False,
+    predicted = ScanProcessor(model, tmp_path / "predict", precision="auto", write_png=False,
                               background_load=False).process(scan)
     assert predicted.status in ("ok", "review"), predicted.error
     for side in ("left", "right"):
@@ -361,7 +361,7 @@ def test_ohif_overlays_the_four_segment_seg_on_the_whole_head_series(tmp_path, c
     dist = fetch_ohif(viewer.DEFAULT_OHIF_VERSION, OHIF_DIST)
     model = sorted(glob.glob(str(Path(__file__).resolve().parents[1] / "src/hippo/weights/*.pt")))[0]
     manifest = write_wholehead_study(scan, tmp_path / "study", orientation="axial", seed=21, distractors=False)
-    outcome = build_processor(model, tmp_path / "out", precision="bfloat16").process(tmp_path / "study")
+    outcome = build_processor(model, tmp_path / "out", precision="auto").process(tmp_path / "study")
     assert outcome.status in ("ok", "review"), outcome.error
     seg_uid = str(pydicom.dcmread(outcome.files["seg"], stop_before_pixels=True).SeriesInstanceUID)
 
