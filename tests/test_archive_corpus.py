@@ -7,7 +7,9 @@ every file of the study. Each mutated study goes through the whole pipeline
 SR are written and pass ``dciodvfy`` (Debian ``dicom3tools``) without errors, with the empty Type 2
 values the source implies and ``result.json`` naming the field, or -- only for a missing Type 1
 attribute without which there is no volume -- the study fails with an error naming the attribute and
-a file. A small random network stands in for the shipped model: the headers, not the volumes, are
+a file. The one exception is SeriesDescription absent or empty: it is what the selection rules find
+the crop by, so such a study fails at ingest, naming the unlabelled series and why it was passed
+over. A small random network stands in for the shipped model: the headers, not the volumes, are
 under test here.
 """
 
@@ -122,12 +124,18 @@ def test_complete_study_gives_conformant_objects(base_study, processor):
 def test_dropped_type2_and_type3_attributes_still_give_valid_objects(base_study, processor, tmp_path, keyword, how):
     """An archive's export without (or with an empty) attribute: all three objects are made, valid,
     with the Type 2 patient/study attributes present and empty -- never an invented value -- and
-    ``result.json`` names the field."""
-    if keyword == "SeriesDescription":
-        pytest.skip("the selection rules find the HippoCrop series by its description")
+    ``result.json`` names the field. SeriesDescription is how the selection rules find the crop:
+    without it the crop is not guessed at, the study fails at ingest and the error shows the series
+    (number 5, description '') and why it was passed over."""
     study = tmp_path / "study"
     _mutate(base_study, study, keyword, how)
     outcome = processor.process(study)
+    if keyword == "SeriesDescription":
+        assert (outcome.status, outcome.stage) == ("failed", "ingest"), outcome.error
+        for fragment in ("no series matches the HippoCrop selection rules", "#5 MR '' (35 instances)",
+                         "description does not contain 'HippoCrop'"):
+            assert fragment in outcome.error, outcome.error
+        return
     result = _check_objects(outcome)
     assert keyword in result["header"]["missing"]
     for name in ("report_sc", "seg", "sr"):

@@ -54,3 +54,17 @@ def test_bench_model_runs_only_the_sections_asked_for(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert proc.returncode == 2 and "no CUDA device" in proc.stdout + proc.stderr
         assert not (tmp_path / "gpu.json").exists()
+
+
+def test_bench_synthetic_smoke(tmp_path: Path) -> None:
+    """The generation time of the synthetic dataset is measured here, not asserted in a unit test
+    (``--target-s`` huge: the smoke run checks the script and its figures, not the machine)."""
+    out = tmp_path / "synthetic.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/bench_synthetic.py"), "--n-cases", "2", "--repeat", "2",
+         "--target-s", "1e9", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["n_cases"] == 2 and len(figures["seconds"]) == 2 and figures["met"] is True
+    assert figures["best_s"] == min(figures["seconds"]) > 0
+    assert "generate_dataset, 2 cases" in proc.stdout and "target <= 1000000000.0 s: met" in proc.stdout

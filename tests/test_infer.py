@@ -412,7 +412,7 @@ def test_deploy_listen_and_eval_read_one_inference_group():
                 for name in ("deploy", "listen", "eval")}
         tuned = InferenceSettings.from_config(OmegaConf.to_container(
             compose(config_name="deploy", overrides=["precision=bfloat16", "model_path=/m.pt"]), resolve=False))
-    assert read["deploy"] == read["listen"] == read["eval"] == InferenceSettings(None, "cpu", 64, "float32")
+    assert read["deploy"] == read["listen"] == read["eval"] == InferenceSettings(None, "cpu", 64, "auto")
     assert (tuned.precision, tuned.model_path) == ("bfloat16", "/m.pt")
     with pytest.raises(KeyError, match="inference"):
         InferenceSettings.from_config({"device": "cpu"})

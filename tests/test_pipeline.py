@@ -20,7 +20,6 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImage
 from conftest import ANY_VOLUME, ANY_VOLUME_OVERRIDES
 from fakes import StorageSCP
 from hippo.data.nifti import load_nifti
-from hippo.preprocessing import label_volumes_mm3
 from hippo.dicom.volume import load_series
 from hippo.deploy.pipeline import StudyProcessor, find_studies, run_batch
 from hippo.scanner import StudyInfo, write_series, write_study
@@ -74,7 +73,10 @@ def test_measured_volumes_equal_label_volumes_through_dicom(real_data_root, tmp_
     processor = StudyProcessor(OracleAgent({mask.shape: mask}), tmp_path / "out")
     outcome = processor.process(tmp_path / "study")
     assert outcome.status == "ok", outcome.error
-    expected = label_volumes_mm3(label.astype(np.uint8), spacing)
+    voxel_mm3 = float(np.prod(spacing))          # counted here, not with hippo's own helpers
+    expected = {"anterior_mm3": np.count_nonzero(label == 1) * voxel_mm3,
+                "posterior_mm3": np.count_nonzero(label == 2) * voxel_mm3,
+                "total_mm3": np.count_nonzero(label > 0) * voxel_mm3}
     for key in ("anterior_mm3", "posterior_mm3", "total_mm3"):
         assert outcome.volumes[key] == pytest.approx(expected[key])
 
@@ -213,8 +215,11 @@ def test_dicom_path_gives_the_same_segmentation_as_the_nifti(real_data_root, stu
     assert direct.any()
     outcome = StudyProcessor(agent, tmp_path, plausibility=ANY_VOLUME).process(studies / "study_0")
     assert outcome.status == "ok", outcome.error
-    expected = label_volumes_mm3(direct, spacing)
-    assert {k: outcome.volumes[k] for k in expected} == expected
+    voxel_mm3 = float(np.prod(spacing))          # counted here, not with hippo's own helpers
+    expected = {"anterior_mm3": np.count_nonzero(direct == 1) * voxel_mm3,
+                "posterior_mm3": np.count_nonzero(direct == 2) * voxel_mm3,
+                "total_mm3": np.count_nonzero(direct > 0) * voxel_mm3}
+    assert {k: outcome.volumes[k] for k in expected} == pytest.approx(expected)
     seg = hd.seg.segread(outcome.files["seg"])
     assert int(np.asarray(seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[u for _, _, u in seg.get_source_image_uids()], segment_numbers=[1])).sum()) \

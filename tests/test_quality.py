@@ -79,6 +79,23 @@ def test_member_agreement_per_structure_and_input_checks():
         assess_quality(a, (1, 1, 1), member_probabilities=[_one_hot(a)[:, :-1]] * 2)
 
 
+def test_member_agreement_is_the_mean_pairwise_dice_of_hippo_metrics_on_hand_made_maps():
+    import hippo.quality
+    from hippo.metrics import dice
+
+    assert hippo.quality.dice is dice  # one Dice for training, evaluation and the quality score
+    a, b, c = (np.zeros((2, 2, 2), np.uint8) for _ in range(3))
+    a[0] = 1              # anterior: 4 voxels
+    b[0, 0] = 1           # 2 voxels inside a's: Dice(a, b) = 2*2 / (4+2) = 2/3
+    c[1] = 1              # 4 voxels apart from both: Dice 0 with a and b
+    a[1, 1, 1] = b[1, 1, 1] = 2          # posterior: a and b agree on one voxel, c has none
+    d = member_agreement([a, b, c])
+    assert d["anterior"] == pytest.approx((2 / 3 + 0 + 0) / 3)
+    assert d["posterior"] == pytest.approx((1.0 + 0 + 0) / 3)
+    # both maps empty of a structure: they agree (Dice 1), as hippo.metrics.dice defines
+    assert member_agreement([c, c])["posterior"] == 1.0
+
+
 def test_plain_checks_edge_split_islands_and_volumes():
     ok = assess_quality(_labels(), (1, 1, 1))
     assert ok.score is None and ok.agreement is None and not ok.flagged  # one network: plain checks only

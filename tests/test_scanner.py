@@ -190,8 +190,8 @@ def test_write_study_nested_with_distractors_and_junk(tmp_path, pair_writer):
     assert frames == {manifest["frame_of_reference_uid"]}
     t1 = pydicom.dcmread(manifest["files"]["T1 MPRAGE full brain"][0])
     assert abs(float(t1.ImageOrientationPatient[0])) < 0.5  # sagittal, tilted: not the crop's orientation
-    assert manifest["label_volumes_mm3"] == label_volumes_mm3(load_nifti(label_path)[0], (1.0, 1.0, 1.0))
-    assert manifest["label_volumes_mm3"]["total_mm3"] > 0
+    # tiny_pair's label: anterior box 2 x 3 x 3 voxels, posterior box 2 x 3 x 3, 1 mm voxels
+    assert manifest["label_volumes_mm3"] == {"anterior_mm3": 18.0, "posterior_mm3": 18.0, "total_mm3": 36.0}
 
 
 def test_write_study_flat_without_distractors_is_deterministic(tmp_path, pair_writer):
@@ -208,8 +208,15 @@ def test_real_study_manifest_label_volumes(tmp_path, real_data_root):
     image_path = real_data_root / "imagesTr/hippocampus_001.nii.gz"
     label_path = real_data_root / "labelsTr/hippocampus_001.nii.gz"
     manifest = write_study(image_path, tmp_path, label_path=label_path, seed=1, nested=True)
-    label, spacing, _ = load_nifti(label_path)
-    assert manifest["label_volumes_mm3"] == label_volumes_mm3(label, spacing)
+    img = nib.load(str(label_path))     # counted here from the file, not by hippo's own helper
+    label, voxel_mm3 = np.asarray(img.dataobj), float(np.prod(img.header.get_zooms()[:3]))
+    expected = {"anterior_mm3": np.count_nonzero(label == 1) * voxel_mm3,
+                "posterior_mm3": np.count_nonzero(label == 2) * voxel_mm3}
+    assert expected["anterior_mm3"] > 0 and expected["posterior_mm3"] > 0
+    got = manifest["label_volumes_mm3"]
+    assert got["anterior_mm3"] == pytest.approx(expected["anterior_mm3"])
+    assert got["posterior_mm3"] == pytest.approx(expected["posterior_mm3"])
+    assert got["total_mm3"] == pytest.approx(expected["anterior_mm3"] + expected["posterior_mm3"])
     image, _, affine = load_nifti(image_path)
     sv = load_series(manifest["files"]["HippoCrop"])
     np.testing.assert_array_equal(sv.array, image)  # uint8 crops are stored exactly
@@ -265,3 +272,38 @@ def test_cli_module_entry_point_reports_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith("hippo.scanner: error:") and "nope.nii.gz" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+def test_enhanced_layouts_from_the_api_and_the_command_line(tmp_path, capsys):
+    """write_series writes the enhanced layouts (issue 28) and refuses nonsense; write-wholehead
+    --t1-layout writes the T1 as several Enhanced MR instances with per-frame groups."""
+    vol = np.arange(6 * 7 * 8, dtype=np.uint16).reshape(6, 7, 8)
+    aff = np.diag([1.0, 1.2, 2.0, 1.0])
+    paths = write_series(vol, aff, tmp_path / "enh", study=StudyInfo(seed=3), layout="enhanced", frames_per_instance=3)
+    assert len(paths) == 3  # 8 slices: 3 + 3 + 2 frames
+    ds = [pydicom.dcmread(p) for p in paths]
+    assert [int(d.NumberOfFrames) for d in ds] == [3, 3, 2] and [int(d.InstanceNumber) for d in ds] == [1, 2, 3]
+    assert {str(d.SOPClassUID) for d in ds} == {pydicom.uid.EnhancedMRImageStorage}
+    assert len({str(d.SeriesInstanceUID) for d in ds}) == 1 and len({str(d.SOPInstanceUID) for d in ds}) == 3
+    timing = ds[0].SharedFunctionalGroupsSequence[0].MRTimingAndRelatedParametersSequence[0]
+    assert float(timing.RepetitionTime) == 2300 and "RepetitionTime" not in ds[0]
+    np.testing.assert_array_equal(load_series(paths).array, load_series(
+        write_series(vol, aff, tmp_path / "classic", study=StudyInfo(seed=3))).array)
+    for bad, match in (({"layout": "mosaic"}, "layout"), ({"layout": "enhanced", "modality": "CT"}, "MR only"),
+                       ({"layout": "enhanced", "frames_per_instance": 0}, "frames_per_instance"),
+                       ({"layout": "enhanced", "functional_groups": "some"}, "functional_groups")):
+        with pytest.raises(ValueError, match=match):
+            write_series(vol, aff, tmp_path / "bad", study=StudyInfo(seed=3), **bad)
+
+    head = nib.Nifti1Image((np.random.default_rng(0).random((30, 34, 28)) * 400).astype(np.float32),
+                           np.diag([4.0, 4.0, 4.0, 1.0]))
+    nib.save(head, str(tmp_path / "head.nii.gz"))
+    rc = main(["write-wholehead", "--scan", str(tmp_path / "head.nii.gz"), "--out", str(tmp_path / "wh"),
+               "--no-distractors", "--no-localizer", "--seed", "2", "--t1-layout", "enhanced",
+               "--frames-per-instance", "10", "--per-frame-groups"])
+    assert rc == 0 and '"t1_mprage_sag": 3' in capsys.readouterr().out  # 30 sagittal slices, 10 per instance
+    first = pydicom.dcmread(sorted((tmp_path / "wh").iterdir())[0], stop_before_pixels=True)
+    assert "PlaneOrientationSequence" in first.PerFrameFunctionalGroupsSequence[0]
+    assert main(["write-wholehead", "--scan", str(tmp_path / "head.nii.gz"), "--out", str(tmp_path / "x"),
+                 "--per-frame-groups"]) == 1
+    assert "need --t1-layout enhanced or legacy" in capsys.readouterr().err
