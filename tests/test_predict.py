@@ -40,7 +40,7 @@ def test_config_composes_with_the_house_groups():
         cfg = compose(config_name="predict", overrides=["input=/x", "output=/y", "workers=2"])
     assert cfg.input == "/x" and cfg.output == "/y" and cfg.workers == 2
     assert cfg.plausibility.total_mm3[0] > 0 and "write_png" in cfg.report
-    assert cfg.registration.preset == "fast" and cfg.precision == "bfloat16"  # overrides the inference group
+    assert cfg.registration.preset == "fast" and cfg.precision == "auto"  # from conf/inference: one default
     assert cfg.model_path is None and cfg.device == "cpu" and cfg.batch_size == 64  # from conf/inference
 
 
@@ -156,3 +156,34 @@ def test_the_real_folder_end_to_end(tmp_path):
     assert names == ["chris_t1", "example_brain_t1", "fs_subject_norm"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_ok"] == 3 and summary["n_skipped"] == 3
+
+
+def test_cohort_keys_and_launcher_configs_compose():
+    """The cohort keys default to a plain run; the sample launchers extend Hydra's submitit ones."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="predict", overrides=["input=/x"])
+        assert cfg.level is None and cfg.shard is None and cfg.participant_label is None and cfg.resume is True
+        cfg = compose(config_name="predict", overrides=["input=/x", "shard=1/4", "participant_label=[01,02]"],
+                      return_hydra_config=True)
+        assert cfg.shard == "1/4" and list(cfg.participant_label) == ["01", "02"]
+        slurm = compose(config_name="predict", overrides=["input=/x", "hydra/launcher=cohort_slurm",
+                                                          "hydra.launcher.partition=short"], return_hydra_config=True)
+        launcher = slurm.hydra.launcher
+        assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "short"
+        assert launcher.cpus_per_task == 2 and launcher.mem_per_cpu == "4GB" and launcher.timeout_min == 240
+        local = compose(config_name="predict", overrides=["input=/x", "hydra/launcher=cohort_local"],
+                        return_hydra_config=True)
+        assert local.hydra.launcher._target_.endswith("LocalLauncher")
+
+
+def test_bad_cohort_arguments_are_clear(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/a.nii.gz").write_bytes(b"x")
+    for args, message in ((["shard=4/4"], "shard='4/4': I must be 0..N-1"),
+                          (["shard=0/2", "level=group"], "the group level reads every scan"),
+                          (["level=everything"], "level='everything'"),
+                          (["participant_label=01"], "participant_label needs a BIDS dataset")):
+        r = predict(f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", *args)
+        assert r.returncode != 0 and message in r.stderr + r.stdout, (args, r.stderr[-2000:])

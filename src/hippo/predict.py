@@ -4,6 +4,11 @@
 map on the scan's own grid (1/2 left anterior/posterior, 3/4 right), ``result.json`` (volumes in
 mm³, asymmetry index, eTIV, review reasons, timings) and a report PNG; for a BIDS input a
 BIDS-derivatives dataset. Exits non-zero when any scan failed (see :mod:`hippo.wholehead.run`).
+
+A cohort in parts (``docs/cohort.md``): ``shard=I/N`` / ``participant_label=...`` process some scans
+(per-scan results only), ``level=group`` merges them into ``volumes.tsv`` and ``qc_report.html``;
+``--multirun 'shard=0/4,1/4,2/4,3/4' hydra/launcher=cohort_slurm`` (or ``submitit_local``) runs the
+shards as scheduler jobs.
 """
 
 from __future__ import annotations

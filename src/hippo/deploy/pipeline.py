@@ -21,7 +21,6 @@ import logging
 import os
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -371,6 +370,14 @@ class StudyProcessor:
         outcome.review = list(result.review)
         outcome.warnings += list(result.notes)
         timings["measure"] = time.perf_counter() - t
+        if self.prior is not None and self.prior.path:  # change since an earlier scan/result (hippo.wholehead.longitudinal)
+            from hippo.wholehead.longitudinal import change_since_prior
+
+            outcome.stage, t = "prior", time.perf_counter()
+            summary["change"] = change_since_prior(self.prior.path, (volume.array, volume.affine), result, self.agent,
+                                                   locator=self._locator, current_date=study.get("date"),
+                                                   segment_options={"rules": rules, "quality_rules": self.plausibility})
+            timings["prior"] = time.perf_counter() - t
 
         outcome.stage, t = "report", time.perf_counter()
         now = _dt.datetime.now(_dt.timezone.utc)
@@ -390,7 +397,7 @@ class StudyProcessor:
                                asymmetry_index_percent=result.asymmetry_index, etiv_mm3=result.etiv_mm3,
                                model_version=version, series_number=self.series_numbers["sr"],
                                series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"),
-                               quality=outcome.quality)
+                               quality=outcome.quality, **({"change": summary["change"]} if summary.get("change") else {}))
         timings["report"] = time.perf_counter() - t
 
         out = self._write_and_send(outcome, series.study_uid, {"report_sc": sc, "seg": seg, "sr": sr}, page)
@@ -401,6 +408,9 @@ class StudyProcessor:
         outcome.files["result_json"] = str(out / "result.json")
         record = _result_json(outcome, self.model_info, volume)
         record["wholehead"] = {k: summary[k] for k in ("left", "right", "registration", "labels")}
+        record["study_date"] = study.get("date") or None
+        if summary.get("change") is not None:
+            record["change"] = summary["change"]
         write_json_atomic(out / "result.json", record)
         return outcome
 
@@ -482,22 +492,6 @@ def find_studies(root: str | os.PathLike, *, exclude: Iterable[str | os.PathLike
     return studies
 
 
-_WORKER: StudyProcessor | None = None
-
-
-def _init_worker(factory: Callable[[], StudyProcessor]) -> None:
-    global _WORKER
-    import torch
-
-    torch.set_num_threads(1)  # processes, not threads, give the parallelism in a batch
-    _WORKER = factory()
-
-
-def _run_in_worker(study: str) -> StudyOutcome:
-    assert _WORKER is not None
-    return _WORKER.process(study)
-
-
 def run_batch(
     studies: Sequence[str | os.PathLike],
     factory: Callable[[], StudyProcessor],
@@ -506,31 +500,20 @@ def run_batch(
     on_done: Callable[[StudyOutcome], None] | None = None,
 ) -> list[StudyOutcome]:
     """Process studies with ``workers`` processes, each building its own processor (model loaded
-    once per worker) with the picklable ``factory``; ``workers <= 1`` runs serially here.
+    once per worker) with the picklable ``factory``; ``workers <= 1`` runs serially here. The
+    package's one batch runner (:func:`hippo.batch_runner.run_each`: spawned workers, torch and
+    SimpleITK threads capped per worker, whatever goes wrong for one study becomes its ``failed``
+    outcome).
 
     Returns:
         One outcome per study, in the order of ``studies``.
     """
-    outcomes: dict[str, StudyOutcome] = {}
-    names = [str(s) for s in studies]
-    if workers <= 1 or len(names) <= 1:
-        processor = factory()
-        for s in names:
-            outcomes[s] = processor.process(s)
-            if on_done:
-                on_done(outcomes[s])
-    else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(factory,)) as pool:
-            futures = {pool.submit(_run_in_worker, s): s for s in names}
-            for fut in as_completed(futures):
-                s = futures[fut]
-                try:
-                    outcomes[s] = fut.result()
-                except Exception as exc:  # a crashed worker process
-                    outcomes[s] = StudyOutcome(study=s, stage="worker", error=f"{type(exc).__name__}: {exc}")
-                if on_done:
-                    on_done(outcomes[s])
-    return [outcomes[s] for s in names]
+    from hippo.batch_runner import run_each
+
+    def failed(study: str, why) -> StudyOutcome:
+        return StudyOutcome(study=study, stage=why.stage, error=why.error)
+
+    return run_each([str(s) for s in studies], factory, failed=failed, workers=workers, on_done=on_done)
 
 
 def describe_volumes(o: StudyOutcome) -> str:
