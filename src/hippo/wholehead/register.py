@@ -10,11 +10,15 @@ Stages (:class:`RegistrationSettings` holds the numbers):
    percentile; the template is the shipped 2 mm one (brain only), sampled inside its brain mask.
    Each pyramid level (8, 4 mm) is made once by block averaging both images, so SimpleITK runs
    every level at shrink 1 without smoothing of its own.
-2. **Initialise**: the template's brain centre is put on the centre of the top ``head_top_mm``
-   of the head (so a long neck does not pull it down).
+2. **Initialise**: a head mask (:func:`head_mask`) gives several starts for the template's brain
+   centre (:func:`initial_centres`: the centre of the head's top ``head_top_mm``, the template's
+   vertex-to-centre distance below the head's top, the mask's centre of mass).
 3. **Search** at ``search_mm`` voxels (exhaustive, Mattes MI): translations along y and z
    (±20 mm), then rotations (pitch ±45°, roll and yaw ±20°), then translations again (±5 mm).
    Without it a strongly tilted head ends in a wrong local optimum.
+   Every start is searched; the ``carry`` best results (plus the best start searched without
+   turning) go on to the next stages, each refined on the scan as it is and padded with
+   ``pad_mm`` of background, and the final alignment with the best score on the padded scan wins.
 4. **Similarity** (rotation, translation, one scale) over ``levels_mm``, then **affine** (12
    parameters) over ``affine_levels_mm``: gradient descent with physical-shift scales and the
    learning rate re-estimated each iteration so that no point moves more than one voxel of the
@@ -36,6 +40,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from hippo.config import settings_fields
 from hippo.wholehead.template import MNI_ETIV_CONSTANT_MM3, Template, load_template
 
 __all__ = ["RegistrationSettings", "Registration", "register_to_template", "registration_score", "PRESETS"]
@@ -47,12 +52,33 @@ class RegistrationSettings:
 
     Attributes:
         moving_mm: the scan is block-averaged to about this voxel size first.
+        carry: how many of the starts' search results (best search metric first) go through the
+            similarity and affine stages; the final alignment with the best score wins.
+        upright_candidate: also carry the best start with translations searched only (the head as
+            scanned, unturned): on a tight field of view the rotation search's metric at 8 mm
+            picked a 15° pitch that the later stages could not undo (seg3d, one re-acquisition in
+            four ended 14 mm off with it alone).
+        pad_mm: the block-averaged scan is padded with this much zero (background) on every side.
+            Without it, template points mapped outside a tight field of view are dropped from the
+            metric, so enlarging the template past the cut edge *improved* Mattes MI: on
+            ``seg3d_epilepsy_t1`` (field of view cut at the cerebellum) two of four simulated
+            re-acquisitions ended 13-21 mm off (head scale 0.84-0.94 instead of 0.70), and a side
+            or both went missing. Padded, the points past the edge see background and count, but
+            another re-acquisition then failed (13 mm): each carried candidate is refined on both the
+            unpadded and the padded scan, and every result is scored on the padded one.
         head_top_mm: initial centring uses the head's top this many mm.
         search_mm: voxel size of the exhaustive search (template shrunk to it).
         search_translation_mm: (step, steps each side) of the translation search along y and z.
         search_pitch_deg, search_roll_yaw_deg: (step, steps each side) of the rotation search.
         search_joint_steps: translation steps (each side, along y and z) tried with every rotation.
         search_rounds: how many times the translation then rotation searches alternate.
+        starts: initial placements of the template's brain centre tried (each followed by the whole
+            search, the results ranked by Mattes MI at ``search_mm``; starts within 10 mm of an
+            earlier one are skipped): ``"top"`` the centre of the head's top ``head_top_mm``; ``"vertex"`` the
+            template's own vertex-to-centre distance below the head's highest point; ``"mass"`` the
+            head mask's centre of mass. A single start is what failed on heads with the neck and
+            shoulders in view elsewhere (issue 24); here the final choice among the starts is made
+            after refinement (``carry``).
         levels_mm: voxel sizes of the gradient-descent pyramid (similarity, then affine).
         affine_levels_mm: the pyramid levels at which the affine stage runs.
         iterations: gradient-descent iterations per level.
@@ -74,6 +100,10 @@ class RegistrationSettings:
     search_roll_yaw_deg: tuple[float, int] = (20.0, 1)
     search_joint_steps: int = 0
     search_rounds: int = 1
+    starts: tuple[str, ...] = ("top", "vertex", "mass")
+    pad_mm: float = 30.0
+    carry: int = 2
+    upright_candidate: bool = True
     levels_mm: tuple[float, ...] = (8.0, 4.0)
     affine_levels_mm: tuple[float, ...] = (4.0,)
     iterations: int = 60
@@ -84,11 +114,14 @@ class RegistrationSettings:
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> "RegistrationSettings":
         """Settings from a mapping (``preset`` picks one of :data:`PRESETS` first; other keys
-        override it); unknown keys raise TypeError."""
-        cfg = dict(cfg or {})
-        base = PRESETS[str(cfg.pop("preset", "fast"))]
-        tuples = {k: tuple(v) for k, v in cfg.items() if isinstance(v, (list, tuple))}
-        return replace(base, **{**cfg, **tuples})
+        override it); a key this class does not have, or an unknown preset, raises ``ValueError``
+        naming it (:func:`hippo.config.settings_fields`)."""
+        values = settings_fields(cls, cfg, handled=("preset",))
+        preset = str(values.pop("preset", "fast"))
+        if preset not in PRESETS:
+            raise ValueError(f"{cls.__name__}: unknown preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
+        tuples = {k: tuple(v) for k, v in values.items() if isinstance(v, (list, tuple))}
+        return replace(PRESETS[preset], **{**values, **tuples})
 
 
 #: Named settings: ``fast`` (the default), ``thorough`` (more samples, iterations and a 2 mm affine level).
@@ -110,7 +143,9 @@ class Registration:
             :func:`registration_score`).
         timings_s: seconds per stage (prepare, search, similarity, affine, score).
         settings: what was used.
-        search_best: the rotation search's pick (degrees about x, y, z and translation mm).
+        search_best: the rotation search's pick (degrees about x, y, z and translation mm) and how
+            many starts were tried.
+        start: the initial placement that won (:attr:`RegistrationSettings.starts`).
     """
 
     matrix: np.ndarray
@@ -118,6 +153,7 @@ class Registration:
     timings_s: dict[str, float] = field(default_factory=dict)
     settings: RegistrationSettings = field(default_factory=RegistrationSettings)
     search_best: dict[str, float] = field(default_factory=dict)
+    start: str = ""
 
     def to_scan(self, mni_xyz: np.ndarray | tuple[float, float, float]) -> np.ndarray:
         """MNI point(s) ``(..., 3)`` mm -> scan RAS mm."""
@@ -169,6 +205,7 @@ class Registration:
             "scales": np.round(self.scales, 4).tolist(),
             "rotation_deg": round(self.rotation_degrees(), 2),
             "search_best": {k: round(float(v), 2) for k, v in self.search_best.items()},
+            "start": self.start,
             "timings_s": {k: round(float(v), 3) for k, v in self.timings_s.items()},
         }
 
@@ -215,17 +252,63 @@ def block_mean(array: np.ndarray, affine: np.ndarray, target_mm: float) -> tuple
     return a.astype(np.float32), out
 
 
+def head_mask(array: np.ndarray) -> np.ndarray:
+    """``(X, Y, Z) bool``: the head (or brain, for a skull-stripped scan) in a (block-averaged) scan.
+
+    Voxels above 15 % of the 99.5th percentile, opened once (drops thin noise bridges and the
+    detached specks of a noisy background), the largest connected component, holes filled. Falls
+    back to the plain threshold when the opening leaves nothing.
+    """
+    from scipy import ndimage
+
+    a = np.asarray(array, np.float32)
+    hi = float(np.percentile(a, 99.5))
+    mask = a > 0.15 * hi if hi > 0 else a > 0
+    opened = ndimage.binary_opening(mask, iterations=1)
+    if opened.any():
+        mask = opened
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == int(sizes.argmax())
+    return ndimage.binary_fill_holes(mask)
+
+
 def _head_top_centre(array: np.ndarray, affine: np.ndarray, top_mm: float) -> np.ndarray:
     """RAS centre (mm) of the head's voxels within ``top_mm`` of its highest point."""
-    hi = float(np.percentile(array, 99.5))
-    mask = array > 0.15 * hi
+    return initial_centres(array, affine, top_mm=top_mm, starts=("top",), template_vertex_mm=0.0)["top"]
+
+
+def initial_centres(array: np.ndarray, affine: np.ndarray, *, top_mm: float, starts=("top", "vertex", "mass"),
+                    template_vertex_mm: float = 70.0) -> dict[str, np.ndarray]:
+    """Candidate RAS positions (mm) of the brain's centre, one per name in ``starts``.
+
+    * ``"top"``: the centre of the head mask's voxels within ``top_mm`` of its highest point;
+    * ``"vertex"``: ``template_vertex_mm`` below the highest point (the template brain's top-to-centre
+      distance), at the mean x, y of the mask's top 60 mm: independent of how much neck is in view;
+    * ``"mass"``: the mask's centre of mass: right for a skull-stripped brain or a field of view cut
+      tight to the head, whose top may be missing.
+    """
+    mask = head_mask(array)
     idx = np.argwhere(mask)
     if idx.shape[0] < 10:
-        return affine[:3, :3] @ ((np.array(array.shape) - 1) / 2.0) + affine[:3, 3]
+        c = affine[:3, :3] @ ((np.array(array.shape) - 1) / 2.0) + affine[:3, 3]
+        return {name: c for name in starts}
     world = idx @ affine[:3, :3].T + affine[:3, 3]
-    top = np.percentile(world[:, 2], 99.9)
-    sel = world[:, 2] > top - top_mm
-    return world[sel].mean(axis=0)
+    top = float(np.percentile(world[:, 2], 99.9))
+    out: dict[str, np.ndarray] = {}
+    for name in starts:
+        if name == "top":
+            out[name] = world[world[:, 2] > top - top_mm].mean(axis=0)
+        elif name == "vertex":
+            xy = world[world[:, 2] > top - 60.0, :2].mean(axis=0)
+            out[name] = np.array([xy[0], xy[1], top - template_vertex_mm])
+        elif name == "mass":
+            out[name] = world.mean(axis=0)
+        else:
+            raise ValueError(f"unknown start {name!r}: choose from 'top', 'vertex', 'mass'")
+    return out
 
 
 #: Radius (mm) used to turn rotation/scale parameters into physical shifts for the optimiser.
@@ -244,11 +327,20 @@ class _Problem:
         positive = small[small > 0]
         hi = float(np.percentile(positive, 99.5)) if positive.size else float(small.max())
         small = np.clip(small, 0.0, hi if hi > 0 else None)
+        self.mask_array, self.mask_affine = small, small_affine  # the starts come from the unpadded scan
+        if settings.pad_mm > 0:  # zeros around the field of view (see RegistrationSettings.pad_mm)
+            k = int(np.ceil(settings.pad_mm / max(float(np.sqrt((small_affine[:3, :3] ** 2).sum(0)).min()), 1e-6)))
+            small = np.pad(small, k)
+            small_affine = small_affine.copy()
+            small_affine[:3, 3] -= small_affine[:3, :3] @ np.full(3, float(k))
         self.moving_array, self.moving_affine = small, small_affine
         mask = template.brain_mask
         idx = np.argwhere(mask)
         w = template.array[mask]
         self.template_centre = template.affine[:3, :3] @ ((idx * w[:, None]).sum(0) / w.sum()) + template.affine[:3, 3]
+        brain_z = (idx @ template.affine[:3, :3].T + template.affine[:3, 3])[:, 2]
+        #: the template brain's top (99.9th percentile of z) to its centre, mm
+        self.template_vertex_mm = float(np.percentile(brain_z, 99.9) - self.template_centre[2])
         self._template = template
         self._levels: dict[float, tuple] = {}
 
@@ -362,33 +454,58 @@ def _register_once_threaded(
     template = template or load_template()
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    prob = _Problem(np.asarray(array), np.asarray(affine, np.float64), template, settings)
+    prob = _Problem(np.asarray(array), np.asarray(affine, np.float64), template, replace(settings, pad_mm=0.0))
+    # the padded problem (see RegistrationSettings.pad_mm) refines too and scores every candidate
+    prob_pad = (_Problem(np.asarray(array), np.asarray(affine, np.float64), template, settings)
+                if settings.pad_mm > 0 else prob)
     centre = prob.template_centre
-    head = _head_top_centre(prob.moving_array, prob.moving_affine, settings.head_top_mm)
-    euler = sitk.Euler3DTransform()
-    euler.SetCenter([float(x) for x in centre])
-    euler.SetTranslation([float(x) for x in head - centre])
+    centres = initial_centres(prob.mask_array, prob.mask_affine, top_mm=settings.head_top_mm,
+                              starts=tuple(settings.starts) or ("top",), template_vertex_mm=prob.template_vertex_mm)
     prob.level(settings.search_mm)
     timings["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    (t_step, t_n), (p_step, p_n), (r_step, r_n) = (settings.search_translation_mm, settings.search_pitch_deg,
-                                                   settings.search_roll_yaw_deg)
-    search_samples = max(500, settings.samples // 2)
-    for _ in range(max(1, int(settings.search_rounds))):
-        prob.run(euler, settings.search_mm, search_samples,
-                 exhaustive=([0, 0, 0, 0, t_n, t_n], [1, 1, 1, 1, t_step, t_step]))
-        joint = int(settings.search_joint_steps)
-        prob.run(euler, settings.search_mm, search_samples,
-                 exhaustive=([p_n, r_n, r_n, 0, joint, joint],
-                             [np.radians(p_step), np.radians(r_step), np.radians(r_step), 1, t_step, t_step]))
-    search_best = {"rx_deg": np.degrees(euler.GetAngleX()), "ry_deg": np.degrees(euler.GetAngleY()),
-                   "rz_deg": np.degrees(euler.GetAngleZ()),
-                   **{f"t{a}_mm": v for a, v in zip("xyz", euler.GetTranslation())}}
-    prob.run(euler, settings.search_mm, search_samples,
-             exhaustive=([0, 0, 0, 1, 1, 1], [1, 1, 1, t_step / 2, t_step / 2, t_step / 2]))
+    kept: list[tuple[str, np.ndarray]] = []
+    for name, c in centres.items():  # starts closer than 10 mm to an earlier one add nothing
+        if all(np.linalg.norm(c - k) >= 10.0 for _, k in kept):
+            kept.append((name, c))
+    searched = []
+    for name, head in kept:
+        euler = _search(prob, settings, centre, head)
+        searched.append((_metric(prob, euler, settings.search_mm, max(500, settings.samples // 2)), name, euler))
+    searched.sort(key=lambda x: x[0])
+    if settings.upright_candidate:  # the head as scanned (no turn) from the best start, as one more candidate
+        head = dict(kept)[searched[0][1]]
+        euler = _search(prob, settings, centre, head, rotate=False)
+        searched.insert(min(1, len(searched)), (_metric(prob, euler, settings.search_mm, max(500, settings.samples // 2)),
+                                                f"{searched[0][1]}, upright", euler))
     timings["search"] = time.perf_counter() - t
 
+    # each start's search result is carried through the similarity and affine stages, and the final
+    # alignment with the best score wins (one scan, one fixed metric setting: comparable); the search
+    # metric alone picked a wrong pitch on a tight field of view
+    timings["similarity"] = timings["affine"] = 0.0
+    finals = []
+    for _, name, euler in searched[: max(1, int(settings.carry))]:
+        for p in dict.fromkeys((prob, prob_pad)):  # unpadded and padded refinements: each failed on a
+            matrix = _refine(p, settings, euler, timings)  # different re-acquisition of a tight field of view
+            finals.append((_score(prob_pad, matrix), name, euler, matrix))
+    finals.sort(key=lambda x: x[0])
+    _, start_name, euler, matrix = finals[0]
+    search_best = {"rx_deg": np.degrees(euler.GetAngleX()), "ry_deg": np.degrees(euler.GetAngleY()),
+                   "rz_deg": np.degrees(euler.GetAngleZ()),
+                   **{f"t{a}_mm": v for a, v in zip("xyz", euler.GetTranslation())},
+                   "starts_tried": float(len(kept)), "refined": float(len(finals))}
+    search_start = start_name
+    t = time.perf_counter()
+    score = _score(prob_pad, matrix)
+    timings["score"] = time.perf_counter() - t
+    return Registration(matrix, score, timings, settings, search_best, start=search_start)
+
+
+def _refine(prob: _Problem, settings: RegistrationSettings, euler, timings: dict[str, float]) -> np.ndarray:
+    """Similarity then affine gradient descent from the rigid ``euler``: the MNI -> scan matrix."""
+    sitk = prob.sitk
     t = time.perf_counter()
     sim = sitk.Similarity3DTransform()
     sim.SetCenter(euler.GetCenter())
@@ -397,7 +514,7 @@ def _register_once_threaded(
     sim_scales = [_RADIUS_MM ** 2] * 3 + [1.0] * 3 + [_RADIUS_MM ** 2]
     for mm in settings.levels_mm:
         prob.run(sim, mm, settings.samples, iterations=settings.iterations, learning_rate=mm / 2.0, scales=sim_scales)
-    timings["similarity"] = time.perf_counter() - t
+    timings["similarity"] = timings.get("similarity", 0.0) + time.perf_counter() - t
 
     t = time.perf_counter()
     aff = sitk.AffineTransform(3)
@@ -407,17 +524,44 @@ def _register_once_threaded(
     aff_scales = [_RADIUS_MM ** 2] * 9 + [1.0] * 3
     for mm in settings.affine_levels_mm:
         prob.run(aff, mm, settings.samples, iterations=settings.iterations, learning_rate=mm / 4.0, scales=aff_scales)
-    timings["affine"] = time.perf_counter() - t
-
+    timings["affine"] = timings.get("affine", 0.0) + time.perf_counter() - t
     matrix = np.eye(4)
     linear = np.array(aff.GetMatrix()).reshape(3, 3)
     c = np.array(aff.GetCenter())
     matrix[:3, :3] = linear
     matrix[:3, 3] = np.array(aff.GetTranslation()) + c - linear @ c
-    t = time.perf_counter()
-    score = _score(prob, matrix)
-    timings["score"] = time.perf_counter() - t
-    return Registration(matrix, score, timings, settings, search_best)
+    return matrix
+
+
+def _search(prob: _Problem, settings: RegistrationSettings, centre: np.ndarray, head: np.ndarray, rotate: bool = True):
+    """The exhaustive search (translation, rotation, translation) from the template's brain centre
+    placed on ``head``: the rigid transform it ends with (``rotate=False``: translations only)."""
+    sitk = prob.sitk
+    euler = sitk.Euler3DTransform()
+    euler.SetCenter([float(x) for x in centre])
+    euler.SetTranslation([float(x) for x in head - centre])
+    (t_step, t_n), (p_step, p_n), (r_step, r_n) = (settings.search_translation_mm, settings.search_pitch_deg,
+                                                   settings.search_roll_yaw_deg)
+    search_samples = max(500, settings.samples // 2)
+    for _ in range(max(1, int(settings.search_rounds))):
+        prob.run(euler, settings.search_mm, search_samples,
+                 exhaustive=([0, 0, 0, 0, t_n, t_n], [1, 1, 1, 1, t_step, t_step]))
+        joint = int(settings.search_joint_steps)
+        if not rotate:
+            continue
+        prob.run(euler, settings.search_mm, search_samples,
+                 exhaustive=([p_n, r_n, r_n, 0, joint, joint],
+                             [np.radians(p_step), np.radians(r_step), np.radians(r_step), 1, t_step, t_step]))
+    prob.run(euler, settings.search_mm, search_samples,
+             exhaustive=([0, 0, 0, 1, 1, 1], [1, 1, 1, t_step / 2, t_step / 2, t_step / 2]))
+    return euler
+
+
+def _metric(prob: _Problem, transform, mm: float, samples: int) -> float:
+    """Mattes MI of ``transform`` at level ``mm`` (the same fixed-seed samples for every start)."""
+    r, fixed, moving = prob.method(mm, samples)
+    r.SetInitialTransform(transform, inPlace=False)
+    return float(r.MetricEvaluate(fixed, moving))
 
 
 def _score(prob: _Problem, matrix: np.ndarray) -> float:

@@ -31,11 +31,13 @@ import numpy as np
 
 from hippo.measure import Volumes, measure_volumes
 from hippo.plausibility import PlausibilityRules
+from hippo.preprocessing import label_volumes_mm3
 from hippo.quality import QualityAssessment, assess_quality
 from hippo.wholehead.crops import (CROP_SHAPE, CropGeometry, crop_edge_faces, crop_geometry, probabilities_to_scan,
                                    sample_crop)
 from hippo.wholehead.register import Registration, RegistrationSettings, register_to_template
-from hippo.wholehead.review import ReviewRules, coverage_reasons, volume_reasons
+from hippo.wholehead.review import (ReviewRules, atlas_distance_reasons, coverage_reasons, mask_shape, shape_reasons,
+                                    volume_reasons)
 from hippo.wholehead.template import HIPPOCAMPUS_CENTROIDS_MNI
 
 __all__ = ["LABELS", "SideResult", "WholeHeadResult", "segment_wholehead", "asymmetry_index", "MIN_FOV_MM",
@@ -95,8 +97,23 @@ class SideResult:
     final_offset_mm: float = 0.0
     quality: QualityAssessment | None = None
 
+    @property
+    def shape(self) -> dict[str, float] | None:
+        """The final crop mask's long-axis angle to the training axis and elongation
+        (:func:`hippo.wholehead.review.mask_shape`)."""
+        return mask_shape(self.crop_labels)
+
+    @property
+    def atlas_distance_mm(self) -> float | None:
+        """Distance (MNI mm) of :attr:`centroid_mni` from the atlas centroid of this side."""
+        if self.centroid_mni is None:
+            return None
+        return float(np.linalg.norm(np.asarray(self.centroid_mni) - np.asarray(HIPPOCAMPUS_CENTROIDS_MNI[self.side])))
+
     def as_dict(self) -> dict[str, Any]:
         v = self.volumes
+        shape = self.shape
+        dist = self.atlas_distance_mm
         return {
             "anterior_mm3": round(v.anterior_mm3, 1), "posterior_mm3": round(v.posterior_mm3, 1),
             "total_mm3": round(v.total_mm3, 1),
@@ -108,6 +125,8 @@ class SideResult:
             "crop_outside_scan_fraction": round(self.outside_fraction, 4),
             "refine_shift_mm": round(self.refine_shift_mm, 2),
             "passes": self.passes, "settled": self.settled, "final_offset_mm": round(self.final_offset_mm, 2),
+            "atlas_distance_mm": None if dist is None else round(dist, 2),
+            "shape": None if shape is None else {k: round(x, 2) for k, x in shape.items()},
             "crop": self.geometry.as_dict(),
         }
 
@@ -355,9 +374,8 @@ def segment_wholehead(
         centroid_scan = None if centroid_idx is None else affine[:3, :3] @ centroid_idx + affine[:3, 3]
         sides[side] = SideResult(
             side=side, labels=full, volumes=volumes,
-            crop_volumes_mm3={"anterior": float(np.count_nonzero(labels == 1)) * geometry.spacing_mm ** 3,
-                              "posterior": float(np.count_nonzero(labels == 2)) * geometry.spacing_mm ** 3,
-                              "total": float(np.count_nonzero(labels)) * geometry.spacing_mm ** 3},
+            crop_volumes_mm3={k.removesuffix("_mm3"): v
+                              for k, v in label_volumes_mm3(labels, (geometry.spacing_mm,) * 3).items()},
             geometry=geometry, crop_image=crop, crop_labels=labels, centroid_scan_mm=centroid_scan,
             centroid_mni=None if centroid_scan is None else registration.to_mni(centroid_scan),
             edge_faces=crop_edge_faces(labels, side), outside_fraction=outside, refine_shift_mm=shift,
@@ -377,9 +395,10 @@ def _review(sides: dict[str, SideResult], registration: Registration, shape, aff
             ) -> tuple[list[str], list[str]]:
     review: list[str] = []
     notes: list[str] = []
-    if registration.score > rules.max_score:
-        review.append(f"the registration to the MNI template is poor (score {registration.score:.2f}; good "
-                      f"alignments score below {rules.max_score:.2f}): the hippocampi may be mislocated")
+    if registration.score > rules.max_score:  # a note: the checks below decide whether the crops are right
+        notes.append(f"registration score {registration.score:.2f} (Mattes MI) is above {rules.max_score:.2f}; it "
+                     "depends on contrast, field of view and skull, so it is no review reason by itself: the "
+                     "localisation checks (mask position in template space, shape, settling) passed or are listed")
     lo, hi = rules.determinant_range
     if not lo <= registration.determinant <= hi:
         review.append(f"the registration scaled the head by {registration.determinant:.2f} (volume) relative to MNI, "
@@ -397,6 +416,9 @@ def _review(sides: dict[str, SideResult], registration: Registration, shape, aff
         if s.edge_faces and s.volumes.total_mm3 > 0:
             review.append(f"the {side} hippocampus mask touches the {', '.join(s.edge_faces)} edge(s) of its crop: "
                           "part of it may be cut off or the crop mislocated")
+        if s.volumes.total_mm3 > 0:
+            review.extend(shape_reasons(side, s.shape, rules))
+            review.extend(atlas_distance_reasons(side, s.atlas_distance_mm, rules))
         if s.quality is not None:
             review.extend(f"{side}: {r}" for r in s.quality.reasons)
     ai = asymmetry_index(sides["left"].volumes.total_mm3, sides["right"].volumes.total_mm3)
