@@ -275,9 +275,13 @@ def render_card(runs: Sequence[Path], cv: dict[str, Any] | None, ablations: Sequ
         "Medical Center): credit the data set and share derived weights under the same licence.",
         "",
         "## Limits",
-        "- Trained on 1 mm crops around one hippocampus (about 35 x 50 x 35 voxels); deployment expects the same "
-        "kind of series (the HippoCrop series rule). Whole-brain scans need cropping first.",
-        "- One site's research cohort; other scanners, field strengths and ages are untested.",
+        "- Trained on 1 mm crops around one hippocampus (about 35 x 50 x 35 voxels); deployment takes the same "
+        "kind of series (the HippoCrop series rule), or a whole-head 3D T1 that `hippo.wholehead` cuts into one "
+        "such crop per side (docs/wholehead.md).",
+        "- One site's research cohort; other scanners, field strengths and ages are untested on labels (real "
+        "whole heads from other sites are compared with hippodeep and FreeSurfer in docs/wholehead.md).",
+        "- Intended use, what the model was measured against, the evidence and where it fails, for a clinical "
+        "reader: the validation plan, [docs/validation-plan.md](../../../docs/validation-plan.md).",
         "",
     ]
     return "\n".join(lines)
