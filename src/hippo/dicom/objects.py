@@ -11,7 +11,8 @@ highdicom + pydicom + numpy only (no torch).
   Anterior / Posterior type modifier, algorithm type AUTOMATIC with its Algorithm Identification
   (family: Artificial Intelligence). One frame per segment per source slice (``omit_empty_frames
   =False``), pixel-aligned with the source, uncompressed Explicit VR Little Endian: what viewers
-  (OHIF) place most reliably.
+  (OHIF) place most reliably. (:func:`make_wholehead_seg` of a classic series keeps only the frames
+  with pixels: four segments over ~200 slices of a head, nearly all empty.)
 * :func:`make_sr` — a Comprehensive 3D SR holding a TID 1500 Measurement Report: one volumetric
   ROI measurement group (TID 1411) per segment, referencing the SEG segment, with its Volume in mm³
   (UCUM ``mm3``), and one measurement group (TID 1501) with the total volume. The SEG and the
@@ -23,7 +24,7 @@ ContentQualification is RESEARCH.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -166,7 +167,8 @@ def _segment_description(number: int, label: str, modifiers: Sequence, rgb: tupl
 
 def _segmentation(sources: list[Dataset], frames: np.ndarray, descriptions: list, *, model_version: str,
                   series_number: int, series_description: str, series_instance_uid: str | None,
-                  sop_instance_uid: str | None, device_serial_number: str) -> hd.seg.Segmentation:
+                  sop_instance_uid: str | None, device_serial_number: str,
+                  omit_empty_frames: bool = False) -> hd.seg.Segmentation:
     """The BINARY, pixel-aligned, uncompressed SEG of ``frames`` (labels = segment numbers).
 
     Enhanced sources (one or several instances, functional groups shared or per frame) are given
@@ -180,13 +182,13 @@ def _segmentation(sources: list[Dataset], frames: np.ndarray, descriptions: list
         seg = _highdicom_segmentation(images, frames[order], descriptions, model_version=model_version,
                                       series_number=series_number, series_description=series_description,
                                       series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
-                                      device_serial_number=device_serial_number)
+                                      device_serial_number=device_serial_number, omit_empty_frames=omit_empty_frames)
         _point_to_real_sources(seg, real, sources)
         return seg
     return _highdicom_segmentation(sources, frames, descriptions, model_version=model_version,
                                    series_number=series_number, series_description=series_description,
                                    series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
-                                   device_serial_number=device_serial_number)
+                                   device_serial_number=device_serial_number, omit_empty_frames=omit_empty_frames)
 
 
 #: Top-level attributes of an enhanced instance left out of its frames' stand-ins (the frame's own
@@ -298,33 +300,85 @@ def _point_to_real_sources(seg: Dataset, real: Mapping[str, tuple[Dataset, int |
         series.ReferencedInstanceSequence = instance_items()
 
 
-def _referenced_segment(seg: Dataset, number: int) -> hd.sr.ReferencedSegment:
-    """The SR's reference to segment ``number`` of ``seg`` with every source image (and frame) its
-    frames were derived from: one item per source instance, all its frames listed (highdicom's
-    ``from_segmentation`` keeps one frame per instance)."""
-    frames: dict[str, tuple[str, set[int]]] = {}
-    for item in seg.PerFrameFunctionalGroupsSequence:
-        if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) != number:
+def _referenced_segments(seg: Dataset, numbers: Sequence[int], *,
+                         frames: np.ndarray | None = None) -> dict[int, hd.sr.ReferencedSegment]:
+    """The SR's reference to each segment in ``numbers`` of ``seg`` with every source image (and
+    frame) its frames were derived from: one item per source instance, all its frames listed
+    (highdicom's ``from_segmentation`` keeps one frame per instance), as ``from_segmentation`` lists
+    them for single-frame sources. One pass over the SEG's per-frame groups for all segments.
+
+    Args:
+        frames: ``(NumberOfFrames,)`` booleans: only these SEG frames count (e.g. :func:`_frames_with_pixels`:
+            the source images a segment lies on); a segment none of whose frames is selected keeps
+            all of its frames. ``None``: every frame.
+    """
+    wanted = {int(n) for n in numbers}
+    items = seg.PerFrameFunctionalGroupsSequence
+
+    def collect(indices: Iterable[int], segments: set[int]) -> dict[int, dict[str, tuple[str, set[int]]]]:
+        found: dict[int, dict[str, tuple[str, set[int]]]] = {n: {} for n in segments}
+        for index in indices:
+            item = items[index]
+            per_source = found.get(int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber))
+            if per_source is None:
+                continue
+            for derivation in item.get("DerivationImageSequence") or []:
+                for src in derivation.get("SourceImageSequence") or []:
+                    uid = str(src.ReferencedSOPInstanceUID)
+                    entry = per_source.get(uid)
+                    if entry is None:
+                        entry = per_source[uid] = (str(src.ReferencedSOPClassUID), set())
+                    value = src.get("ReferencedFrameNumber")
+                    if value is not None:
+                        entry[1].update(int(v) for v in (value if isinstance(value, (list, MultiValue)) else [value]))
+        return found
+
+    everything = range(len(items))
+    found = collect(everything if frames is None else np.flatnonzero(frames).tolist(), wanted)
+    empty = {n for n in wanted if not found[n]}
+    if frames is not None and empty:  # a segment on no selected frame (e.g. an empty one): all its frames
+        found.update(collect(everything, empty))
+    out = {}
+    for number in sorted(wanted):
+        per_source = found[number]
+        if not per_source:  # no frame (an empty segment of a SEG without empty frames) or no Derivation
+            # Image Sequence: every instance of the Referenced Series (highdicom's from_segmentation, method B)
+            per_source = {str(ref.ReferencedSOPInstanceUID): (str(ref.ReferencedSOPClassUID), set())
+                          for series in seg.get("ReferencedSeriesSequence") or []
+                          for ref in series.get("ReferencedInstanceSequence") or []}
+        if not per_source:
+            out[number] = hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
             continue
-        for derivation in item.get("DerivationImageSequence") or []:
-            for src in derivation.get("SourceImageSequence") or []:
-                uid = str(src.ReferencedSOPInstanceUID)
-                entry = frames.setdefault(uid, (str(src.ReferencedSOPClassUID), set()))
-                value = src.get("ReferencedFrameNumber")
-                if value is not None:
-                    entry[1].update(int(v) for v in (value if isinstance(value, (list, MultiValue)) else [value]))
-    if not frames or not any(f for _, f in frames.values()):
-        return hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number)
-    images = [hd.sr.SourceImageForSegmentation(referenced_sop_class_uid=cls, referenced_sop_instance_uid=uid,
-                                               referenced_frame_numbers=sorted(f) or None)
-              for uid, (cls, f) in frames.items()]
-    return hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
-                                   segment_number=number, source_images=images)
+        images = [hd.sr.SourceImageForSegmentation(referenced_sop_class_uid=cls, referenced_sop_instance_uid=uid,
+                                                   referenced_frame_numbers=sorted(f) or None)
+                  for uid, (cls, f) in per_source.items()]
+        out[number] = hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+                                              segment_number=number, source_images=images)
+    return out
+
+
+def _frames_with_pixels(seg: Dataset) -> np.ndarray | None:
+    """``(NumberOfFrames,)`` booleans: which frames of an uncompressed BINARY SEG have any pixel set
+    (read from the packed PixelData, without decoding it); ``None`` for any other SEG."""
+    try:
+        if str(seg.SegmentationType) != "BINARY" or int(seg.BitsAllocated) != 1 or \
+                seg.file_meta.TransferSyntaxUID.is_compressed:
+            return None
+        n, per_frame = int(seg.NumberOfFrames), int(seg.Rows) * int(seg.Columns)
+        data = np.frombuffer(seg.PixelData, dtype=np.uint8)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if data.size * 8 < n * per_frame:
+        return None
+    if per_frame % 8 == 0:  # frames start on byte boundaries: any non-zero byte
+        return data[: n * per_frame // 8].reshape(n, per_frame // 8).any(axis=1)
+    return np.unpackbits(data, bitorder="little")[: n * per_frame].reshape(n, per_frame).any(axis=1)
 
 
 def _highdicom_segmentation(sources: list[Dataset], frames: np.ndarray, descriptions: list, *, model_version: str,
                             series_number: int, series_description: str, series_instance_uid: str | None,
-                            sop_instance_uid: str | None, device_serial_number: str) -> hd.seg.Segmentation:
+                            sop_instance_uid: str | None, device_serial_number: str,
+                            omit_empty_frames: bool = False) -> hd.seg.Segmentation:
     return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=frames,
@@ -338,7 +392,7 @@ def _highdicom_segmentation(sources: list[Dataset], frames: np.ndarray, descript
         manufacturer_model_name=ALGORITHM_NAME,
         software_versions=str(model_version),
         device_serial_number=device_serial_number,
-        omit_empty_frames=False,
+        omit_empty_frames=omit_empty_frames,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=series_description,
         content_label="HIPPOCAMPUS",
@@ -399,13 +453,14 @@ def make_sr(
         return _volume_measurement(value_mm3, algorithm)
 
     groups: list = []
+    references = _referenced_segments(seg, [1, 2])
     for number, value in ((1, volumes.anterior_mm3), (2, volumes.posterior_mm3)):
         label, modifier, _ = SEGMENTS[number]
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             # the SEG segment's tracking UID, so that SEG segment and SR group name the same finding
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=str(segment_items[number].get("TrackingUID", "")) or generate_uid(), identifier=label),
-            referenced_segment=_referenced_segment(seg, number),
+            referenced_segment=references[number],
             finding_type=HIPPOCAMPUS,
             finding_sites=[hd.sr.FindingSite(anatomic_location=HIPPOCAMPUS, topographical_modifier=modifier)],
             algorithm_id=algorithm,
@@ -605,7 +660,10 @@ def make_wholehead_seg(
 ) -> hd.seg.Segmentation:
     """A BINARY SEG of both hippocampi of a whole-head series: four segments (:data:`WHOLEHEAD_SEGMENTS`),
     each SNOMED Hippocampus with two property-type modifiers, anterior/posterior and the laterality
-    (SCT Left 7771000 / Right 24028007).
+    (SCT Left 7771000 / Right 24028007). For a classic (single-frame) source series only the frames
+    with pixels are stored (``omit_empty_frames``: a hippocampus spans a few dozen of a head's ~200
+    slices); every source image is still referenced (Referenced Series Sequence), so readers give
+    empty slices back as zeros. Enhanced sources keep a frame per segment per source frame.
 
     Args:
         source_datasets: the whole-head series' instances (as for :func:`make_seg`).
@@ -627,10 +685,16 @@ def make_wholehead_seg(
     algorithm = _algorithm_identification(model_version)
     descriptions = [_segment_description(n, label, [part, side], rgb, algorithm, sop_instance_uid)
                     for n, (label, part, side, rgb) in WHOLEHEAD_SEGMENTS.items()]
+    # classic sources: only the frames with pixels (a frame per segment per slice is ~10x more frames,
+    # nearly all empty, whose functional groups dominate the time to build and write the SEG); readers
+    # index those by instance and get zeros for a referenced instance without a frame. Enhanced
+    # sources keep every frame: frame-indexed reads (highdicom's get_pixels_by_source_frame) refuse
+    # source frames the SEG has no frame for unless told they are empty.
+    sparse = not any(has_functional_groups(ds) for ds in sources)
     return _segmentation(sources, frames.astype(np.uint8), descriptions, model_version=model_version,
                          series_number=series_number, series_description=series_description,
                          series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
-                         device_serial_number=device_serial_number)
+                         device_serial_number=device_serial_number, omit_empty_frames=sparse)
 
 
 def make_wholehead_sr(
@@ -649,9 +713,11 @@ def make_wholehead_sr(
     change: Mapping[str, Any] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 SR of both hippocampi: per segment of :func:`make_wholehead_seg` a volumetric ROI
-    group (TID 1411) whose finding site carries the laterality and the part; per side a group
-    (TID 1501) with the total volume (finding site with laterality); one group with the asymmetry
-    index (%, ``100 (L - R) / mean``) and the eTIV (mm³) when known.
+    group (TID 1411) referencing the segment and the source images it lies on (those of its SEG
+    frames with pixels; every source image for an empty segment), whose finding site carries the
+    laterality and the part; per side a group (TID 1501) with the total volume (finding site with
+    laterality); one group with the asymmetry index (%, ``100 (L - R) / mean``) and the eTIV (mm³)
+    when known.
 
     Args:
         volumes: ``{"left": Volumes, "right": Volumes}`` (mm³).
@@ -678,13 +744,15 @@ def make_wholehead_sr(
                                         if sop_instance_uid else generate_uid(), identifier=label)
 
     groups: list = []
+    # each segment references the source images it lies on (of an enhanced series the SEG keeps empty frames too)
+    references = _referenced_segments(seg, list(WHOLEHEAD_SEGMENTS), frames=_frames_with_pixels(seg))
     for number, (label, part, side, _) in WHOLEHEAD_SEGMENTS.items():
         v = volumes["left" if side == LEFT else "right"]
         value = v.anterior_mm3 if part == codes.SCT.Anterior else v.posterior_mm3
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=str(segment_items[number].get("TrackingUID", "")) or generate_uid(), identifier=label),
-            referenced_segment=_referenced_segment(seg, number),
+            referenced_segment=references[number],
             finding_type=HIPPOCAMPUS,
             finding_sites=[hd.sr.FindingSite(anatomic_location=HIPPOCAMPUS, laterality=side, topographical_modifier=part)],
             algorithm_id=algorithm,

@@ -202,13 +202,13 @@ def load_series(
 
     Args:
         paths_or_datasets: files (``str``/``PathLike``) and/or pydicom datasets of one series, in any
-            order (or the one multi-frame instance). Headers are read first; pixel data only for
-            the slices that are kept.
+            order (or the one multi-frame instance). Each file is read once; pixel data is decoded
+            only for the slices that are kept.
         spacing_tolerance: allowed relative deviation of each slice step from the median step
             (``0.01`` = 1 %).
         workers: threads used to read headers and decode pixels.
         series_uid: when given, keep only the inputs of that SeriesInstanceUID (the others' pixels
-            are never read); when ``None`` all inputs must belong to one series.
+            are never decoded); when ``None`` all inputs must belong to one series.
 
     Returns:
         :class:`SeriesVolume` with ``array (X, Y, Z) float32`` (rescaled), its voxel->RAS ``affine``
@@ -365,7 +365,8 @@ def load_series(
 
 
 def _read_headers(inputs: list, workers: int) -> list[_Item]:
-    """Headers of every input (files read without pixel data, in a thread pool)."""
+    """Headers of every input, in a thread pool: a file is read once, with its pixel data (not yet
+    decoded), which :func:`_decode` then uses; one whose pixel data cannot be read is read without it."""
 
     def one(idx_obj):
         idx, obj = idx_obj
@@ -378,7 +379,11 @@ def _read_headers(inputs: list, workers: int) -> list[_Item]:
                 return _Item(name, obj, path, obj)
             return _Item(name, obj, path, None)  # header-only dataset: pixels read from its file
         path = Path(obj)
-        return _Item(str(path), pydicom.dcmread(path, stop_before_pixels=True), path, None)
+        try:  # the whole file at once: its pixels are decoded next (only for the slices kept)
+            full = pydicom.dcmread(path)
+        except Exception:  # noqa: BLE001 - e.g. truncated pixel data: header now, the error when decoded
+            return _Item(str(path), pydicom.dcmread(path, stop_before_pixels=True), path, None)
+        return _Item(str(path), full, path, full)
 
     if workers == 1 or len(inputs) < 4:
         return [one(x) for x in enumerate(inputs)]

@@ -1,0 +1,238 @@
+"""The two doors on the same head: a whole-head T1 as a NIfTI file through ``hippo.predict`` and as a
+DICOM study through ``hippo.deploy``, in one run, per stage and as whole processes, as ratios.
+
+    .venv/bin/python benchmarks/bench_doors.py [--scan T1.nii.gz] [--repeat 3] [--real-study DIR]
+        [--out outputs/benchmarks/doors.json]
+
+1. **Study**: the scanner emulator writes the scan as a brain study (:func:`hippo.scanner.write_wholehead_study`:
+   the T1 as a classic sagittal 3D MPRAGE series, uncompressed, beside localizers, T2, FLAIR and a
+   reformat), so that the DICOM door also pays for finding its series among others.
+2. **Stages** (in this process, one loaded model per door, ``precision=auto`` for both): after one
+   warm-up each, ``--repeat`` rounds, the doors interleaved (a change in the machine's load hits
+   both alike); the median per stage of :class:`hippo.wholehead.run.ScanProcessor` (file door: read
+   -> register -> segment -> report PNG, thumbnail, label map) and of
+   :class:`hippo.deploy.pipeline.StudyProcessor` (DICOM door: ingest -> volume -> register ->
+   segment -> SC, SEG, SR, report PNG); grouped as input / register / segment / outputs, with the
+   DICOM door's figure as a ratio of the file door's and the difference in seconds.
+3. **Whole process**: ``python -m hippo.predict input=<scan>`` and ``python -m hippo.deploy
+   study=<study> send=false`` as subprocesses, interleaved, ``--repeat`` times each; median,
+   ratio, difference; and the same without the registration and segmentation both doors run (from
+   each run's own timings): interpreter, imports, model load, input and outputs, the doors' own cost.
+4. ``--real-study``: a real DICOM series (e.g. ``../shared/data/wholehead/fnndsc_pediatric_dicom``,
+   JPEG-LS): the DICOM door's stages on it, the volume stage (reading and decoding every slice)
+   reported on its own.
+
+The 1-minute load average and other processes' CPU use (benchmarks/machine_load.py) go with the
+figures: above 0.3 cores of others the run is flagged as taken on a shared machine. Every figure
+goes to ``--out`` (JSON). Exits 1 when a scan or study fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from machine_load import CpuMeter  # benchmarks/machine_load.py (the script's folder is on sys.path)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SCAN = REPO.parent / "shared/data/wholehead/chris_t1.nii.gz"
+DEFAULT_OUT = REPO / "outputs/benchmarks/doors.json"
+SHARED_OTHERS_CORES = 0.3
+
+#: comparable groups: (file door stages, DICOM door stages)
+GROUPS = {
+    "input (read / ingest + volume)": (("read",), ("ingest", "volume")),
+    "register": (("register",), ("wholehead_register",)),
+    "model wait": (("model_wait",), ()),
+    "segment (crop, infer, quality, map back)": (("crop", "infer", "quality", "map_back", "review"),
+                                                 ("wholehead_crop", "wholehead_infer", "wholehead_quality",
+                                                  "wholehead_map_back", "wholehead_review")),
+    "outputs (file: PNG, thumbnail, NIfTI; DICOM: headers, SC, SEG, SR, PNG)": (
+        ("report", "thumbnail", "write"), ("measure", "report", "write")),
+    "total": (("total",), ("total",)),
+}
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for r in runs for k in r})
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
+
+
+def grouped(file_s: dict[str, float], dicom_s: dict[str, float]) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, (fkeys, dkeys) in GROUPS.items():
+        f = sum(file_s.get(k, 0.0) for k in fkeys)
+        d = sum(dicom_s.get(k, 0.0) for k in dkeys)
+        out[name] = {"file_s": f, "dicom_s": d, "ratio": d / f if f > 0 else None, "difference_s": d - f}
+    return out
+
+
+def print_table(title: str, rows: dict[str, dict[str, float]]) -> None:
+    log(f"\n{title}")
+    log(f"{'':<75} {'file s':>8} {'DICOM s':>8} {'ratio':>6} {'diff s':>7}")
+    for name, r in rows.items():
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
+        log(f"{name:<75} {r['file_s']:8.2f} {r['dicom_s']:8.2f} {ratio:>6} {r['difference_s']:+7.2f}")
+
+
+def stage_section(scan: Path, study: Path, repeat: int, work: Path) -> dict[str, Any]:
+    from hippo.deploy.pipeline import build_processor
+    from hippo.scan_io import ScanInput
+    from hippo.weights import resolve_model_path
+    from hippo.wholehead.run import ScanProcessor
+
+    model = resolve_model_path(None, REPO / "outputs")
+    file_door = ScanProcessor(model, work / "file", precision="auto")
+    file_door.agents()
+    dicom_door = build_processor(model, work / "dicom", precision="auto")
+    item = ScanInput(scan, scan.name.split(".")[0], None, True)
+    for _ in range(1):  # warm-up: lazy imports, caches, first-call allocations
+        file_door.process(item)
+        dicom_door.process(study)
+    runs: dict[str, list[dict[str, float]]] = {"file": [], "dicom": []}
+    volumes: dict[str, Any] = {}
+    for _ in range(repeat):
+        o = file_door.process(item)
+        if o.status not in ("ok", "review"):
+            raise SystemExit(f"file door: {o.status} at {o.stage}: {o.error}")
+        runs["file"].append(dict(o.timings_s))
+        volumes["file"] = {s: o.volumes[s]["total_mm3"] for s in ("left", "right")}
+        d = dicom_door.process(study)
+        if d.status not in ("ok", "review"):
+            raise SystemExit(f"DICOM door: {d.status} at {d.stage}: {d.error}")
+        runs["dicom"].append(dict(d.timings_s))
+        volumes["dicom"] = {s: d.volumes[s]["total_mm3"] for s in ("left", "right")}
+    file_door.close()
+    file_s, dicom_s = median_of(runs["file"]), median_of(runs["dicom"])
+    return {"file_stages_s": file_s, "dicom_stages_s": dicom_s, "groups": grouped(file_s, dicom_s),
+            "volumes_total_mm3": volumes, "runs": runs}
+
+
+def real_study_section(study: Path, repeat: int, work: Path) -> dict[str, Any]:
+    from hippo.deploy.pipeline import build_processor
+    from hippo.weights import resolve_model_path
+
+    proc = build_processor(resolve_model_path(None, REPO / "outputs"), work / "real", precision="auto")
+    proc.process(study)  # warm-up
+    runs = []
+    for _ in range(repeat):
+        o = proc.process(study)
+        if o.status not in ("ok", "review"):
+            raise SystemExit(f"{study}: {o.status} at {o.stage}: {o.error}")
+        runs.append(dict(o.timings_s))
+    return {"study": str(study), "stages_s": median_of(runs), "runs": runs}
+
+
+def process_section(scan: Path, study: Path, repeat: int, work: Path) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    commands = {
+        "file": [sys.executable, "-m", "hippo.predict", f"input={scan}", "progress=false", "resume=false"],
+        "dicom": [sys.executable, "-m", "hippo.deploy", f"study={study}", "send=false"],
+    }
+    walls: dict[str, list[float]] = {"file": [], "dicom": []}
+    shared: dict[str, list[float]] = {"file": [], "dicom": []}  # register + segment: the same work in both doors
+    for i in range(repeat):
+        for door, cmd in commands.items():
+            out = work / f"proc_{door}_{i}"
+            extra = [f"output={out}"] if door == "file" else [f"results_dir={out}", f"outbox_dir={out}/outbox"]
+            t = time.perf_counter()
+            r = subprocess.run(cmd + extra + [f"hydra.run.dir={work / f'hydra_{door}_{i}'}"], cwd=REPO, env=env,
+                               capture_output=True, text=True)
+            walls[door].append(time.perf_counter() - t)
+            failed = r.returncode != 0 if door == "file" else \
+                r.returncode not in (0, 1) or json.loads((out / "summary.json").read_text())["n_failed"]
+            if failed:
+                raise SystemExit(f"{door} door exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+            if door == "file":
+                t_s = json.loads(next(out.rglob("result.json")).read_text())["timings_s"]
+                shared[door].append(sum(t_s.get(k, 0.0) for k in ("register", "crop", "infer", "quality", "map_back",
+                                                                   "review")))
+            else:
+                t_s = json.loads((out / "summary.json").read_text())["studies"][0]["timings_s"]
+                shared[door].append(t_s.get("wholehead_total", 0.0))
+    f, d = statistics.median(walls["file"]), statistics.median(walls["dicom"])
+    # the doors' own cost: the wall minus the registration and segmentation both run (whose time on a
+    # shared machine varies by more than the doors differ)
+    own = {k: [w - x for w, x in zip(walls[k], shared[k])] for k in walls}
+    of, od = statistics.median(own["file"]), statistics.median(own["dicom"])
+    return {"commands": {k: " ".join(v[1:]) for k, v in commands.items()}, "wall_s": walls,
+            "median_s": {"file": f, "dicom": d}, "ratio": d / f, "difference_s": d - f,
+            "register_and_segment_s": shared, "door_own_s": own,
+            "door_own_median_s": {"file": of, "dicom": od}, "door_own_ratio": od / of, "door_own_difference_s": od - of}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scan", type=Path, default=DEFAULT_SCAN, help="whole-head T1 (NIfTI/MGZ)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per section (median)")
+    ap.add_argument("--real-study", type=Path, default=None, help="a real whole-head DICOM study folder")
+    ap.add_argument("--no-process", action="store_true", help="skip the whole-process section")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    from hippo.scanner.studies import write_wholehead_study
+
+    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                          "load_1min_start": os.getloadavg()[0]},
+                              "scan": str(args.scan), "repeat": args.repeat, "precision": "auto"}
+    with tempfile.TemporaryDirectory(prefix="bench_doors_") as tmp:
+        work = Path(tmp)
+        study = work / "study"
+        write_wholehead_study(args.scan, study, seed=1)
+        log(f"scan {args.scan}; DICOM study written by the scanner emulator to {study}; "
+            f"load average {result['machine']['load_1min_start']:.1f} on {os.cpu_count()} CPUs")
+        meter = CpuMeter()
+        result["stages"] = stage_section(args.scan, study, args.repeat, work)
+        result["stages"]["load"] = meter.read()
+        print_table(f"per stage, in one process, median of {args.repeat} (seconds)", result["stages"]["groups"])
+        g = result["stages"]["groups"]
+        own_f = sum(g[k]["file_s"] for k in g if k.startswith(("input", "outputs")))
+        own_d = sum(g[k]["dicom_s"] for k in g if k.startswith(("input", "outputs")))
+        result["stages"]["door_own_s"] = {"file": own_f, "dicom": own_d, "difference_s": own_d - own_f}
+        log(f"the doors' own stages (input + outputs): file {own_f:.2f} s, DICOM {own_d:.2f} s, "
+            f"difference {own_d - own_f:+.2f} s")
+        if not args.no_process:
+            meter = CpuMeter()
+            result["process"] = proc = process_section(args.scan, study, args.repeat, work)
+            result["process"]["load"] = meter.read()
+            log(f"\nwhole process, median of {args.repeat}: predict {proc['median_s']['file']:.2f} s, "
+                f"deploy {proc['median_s']['dicom']:.2f} s: ratio {proc['ratio']:.2f}, "
+                f"difference {proc['difference_s']:+.2f} s")
+            own = proc["door_own_median_s"]
+            log(f"  without registration and segmentation (interpreter, imports, model load, input, outputs): "
+                f"predict {own['file']:.2f} s, deploy {own['dicom']:.2f} s: ratio {proc['door_own_ratio']:.2f}, "
+                f"difference {proc['door_own_difference_s']:+.2f} s")
+        if args.real_study:
+            meter = CpuMeter()
+            result["real_study"] = real = real_study_section(args.real_study, args.repeat, work)
+            real["load"] = meter.read()
+            s = real["stages_s"]
+            log(f"\nreal study {args.real_study.name}: " + ", ".join(
+                f"{k} {s[k]:.2f}" for k in ("ingest", "volume", "infer", "measure", "report", "write", "total")
+                if k in s) + " s (volume: reading and decoding every slice)")
+    others = [v["load"].get("others_cores") for v in (result.get("stages"), result.get("process"),
+                                                         result.get("real_study")) if v]
+    result["shared_machine"] = any(o is not None and o > SHARED_OTHERS_CORES for o in others)
+    if result["shared_machine"]:
+        log(f"\nNOTE: other processes used {max(o for o in others if o is not None):.1f} cores meanwhile: a shared "
+            "machine; compare the ratios, not the absolute seconds")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    log(f"\nfigures: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
