@@ -44,8 +44,9 @@ def processor_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from hippo.plausibility import PlausibilityRules
 
     prior = cfg.get("prior")
-    if prior and not Path(prior).is_file():
-        raise FileNotFoundError(f"prior={prior}: no such file (give our SR file or a result.json)")
+    if prior and not Path(prior).exists():  # a folder: an earlier whole-head DICOM study (hippo.wholehead.longitudinal)
+        raise FileNotFoundError(f"prior={prior}: no such file or folder (give our SR file, a result.json, or for a "
+                                "whole-head study an earlier scan or study folder)")
     settings = InferenceSettings.from_config(cfg)
     SelectionRules.from_mapping(cfg["series"])
     WholeHeadRules.from_mapping(cfg["series"].get("wholehead"))

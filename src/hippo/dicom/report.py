@@ -515,7 +515,7 @@ def _draw_footer(draw: ImageDraw.ImageDraw, model: Mapping[str, Any], stamp: str
                      _font(14), inner, fill=_TEXT, spacing=3)
     fy = _text_block(draw, (margin, fy), (
         f"Generated {stamp} by HippoVolume {__version__}. Volumes depend on image quality and on the "
-        "segmentation protocol; check the overlay before using any number."), _font(14), inner, fill=_MUTED,
+        "segmentation protocol; check the overlay before using any number. Validation plan: docs/validation-plan.md."), _font(14), inner, fill=_MUTED,
         spacing=3)
     draw.rectangle((0, H - 30, W, H), fill=_RED)
     draw.text((W // 2, H - 15), DISCLAIMER, font=_font(16, bold=True), fill=(255, 255, 255), anchor="mm")

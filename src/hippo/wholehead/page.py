@@ -175,6 +175,7 @@ def render_wholehead_report(image: np.ndarray, labels: np.ndarray, spacing, summ
         for line in wrap_text(d, "Note: " + note, _font(15), PAGE_WIDTH - 2 * margin):
             d.text((margin, y), line, font=_font(15), fill=_MUTED)
             y += 20
+    y = _draw_change(d, summary.get("change"), y, margin)
     y += 10
     # images: overview coronal, then per side a zoomed coronal and sagittal
     x = margin
@@ -200,11 +201,106 @@ def render_wholehead_report(image: np.ndarray, labels: np.ndarray, spacing, summ
     y += 30
     for line in wrap_text(d, "Volumes are measured on the scan's own grid from a 2.5D UNet ensemble trained on the "
                          "Decathlon hippocampus labels (anterior/posterior protocol): they run lower than "
-                         "FreeSurfer's. eTIV = det(affine to MNI) × 1948.106 cm³ (FreeSurfer's scale factor).",
+                         "FreeSurfer's. eTIV = det(affine to MNI) × 1948.106 cm³ (FreeSurfer's scale factor). "
+                         "Validation plan: docs/validation-plan.md.",
                       _font(14), PAGE_WIDTH - 2 * margin):
         d.text((margin, y), line, font=_font(14), fill=_MUTED)
         y += 19
     return page.crop((0, 0, PAGE_WIDTH, y + margin))
+
+
+def _draw_change(d: ImageDraw.ImageDraw, change: Mapping[str, Any] | None, y: int, margin: int) -> int:
+    """The "Change since the earlier scan" block (:func:`hippo.change.wholehead_change`): per side the
+    total's change in mm³ and %, %/year, and the reliable-change sentence; the independent figure
+    beside a paired one; or why there is none. Returns the next ``y``."""
+    if not change:
+        return y
+    y += 6
+    if not change.get("available"):
+        for line in wrap_text(d, f"Change since the earlier scan: none ({change.get('reason') or 'not available'}).",
+                              _font(16), PAGE_WIDTH - 2 * margin):
+            d.text((margin, y), line, font=_font(16), fill=_MUTED)
+            y += 22
+        return y
+    mode = change.get("mode", "")
+    dates = " \u2192 ".join(x for x in (change.get("earlier_date"), change.get("later_date")) if x)
+    d.text((margin, y), "Change since the earlier scan" + (f" ({dates})" if dates else ""), font=_font(18, True),
+           fill=_NAVY)
+    y += 26
+    how = ("Paired measurement: both scans registered to each other and measured through the same crops."
+           if mode == "paired" else "Two independent measurements (the earlier scan itself was not available).")
+    d.text((margin, y), how, font=_font(15), fill=_MUTED)
+    y += 24
+    for side in ("left", "right"):
+        s = (change.get("sides") or {}).get(side) or {}
+        tot = s.get("total") or {}
+        rate = tot.get("rate_percent_per_year")
+        rate_txt = "" if rate is None else f", {rate:+.1f} %/year".replace("-", "\u2212")
+        mm3 = tot.get("change_mm3")
+        colour = _RED if s.get("reliable") else _TEXT
+        mm3_txt = "" if mm3 is None else (f"{mm3:+,.0f} mm" + "\u00b3").replace("-", "\u2212")
+        text = (f"{side.capitalize()}: {tot.get('earlier_mm3', 0):,.0f} \u2192 {tot.get('later_mm3', 0):,.0f} mm\u00b3"
+                f" ({mm3_txt}{rate_txt}). {s.get('statement', '')}")
+        for line in wrap_text(d, text, _font(16), PAGE_WIDTH - 2 * margin):
+            d.text((margin, y), line, font=_font(16), fill=colour)
+            y += 22
+    ind = change.get("independent")
+    if ind:
+        parts = []
+        for side in ("left", "right"):
+            t = (ind.get(side) or {}).get("total") or {}
+            if t.get("change_percent") is not None:
+                mdc = (ind.get(side) or {}).get("mdc95_percent")
+                parts.append(f"{side} {t['change_percent']:+.1f} %".replace("-", "\u2212") +
+                             ("" if mdc is None else f" (\u00b1{mdc:.1f} %)"))
+        if parts:
+            for line in wrap_text(d, "Two independent measurements would give: " + ", ".join(parts) + ".", _font(15),
+                                  PAGE_WIDTH - 2 * margin):
+                d.text((margin, y), line, font=_font(15), fill=_MUTED)
+                y += 20
+    if change.get("note"):
+        for line in wrap_text(d, "Note: " + str(change["note"]), _font(15), PAGE_WIDTH - 2 * margin):
+            d.text((margin, y), line, font=_font(15), fill=_MUTED)
+            y += 20
+    traj = change.get("trajectory")
+    if traj and len(traj.get("points") or []) >= 3:
+        y = _draw_trajectory(d, traj, y + 6, margin)
+    return y
+
+
+def _draw_trajectory(d: ImageDraw.ImageDraw, traj: Mapping[str, Any], y: int, margin: int) -> int:
+    """Total volume per side against the study date (three or more time points)."""
+    import datetime as _dt
+
+    pts = [p for p in traj.get("points") or [] if p.get("date")]
+    if len(pts) < 3:
+        return y
+    w, h = 560, 200
+    x0, y0 = margin + 60, y + 10
+    dates = [_dt.date.fromisoformat(p["date"]) for p in pts]
+    vals = [v for p in pts for v in (p.get("left_mm3"), p.get("right_mm3")) if v is not None]
+    if not vals:
+        return y
+    lo, hi = min(vals), max(vals)
+    pad = max((hi - lo) * 0.15, 25.0)
+    lo, hi = lo - pad, hi + pad
+    span = max((dates[-1] - dates[0]).days, 1)
+    px = lambda dt: x0 + w * (dt - dates[0]).days / span  # noqa: E731
+    py = lambda v: y0 + h - h * (v - lo) / (hi - lo)  # noqa: E731
+    d.rectangle((x0, y0, x0 + w, y0 + h), outline=_MUTED)
+    for v in (lo + pad, hi - pad):
+        d.text((x0 - 6, py(v)), f"{v:,.0f}", anchor="rm", font=_font(13), fill=_MUTED)
+    d.text((x0 - 55, y0 - 2), "mm\u00b3", font=_font(13), fill=_MUTED)
+    for side, colour in (("left", (0, 110, 200)), ("right", (200, 90, 0))):
+        xy = [(px(dt), py(p[f"{side}_mm3"])) for dt, p in zip(dates, pts) if p.get(f"{side}_mm3") is not None]
+        if len(xy) >= 2:
+            d.line(xy, fill=colour, width=3)
+        for cx, cy in xy:
+            d.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), fill=colour)
+        d.text((x0 + w + 10, xy[-1][1] if xy else y0), side, anchor="lm", font=_font(14, True), fill=colour)
+    for dt in (dates[0], dates[-1]):
+        d.text((px(dt), y0 + h + 4), dt.isoformat(), anchor="mt", font=_font(13), fill=_MUTED)
+    return y0 + h + 28
 
 
 def write_report_png(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray, spacing,

@@ -498,6 +498,9 @@ def run_predict(cfg: Mapping[str, Any]) -> int:
     settings = dict(precision=precision, refine_passes=int(cfg["refine_passes"]), fast_locate=bool(cfg["fast_locate"]),
                     settle_mm=float(cfg["settle_mm"]), extra_passes=int(cfg["extra_passes"]),
                     registration=dict(cfg["registration"] or {}), rules=rules, quality=plausibility)
+    if cfg.get("prior") and len(scans) > 1:
+        raise SystemExit(f"error: prior= compares one scan with an earlier scan of the same head; input holds "
+                         f"{len(scans)} scans")
     if cfg.get("prior"):  # change since an earlier scan or result.json (docs/longitudinal.md)
         settings["prior"] = {"path": str(Path(str(cfg["prior"])).resolve()), "date": cfg.get("prior_date"),
                              "scan_date": cfg.get("scan_date")}
