@@ -147,7 +147,9 @@ def side_change(earlier: Mapping[str, float], later: Mapping[str, float], interv
     return out
 
 
-def _date(value: Any) -> _dt.date | None:
+def parse_date(value: Any) -> _dt.date | None:
+    """A DICOM DA (``YYYYMMDD``), an ISO date or date-time (``YYYY-MM-DD[THH:MM...]``) or a
+    :class:`datetime.date`; ``None`` when empty or not a date."""
     if isinstance(value, _dt.datetime):
         return value.date()
     if isinstance(value, _dt.date):
@@ -193,7 +195,7 @@ def wholehead_change(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    d0, d1 = _date(earlier_date), _date(later_date)
+    d0, d1 = parse_date(earlier_date), parse_date(later_date)
     days = (d1 - d0).days if d0 and d1 else None
     notes = [note] if note else []
     if days is not None and days < 0:

@@ -51,6 +51,8 @@ from typing import Any, Callable, Mapping, Sequence
 import pydicom
 from pydicom.dataset import Dataset
 
+from hippo.change import parse_date
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -122,20 +124,7 @@ class PriorResult:
 # --------------------------------------------------------------------------------------------------
 # Dates
 # --------------------------------------------------------------------------------------------------
-def parse_date(value: Any) -> _dt.date | None:
-    """A DICOM DA (``YYYYMMDD``), ISO date (``YYYY-MM-DD``) or :class:`datetime.date`; ``None`` when
-    empty or not a date."""
-    if isinstance(value, _dt.datetime):
-        return value.date()
-    if isinstance(value, _dt.date):
-        return value
-    text = str(value or "").strip()
-    for fmt in ("%Y%m%d", "%Y-%m-%d"):
-        try:
-            return _dt.datetime.strptime(text, fmt).date()
-        except ValueError:
-            continue
-    return None
+# parse_date (DICOM DA or ISO) lives in hippo.change, the one place dates of results are read
 
 
 # --------------------------------------------------------------------------------------------------

@@ -478,12 +478,9 @@ def make_sr(
     change_groups = prior_comparison_groups(prior_comparison, algorithm, sop_instance_uid=sop_instance_uid)
     if quality is not None:
         groups.append(quality_group(quality, algorithm, sop_instance_uid=sop_instance_uid))
-    sr = _measurement_report_sr([seg, *sources], groups + change_groups, model_version=model_version,
-                                series_number=series_number, series_description=series_description,
-                                series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid)
-    if change_groups:
-        sr.CodingSchemeIdentificationSequence = [prior_coding_scheme()]
-    return sr
+    return _measurement_report_sr([seg, *sources], groups, change_groups=change_groups, model_version=model_version,
+                                  series_number=series_number, series_description=series_description,
+                                  series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid)
 
 
 QUALITY_TRACKING_ID = "Segmentation quality"
@@ -546,8 +543,20 @@ def _volume_measurement(value_mm3: float, algorithm: hd.sr.AlgorithmIdentificati
 
 def _measurement_report_sr(evidence: list, groups: list, *, model_version: str, series_number: int,
                            series_description: str, series_instance_uid: str | None,
-                           sop_instance_uid: str | None) -> hd.sr.Comprehensive3DSR:
-    """A Comprehensive 3D SR holding a TID 1500 report of ``groups``, the algorithm as the observer."""
+                           sop_instance_uid: str | None, change_groups: list = ()) -> hd.sr.Comprehensive3DSR:
+    """A Comprehensive 3D SR holding a TID 1500 report of ``groups`` then ``change_groups`` (change
+    since a prior study, whose private codes the SR then declares), the algorithm as the observer."""
+    sr = _measurement_report(evidence, [*groups, *change_groups], model_version=model_version,
+                             series_number=series_number, series_description=series_description,
+                             series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid)
+    if change_groups:
+        sr.CodingSchemeIdentificationSequence = [prior_coding_scheme()]
+    return sr
+
+
+def _measurement_report(evidence: list, groups: list, *, model_version: str, series_number: int,
+                        series_description: str, series_instance_uid: str | None,
+                        sop_instance_uid: str | None) -> hd.sr.Comprehensive3DSR:
     observation_context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
@@ -778,12 +787,9 @@ def make_wholehead_sr(
         if quality and quality.get(name) is not None:
             groups.append(quality_group(quality[name], algorithm, sop_instance_uid=sop_instance_uid, side=name))
     change_groups = wholehead_change_groups(change, algorithm, sop_instance_uid=sop_instance_uid)
-    sr = _measurement_report_sr([seg, *sources], groups + change_groups, model_version=model_version,
-                                series_number=series_number, series_description=series_description,
-                                series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid)
-    if change_groups:
-        sr.CodingSchemeIdentificationSequence = [prior_coding_scheme()]
-    return sr
+    return _measurement_report_sr([seg, *sources], groups, change_groups=change_groups, model_version=model_version,
+                                  series_number=series_number, series_description=series_description,
+                                  series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid)
 
 
 # ---------------------------------------------------------------------------------------------------

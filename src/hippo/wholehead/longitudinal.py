@@ -540,9 +540,9 @@ class PriorInput:
 
 
 def _iso(value: Any) -> str | None:
-    from hippo.change import _date
+    from hippo.change import parse_date
 
-    d = _date(value)
+    d = parse_date(value)
     return d.isoformat() if d else None
 
 
