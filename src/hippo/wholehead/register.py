@@ -77,7 +77,7 @@ class RegistrationSettings:
             earlier one are skipped): ``"top"`` the centre of the head's top ``head_top_mm``; ``"vertex"`` the
             template's own vertex-to-centre distance below the head's highest point; ``"mass"`` the
             head mask's centre of mass. A single start is what failed on heads with the neck and
-            shoulders in view elsewhere (issue 24); here the final choice among the starts is made
+            shoulders in view (real heads from other sites); here the final choice among the starts is made
             after refinement (``carry``).
         levels_mm: voxel sizes of the gradient-descent pyramid (similarity, then affine).
         affine_levels_mm: the pyramid levels at which the affine stage runs.
