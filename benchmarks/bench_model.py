@@ -197,8 +197,19 @@ def bench_lightning(make_net, loader, steps: int, warmup: int, precision: str,
     return clock.n / (clock.t1 - clock.t0), str(trainer.precision)
 
 
+EMULATED = ("skipped: this CPU has no native bfloat16/float16 kernels (no AVX-512 BF16 / AMX), so "
+            "half precision runs emulated, tens of times slower; --emulated-half times it anyway")
+
+
+def native_half(device: str) -> bool:
+    """Whether ``device`` runs bfloat16 natively (:func:`hippo.infer.resolve_precision`'s test)."""
+    from hippo.infer import resolve_precision
+
+    return resolve_precision("auto", device) == "bfloat16"
+
+
 def bench_training(payload: dict[str, Any], cases: list, steps: int, batch_size: int,
-                   device: str = "cpu") -> dict[str, Any]:
+                   device: str = "cpu", emulated_half: bool = False) -> dict[str, Any]:
     import torch
 
     make_net, loader, n_slices = _net_and_data(payload, cases, batch_size)
@@ -212,8 +223,15 @@ def bench_training(payload: dict[str, Any], cases: list, steps: int, batch_size:
     half = torch.float16 if device == "cuda" else torch.bfloat16
     bare_dtype = {"32-true": None, "16-mixed": half, "bf16-mixed": torch.bfloat16}
     bare_cache: dict[Any, float] = {}
+    half_ok = emulated_half or native_half(device)
+    res["half_precision"] = "native" if native_half(device) else ("emulated" if half_ok else EMULATED)
     for precision in ("32-true", "16-mixed", "bf16-mixed"):
         dtype = bare_dtype[precision]
+        if dtype is not None and not half_ok:
+            res["lightning"][precision] = {"skipped": EMULATED, "ran_as": "skipped"}
+            res["bare"][precision] = {"skipped": EMULATED, "autocast": str(dtype)}
+            log(f"{precision:<12} {'skipped':>14} {'skipped':>14}   (emulated on this CPU)")
+            continue
         if dtype not in bare_cache:
             bench_bare_loop(make_net, loader, 1, warmup, dtype, device)          # warm this precision's kernels
             bare_cache[dtype] = bench_bare_loop(make_net, loader, steps, warmup, dtype, device)
@@ -222,7 +240,7 @@ def bench_training(payload: dict[str, Any], cases: list, steps: int, batch_size:
         res["lightning"][precision] = {"slices_per_s": lit, "ran_as": ran}
         res["bare"][precision] = {"slices_per_s": bare, "autocast": str(dtype)}
         log(f"{precision:<12} {lit:>14.1f} {bare:>14.1f} {lit / bare:>14.2f}x   (Lightning ran {ran})")
-    if device == "cpu":
+    if device == "cpu" and half_ok:
         fp16 = bench_bare_loop(make_net, loader, max(2, steps // 10), 1, torch.float16)
         res["bare"]["float16_autocast"] = {"slices_per_s": fp16}
         log(f"{'fp16 autocast':<12} {'':>14} {fp16:>14.1f}   (bare loop: why Lightning runs 16-mixed as bf16 on a CPU)")
@@ -249,7 +267,7 @@ def flops_per_slice(net, channels: int, size: tuple[int, int]) -> float:
 
 
 def bench_inference(model_path: Path, payload: dict[str, Any], cases: list, repeat: int,
-                    compile_net: bool = True) -> dict[str, Any]:
+                    compile_net: bool = True, emulated_half: bool = False) -> dict[str, Any]:
     import torch
 
     from hippo.preprocessing import pad_or_crop, with_neighbours
@@ -314,7 +332,11 @@ def bench_inference(model_path: Path, payload: dict[str, Any], cases: list, repe
     run_variant("inference_mode, 1 thread", inference_mode, lambda: torch.set_num_threads(1),
                 lambda: torch.set_num_threads(threads))
     run_variant("channels_last", channels_last)
-    run_variant("bfloat16 autocast", bf16)
+    if native_half("cpu") or emulated_half:
+        run_variant("bfloat16 autocast", bf16)
+    else:
+        res["variants"]["bfloat16 autocast"] = {"skipped": EMULATED}
+        log(f"bfloat16 autocast: {EMULATED}")
     try:
         if not compile_net:
             raise RuntimeError("skipped (--skip-compile)")
@@ -332,8 +354,8 @@ def bench_inference(model_path: Path, payload: dict[str, Any], cases: list, repe
     log(f"{'variant':<26} {'ms/study':>9} {'slices/s':>9} {'of bound':>9} {'vs before':>10} {'1st call':>9}"
         f"   ({n} slices per study, one batch)")
     for name, v in res["variants"].items():
-        if "error" in v:
-            log(f"{name:<26} failed: {v['error']}")
+        if "error" in v or "skipped" in v:
+            log(f"{name:<26} " + (f"failed: {v['error']}" if "error" in v else "skipped (emulated on this CPU)"))
             continue
         v["fraction_of_bound"] = v["slices_per_s"] / bound
         v["ratio_vs_before"] = v["slices_per_s"] / base
@@ -379,6 +401,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeat", type=int, default=10, help="timed inference repetitions (default 10)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--emulated-half", action="store_true",
+                   help="time bfloat16/float16 also where the CPU only emulates them (very slow there)")
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile variant (~40 s to compile)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the training section runs (default cpu; the others always run on the CPU)")
@@ -438,10 +462,12 @@ def main(argv=None) -> int:
     if "training" in args.sections:
         log(f"\n== 2. training throughput on {args.device} (the shipped model's network, its augmentation, "
             "CE + soft Dice, Adam)")
-        result["training"] = bench_training(payload, cases, args.steps, args.batch_size, args.device)
+        result["training"] = bench_training(payload, cases, args.steps, args.batch_size, args.device,
+                                            args.emulated_half)
     if "inference" in args.sections:
         log("\n== 3. inference against the compute bound")
-        result["inference"] = bench_inference(args.model, payload, cases, args.repeat, not args.skip_compile)
+        result["inference"] = bench_inference(args.model, payload, cases, args.repeat, not args.skip_compile,
+                                              emulated_half=args.emulated_half)
     result["cpu_use"] = meter.read()
     result["peak_rss"] = rss_mib()
     log(f"\npeak RSS {result['peak_rss']['self_mib']:.0f} MiB (this process), largest child "
