@@ -144,8 +144,9 @@ def test_overfit_one_batch_learns(synthetic_root, tmp_path):
                          "model.net.initial_filters=16", "model.net.num_downs=4"))
     metrics = run_training(cfg)
     # CE (ln 3 ~ 1.10) + soft Dice (~1.0) at initialisation: ~2.1; a model that learns the batch
-    # gets well below (about 0.9 after 40 steps); one that does not stays near 2.
-    assert metrics["train/loss_epoch"] < 1.3, metrics
+    # gets well below (about 0.9 after 40 steps on one CPU, 1.31 on an AVX2-only one: the summation
+    # order differs); one that does not stays near 2. 1.5 separates the two on both.
+    assert metrics["train/loss_epoch"] < 1.5, metrics
 
 
 def test_empty_data_directory_is_a_clear_error(tmp_path):
