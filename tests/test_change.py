@@ -123,7 +123,7 @@ def test_wholehead_sr_change_groups_per_side_pass_dciodvfy(tmp_path):
     laterality, the change, the MDC and the reliable-change sentence; dciodvfy without errors."""
     import pydicom
     from conftest import dciodvfy_problems
-    from test_wholehead_dicom import LEFT, RIGHT, _codes, _labels, _synthetic_head
+    from test_wholehead_dicom import LEFT, RIGHT, _codes, _labels, _sr_groups, _synthetic_head
 
     from hippo.dicom.objects import make_wholehead_seg, make_wholehead_sr
     from hippo.dicom.volume import load_series
@@ -145,12 +145,7 @@ def test_wholehead_sr_change_groups_per_side_pass_dciodvfy(tmp_path):
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert dciodvfy_problems(path)["errors"] == []
-    groups = {}
-    for group in pydicom.dcmread(path).ContentSequence[-1].ContentSequence:
-        items = list(group.get("ContentSequence", []))
-        ident = [str(i.TextValue) for i in items if "TextValue" in i and str(i.TextValue).startswith("Change since")]
-        if ident:
-            groups[ident[0]] = items
+    groups = _sr_groups(path, "Change since")
     assert set(groups) == {"Change since prior study: left hippocampus", "Change since prior study: right hippocampus"}
     for side, code, other in (("left", LEFT, RIGHT), ("right", RIGHT, LEFT)):
         items = groups[f"Change since prior study: {side} hippocampus"]

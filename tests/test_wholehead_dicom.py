@@ -176,6 +176,18 @@ def _labels(shape) -> np.ndarray:
     return labels
 
 
+def _sr_groups(path: Path, title_prefix: str) -> dict[str, list]:
+    """The measurement groups of the SR at ``path`` whose identifying text starts with
+    ``title_prefix``: {that text: the group's content items}, read with plain pydicom."""
+    groups = {}
+    for group in pydicom.dcmread(path).ContentSequence[-1].ContentSequence:
+        items = list(group.get("ContentSequence", []))
+        ident = [str(i.TextValue) for i in items if "TextValue" in i and str(i.TextValue).startswith(title_prefix)]
+        if ident:
+            groups[ident[0]] = items
+    return groups
+
+
 def _codes(ds) -> list[str]:
     """Every CodeValue and CodeMeaning in ``ds``, at any depth."""
     out = []
@@ -240,12 +252,7 @@ def test_per_side_quality_groups_carry_the_laterality_and_pass_dciodvfy(head_stu
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert dciodvfy_problems(path)["errors"] == []
-    groups = {}
-    for group in pydicom.dcmread(path).ContentSequence[-1].ContentSequence:
-        items = list(group.get("ContentSequence", []))
-        ident = [str(i.TextValue) for i in items if "TextValue" in i and str(i.TextValue).startswith("Segmentation quality")]
-        if ident:
-            groups[ident[0]] = items
+    groups = _sr_groups(path, "Segmentation quality")
     assert set(groups) == {"Segmentation quality, left hippocampus", "Segmentation quality, right hippocampus"}
     for side, code, other in (("left", LEFT, RIGHT), ("right", RIGHT, LEFT)):
         items = groups[f"Segmentation quality, {side} hippocampus"]
