@@ -51,8 +51,8 @@ SHARED_OTHERS_CORES = 0.3
 #: comparable groups: (file door stages, DICOM door stages)
 GROUPS = {
     "input (read / ingest + volume)": (("read",), ("ingest", "volume")),
-    "register": (("register",), ("wholehead_register",)),
-    "model wait": (("model_wait",), ()),
+    "register": (("register",), ("register",)),
+    "model wait": (("model_wait",), ("model_wait",)),
     "segment (crop, infer, quality, map back)": (("crop", "infer", "quality", "map_back", "review"),
                                                  ("wholehead_crop", "wholehead_infer", "wholehead_quality",
                                                   "wholehead_map_back", "wholehead_review")),
@@ -162,7 +162,7 @@ def process_section(scan: Path, study: Path, repeat: int, work: Path) -> dict[st
                                                                    "review")))
             else:
                 t_s = json.loads((out / "summary.json").read_text())["studies"][0]["timings_s"]
-                shared[door].append(t_s.get("wholehead_total", 0.0))
+                shared[door].append(t_s.get("register", 0.0) + t_s.get("wholehead_total", 0.0))
     f, d = statistics.median(walls["file"]), statistics.median(walls["dicom"])
     # the doors' own cost: the wall minus the registration and segmentation both run (whose time on a
     # shared machine varies by more than the doors differ)

@@ -80,7 +80,10 @@ def test_batch_and_listener_derive_identical_pipeline_options_from_one_config(
     factory = _batch_factory(cfg, monkeypatch)
     listener = Listener.from_config(cfg)
 
-    from_batch = {k: v for k, v in factory.keywords.items() if k not in ("pacs", "outbox_dir")}
+    # where results, outbox and PACS are, and when the model loads, are each caller's own: the batch
+    # loads it beside the first study, the listener at start (a bad model file stops the service there)
+    assert factory.keywords["background_load"] is True
+    from_batch = {k: v for k, v in factory.keywords.items() if k not in ("pacs", "outbox_dir", "background_load")}
     assert _comparable(from_batch) == _comparable(listener.processor_options)
     assert _comparable(from_batch) == _comparable(processor_options(cfg))
     # the config's values arrive (not some default of either caller)
@@ -128,3 +131,32 @@ def test_the_listener_entry_function_reports_a_refused_setting_and_exits_2(tmp_p
     cfg = _config(tmp_path, "+series.min_instance=5")
     assert run_listener(cfg) == 2
     assert "SelectionRules: unknown setting(s) 'min_instance'" in caplog.text
+
+
+def test_a_model_loading_in_the_background_serves_the_study_and_a_broken_one_fails_it_naming_the_file(
+        tmp_path: Path, model_file: Path) -> None:
+    """``hippo.deploy`` loads the model beside the first study (``background_load=True``): a good
+    model gives the same volumes as one loaded up front; a model file that cannot be loaded fails the
+    study at ``infer`` with the file named (not a crash, not a hang), and a second study fails alike."""
+    from conftest import ANY_VOLUME, synthetic_crop_pair
+    from hippo.deploy.pipeline import build_processor
+    from hippo.scanner import write_study
+
+    image, _ = synthetic_crop_pair(tmp_path / "data")
+    write_study(image, tmp_path / "study", seed=3)
+    eager = build_processor(model_file, tmp_path / "eager", write_png=False, plausibility=ANY_VOLUME)
+    background = build_processor(model_file, tmp_path / "bg", write_png=False, plausibility=ANY_VOLUME,
+                                 background_load=True)
+    a, b = eager.process(tmp_path / "study"), background.process(tmp_path / "study")
+    background.close()
+    assert a.status != "failed" and b.status == a.status, (a.error, b.error)
+    assert b.volumes == a.volumes
+
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a model file")
+    processor = build_processor(broken, tmp_path / "broken_out", write_png=False, background_load=True)
+    for _ in range(2):
+        outcome = processor.process(tmp_path / "study")
+        assert (outcome.status, outcome.stage) == ("failed", "infer")
+        assert str(broken) in outcome.error or broken.name in outcome.error, outcome.error
+    processor.close()

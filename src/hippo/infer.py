@@ -43,13 +43,13 @@ import torch
 
 from hippo import __version__
 from hippo.fileio import to_plain, write_bytes_atomic
+from hippo.inference_settings import PRECISIONS, InferenceSettings  # noqa: F401 - re-exported
 from hippo.model.slicewise import keep_largest_component, segment_slices
 from hippo.model.unet import UNet
 from hippo.preprocessing import LABEL_NAMES, NORMALIZATIONS, normalize
 
 MODEL_FORMAT = "hippo-model/1"
 WEIGHT_FORMATS = ("float32", "float16", "int8")
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
@@ -222,56 +222,6 @@ def build_members(payload: Mapping[str, Any]) -> list[tuple[UNet, dict[str, Any]
     if "members" in payload:
         return [(build_net(m), dict(m["preprocessing"])) for m in payload["members"]]
     return [(build_net(payload), dict(payload["preprocessing"]))]
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """How a model file runs: ``conf/inference/default.yaml``, the one group deploy, listen and eval
-    compose (its keys sit at the top level of their configs). Read once with :meth:`from_config`;
-    the defaults live in that YAML file only.
-
-    Attributes:
-        model_path: the model file; ``None`` = the shipped default model, ``"latest"`` = the newest
-            ``<log_dir>/**/model.pt`` (:func:`hippo.weights.resolve_model_path`).
-        device: ``"cpu"``, ``"cuda"``, ...
-        batch_size: slices per forward pass.
-        precision: ``"auto"`` (:func:`resolve_precision`), ``"float32"`` or ``"bfloat16"`` (autocast).
-    """
-
-    model_path: str | None
-    device: str
-    batch_size: int
-    precision: str
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "InferenceSettings":
-        """From a resolved config (a mapping holding the inference group's keys).
-
-        Raises:
-            KeyError: a key is missing (the config does not compose the ``inference`` group).
-            ValueError: an unknown precision or a batch size below 1.
-        """
-        missing = [k for k in ("model_path", "device", "batch_size", "precision") if k not in cfg]
-        if missing:
-            raise KeyError(f"inference settings {missing} missing: compose the `inference` config group")
-        settings = cls(model_path=None if cfg["model_path"] in (None, "") else str(cfg["model_path"]),
-                       device=str(cfg["device"]), batch_size=int(cfg["batch_size"]), precision=str(cfg["precision"]))
-        if settings.precision not in PRECISIONS:
-            raise ValueError(f"precision {settings.precision!r}: choose one of {list(PRECISIONS)}")
-        if settings.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {settings.batch_size}")
-        return settings
-
-    @property
-    def agent_options(self) -> dict[str, Any]:
-        """Keyword arguments of :meth:`InferenceAgent.from_file` (device, batch_size, precision)."""
-        return {"device": self.device, "batch_size": self.batch_size, "precision": self.precision}
-
-    def resolve_model(self, log_dir: str | os.PathLike) -> Path:
-        """The model file to load (:func:`hippo.weights.resolve_model_path`)."""
-        from hippo.weights import resolve_model_path
-
-        return resolve_model_path(self.model_path, log_dir)
 
 
 @dataclass(frozen=True)

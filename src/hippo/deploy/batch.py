@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hippo.pacs import Outbox, PacsConfig
-from hippo.infer import InferenceSettings
+from hippo.inference_settings import InferenceSettings
 from hippo.deploy.options import processor_options
 from hippo.deploy.pipeline import (StudyOutcome, build_processor, describe_volumes, find_studies, run_batch,
                             summary_table, write_summary)
@@ -67,8 +67,10 @@ def run_deploy(cfg: Mapping[str, Any]) -> int:
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     results_dir = Path(cfg["results_dir"])
+    # the model loads in a background thread while the first study is read and registered
+    # (hippo.model_loading); a model file that cannot be loaded fails each study at `infer`, naming it
     factory = functools.partial(build_processor, model_path, results_dir, pacs=cfg["pacs"] if send else None,
-                                outbox_dir=cfg["outbox_dir"], **options)
+                                outbox_dir=cfg["outbox_dir"], background_load=True, **options)
     log.info("model %s; %d study(ies); results in %s", model_path, len(studies), results_dir)
     t0 = time.perf_counter()
     outcomes = run_batch(studies, factory, workers=int(cfg["workers"]), on_done=_print_outcome)

@@ -33,14 +33,14 @@ def processor_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: ``prior`` names a file that does not exist.
-        ValueError: an ``inference`` value out of range (:meth:`hippo.infer.InferenceSettings.from_config`),
+        ValueError: an ``inference`` value out of range (:meth:`hippo.inference_settings.InferenceSettings.from_config`),
             or a ``series`` / ``plausibility`` key or value their settings classes refuse: checked
             here, at start, not when the first study is processed.
     """
     from hippo.credentials import read_credentials
     from hippo.dicom.ingest import SelectionRules
     from hippo.dicom.wholehead_select import WholeHeadRules
-    from hippo.infer import InferenceSettings  # imports torch: whoever builds a processor runs the model
+    from hippo.inference_settings import InferenceSettings
     from hippo.plausibility import PlausibilityRules
 
     prior = cfg.get("prior")

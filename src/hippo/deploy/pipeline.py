@@ -36,7 +36,7 @@ from hippo.dicom.report import patient_study_from_dataset, render_report, second
 from hippo.dicom.volume import load_series
 from hippo.dicom.wholehead_select import WholeHeadRules, select_input_series
 from hippo.fileio import write_bytes_atomic, write_json_atomic
-from hippo.infer import InferenceAgent
+from hippo.model_loading import BackgroundLoad
 from hippo.measure import NO_NORMATIVE_REFERENCE, measure_volumes
 from hippo.plausibility import PlausibilityRules, assess_input
 from hippo.quality import assess_quality
@@ -99,7 +99,9 @@ class StudyProcessor:
     """Runs the deploy pipeline on study directories with one loaded model.
 
     Args:
-        agent: the loaded model (:meth:`InferenceAgent.from_file`).
+        agent: the model (:meth:`hippo.infer.InferenceAgent.from_file`), or a
+            :class:`hippo.model_loading.BackgroundLoad` of it (still loading: a whole-head study is
+            read and registered meanwhile; the first stage that needs the model waits).
         out_root: results go to ``out_root/<StudyInstanceUID>/``.
         rules: series-selection rules (:class:`SelectionRules` or a mapping).
         pacs: where to send the SC, SEG and SR; ``None`` writes them only.
@@ -119,7 +121,7 @@ class StudyProcessor:
 
     def __init__(
         self,
-        agent: InferenceAgent,
+        agent: Any,
         out_root: str | os.PathLike,
         *,
         rules: SelectionRules | Mapping[str, Any] | None = None,
@@ -134,7 +136,7 @@ class StudyProcessor:
     ):
         if pacs is not None and outbox is None:
             raise ValueError("sending to a PACS needs an outbox for what cannot be delivered")
-        self.agent = agent
+        self._agent = agent
         self.out_root = Path(out_root)
         self.rules = rules if isinstance(rules, SelectionRules) else SelectionRules.from_mapping(rules or {})
         if wholehead is None and isinstance(rules, Mapping) and "wholehead" in rules:
@@ -149,6 +151,19 @@ class StudyProcessor:
         self.write_png = write_png
         self.plausibility = plausibility if isinstance(plausibility, PlausibilityRules) else \
             PlausibilityRules.from_mapping(plausibility)
+
+    @property
+    def agent(self) -> Any:
+        """The loaded model (:class:`hippo.infer.InferenceAgent`), waiting for a background load;
+        re-raises what the load raised."""
+        if isinstance(self._agent, BackgroundLoad):
+            self._agent = self._agent.result()
+        return self._agent
+
+    def close(self) -> None:
+        """Wait for a background model load to end (before the process exits)."""
+        if isinstance(self._agent, BackgroundLoad):
+            self._agent.close()
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -333,6 +348,7 @@ class StudyProcessor:
         the asymmetry index, eTIV and each side's segmentation quality, the whole-head report page as SC, ``result.json``. Raises on
         failure with ``outcome.stage`` naming the stage (:meth:`process` records it)."""
         from hippo.wholehead.page import render_wholehead_report
+        from hippo.wholehead.register import register_to_template
         from hippo.wholehead.review import ReviewRules
         from hippo.wholehead.segment import locator_agent, segment_wholehead
 
@@ -343,14 +359,23 @@ class StudyProcessor:
         outcome.input = {"spacing_mm": list(volume.spacing), "resampled": False, "kind": "wholehead"}
         timings["volume"] = time.perf_counter() - t
 
+        # registered before the model is asked for: a background model load ends meanwhile
+        outcome.stage, t = "register", time.perf_counter()
+        registration = register_to_template(volume.array, volume.affine)
+        timings["register"] = time.perf_counter() - t
+
         outcome.stage, t = "infer", time.perf_counter()
+        _ = self.agent  # waits for a background load (its time recorded on its own)
+        timings["model_wait"] = time.perf_counter() - t
+        t = time.perf_counter()
         if self._locator is None:
             self._locator = locator_agent(self.agent)
         plaus = asdict(self.plausibility)
         rules = ReviewRules.from_mapping({k: plaus[k] for k in ("anterior_mm3", "posterior_mm3", "total_mm3")
                                           if k in plaus})
         result = segment_wholehead(volume.array, volume.affine, self.agent, spacing=volume.spacing,
-                                   locator=self._locator, rules=rules, quality_rules=self.plausibility)
+                                   registration=registration, locator=self._locator, rules=rules,
+                                   quality_rules=self.plausibility)
         labels = result.labels
         timings["infer"] = time.perf_counter() - t
         timings.update({f"wholehead_{k}": v for k, v in result.timings_s.items()})
@@ -571,13 +596,24 @@ def build_processor(
     precision: str = "float32",
     pacs: Mapping[str, Any] | None = None,
     outbox_dir: str | os.PathLike | None = None,
+    background_load: bool = False,
     **options: Any,
 ) -> StudyProcessor:
     """Load the model file and build a :class:`StudyProcessor` (picklable via ``functools.partial``,
     so batch workers each build their own). ``pacs=None`` disables sending; ``options`` go to
     :class:`StudyProcessor` (rules, io_threads, series_numbers, write_png, plausibility, wholehead,
-    prior)."""
-    agent = InferenceAgent.from_file(model_path, device=device, batch_size=batch_size, precision=precision)
+    prior).
+
+    ``background_load=False`` (the listener's choice) loads the model here, so a model file that
+    cannot be loaded stops the service at start; ``True`` (``hippo.deploy``) loads it in a thread
+    while the first study is read and registered (:mod:`hippo.model_loading`), and a model that
+    cannot be loaded fails each study at its first model stage, naming the file."""
+    from hippo.infer import InferenceAgent  # imports torch
+
+    def load() -> Any:
+        return InferenceAgent.from_file(model_path, device=device, batch_size=batch_size, precision=precision)
+
+    agent = BackgroundLoad(load) if background_load else load()
     pacs_cfg = PacsConfig.from_mapping(pacs) if pacs is not None else None
     outbox = Outbox(outbox_dir) if pacs_cfg is not None else None
     return StudyProcessor(agent, out_root, pacs=pacs_cfg, outbox=outbox, **options)

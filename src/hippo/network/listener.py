@@ -823,7 +823,7 @@ class Listener:
     def from_config(cls, cfg: Mapping[str, Any], **overrides: Any) -> "Listener":
         """From ``conf/listen.yaml`` resolved to a plain dict. ``model_path: null`` takes the shipped
         default model, ``latest`` the newest ``<paths.log_dir>/**/model.pt`` (:mod:`hippo.weights`)."""
-        from hippo.infer import InferenceSettings  # imports torch: the listener runs the model anyway
+        from hippo.inference_settings import InferenceSettings
 
         lc = dict(cfg["listener"])  # every key has its default in conf/listen.yaml
         settings = InferenceSettings.from_config(cfg)

@@ -31,8 +31,9 @@ record already holds a result for the same file content, model and settings.
 Label values (:data:`hippo.wholehead.segment.LABELS`): 1 left anterior, 2 left posterior,
 3 right anterior, 4 right posterior hippocampus.
 
-The model is loaded in a background thread while the first scan is read and registered (SimpleITK
-releases the GIL), which hides most of torch's import time. Batches use the package's one batch
+The model is loaded in a background thread while the first scan is read and registered
+(:class:`hippo.model_loading.BackgroundLoad`, as the DICOM door does), which hides most of torch's
+import time. Batches use the package's one batch
 runner (:func:`hippo.batch_runner.run_each`, ``workers`` spawned processes, each loading the model
 once).
 """
@@ -42,10 +43,8 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import threading
 import time
 import traceback
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -54,6 +53,7 @@ import numpy as np
 
 from hippo import __version__
 from hippo.fileio import write_bytes_atomic, write_json_atomic
+from hippo.model_loading import BackgroundLoad
 from hippo.scan_io import InputSet, NotAScanError, ScanInput, find_inputs, read_scan, save_label_map
 from hippo.wholehead.cohort import (MISSING, RECORDS_DIR, collect, file_sha256, parse_shard, record_path, reusable,
                                     run_key, select_participants, select_shard, write_record)
@@ -161,20 +161,13 @@ class ScanProcessor:
         #: ``{"path", "date", "scan_date"}``: change since an earlier scan or result (hippo.wholehead.longitudinal)
         self.prior = dict(prior) if prior else None
         self._model_kw = dict(device=device, batch_size=int(batch_size), precision=str(precision))
-        self._agents: Future | None = None
         self._loaded: tuple[Any, Any] | None = None
-        self._loader: threading.Thread | None = None
-        if background_load:
-            self._agents = Future()
-            # not a daemon: a process must not exit while torch is still being imported in it (the C++
-            # runtime aborts), e.g. when its only scan failed before the model was needed
-            self._loader = threading.Thread(target=self._load_into_future, name="hippo-model-load", daemon=False)
-            self._loader.start()
+        self._background = BackgroundLoad(self._load) if background_load else None
 
     def close(self) -> None:
         """Wait for the background model load to end (call before the process exits)."""
-        if self._loader is not None:
-            self._loader.join()
+        if self._background is not None:
+            self._background.close()
 
     def _load(self) -> tuple[Any, Any]:
         from hippo.infer import InferenceAgent
@@ -183,16 +176,10 @@ class ScanProcessor:
         agent = InferenceAgent.from_file(self.model_path, **self._model_kw)
         return agent, (locator_agent(agent) if self.fast_locate else None)
 
-    def _load_into_future(self) -> None:
-        try:
-            self._agents.set_result(self._load())  # type: ignore[union-attr]
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting scan
-            self._agents.set_exception(exc)  # type: ignore[union-attr]
-
     def agents(self) -> tuple[Any, Any]:
         """``(ensemble agent, locator agent or None)``, waiting for the background load if needed."""
         if self._loaded is None:
-            self._loaded = self._agents.result() if self._agents is not None else self._load()
+            self._loaded = self._background.result() if self._background is not None else self._load()
         return self._loaded
 
     @property
