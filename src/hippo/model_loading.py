@@ -19,7 +19,12 @@ T = TypeVar("T")
 
 
 class BackgroundLoad(Generic[T]):
-    """Runs ``load()`` once in a thread started at construction; :meth:`result` waits for it.
+    """Runs ``load()`` once in a thread, started at construction or, with ``start=False``, by
+    :meth:`start` (or by the first :meth:`result`); :meth:`result` waits for it.
+
+    When to start: as early as possible when the caller's next work runs outside the GIL (reading a
+    NIfTI file, registering); after it when that work is Python-bound (parsing DICOM headers with
+    pydicom), which would otherwise share one core with torch's import and both end late.
 
     The thread is not a daemon: a process must not exit while torch is still being imported in it
     (its C++ runtime aborts), e.g. when its only input failed before the model was needed.
@@ -27,13 +32,22 @@ class BackgroundLoad(Generic[T]):
     Args:
         load: builds the object (e.g. ``lambda: InferenceAgent.from_file(path)``).
         name: the thread's name (seen in stack dumps).
+        start: start the thread now.
     """
 
-    def __init__(self, load: Callable[[], T], *, name: str = "hippo-model-load"):
+    def __init__(self, load: Callable[[], T], *, name: str = "hippo-model-load", start: bool = True):
         self._load = load
         self._future: Future[T] = Future()
         self._thread = threading.Thread(target=self._run, name=name, daemon=False)
-        self._thread.start()
+        self._started = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the thread (once; later calls do nothing)."""
+        if not self._started:
+            self._started = True
+            self._thread.start()
 
     def _run(self) -> None:
         try:
@@ -42,7 +56,9 @@ class BackgroundLoad(Generic[T]):
             self._future.set_exception(exc)
 
     def result(self) -> T:
-        """The loaded object; re-raises what ``load()`` raised (each time it is asked)."""
+        """The loaded object (starting the thread if needed); re-raises what ``load()`` raised (each
+        time it is asked)."""
+        self.start()
         return self._future.result()
 
     def done(self) -> bool:
@@ -50,5 +66,6 @@ class BackgroundLoad(Generic[T]):
         return self._future.done()
 
     def close(self) -> None:
-        """Wait for the thread to end (call before the process exits)."""
-        self._thread.join()
+        """Wait for the thread to end, if it was started (call before the process exits)."""
+        if self._started:
+            self._thread.join()

@@ -31,7 +31,6 @@ from pydicom.uid import generate_uid
 
 from hippo.dicom.headers import clean_source_headers
 from hippo.dicom.ingest import SelectionRules, scan_study
-from hippo.dicom.objects import ALGORITHM_NAME, make_seg, make_sr, make_wholehead_seg, make_wholehead_sr
 from hippo.dicom.report import patient_study_from_dataset, render_report, secondary_capture
 from hippo.dicom.volume import load_series
 from hippo.dicom.wholehead_select import WholeHeadRules, select_input_series
@@ -152,6 +151,12 @@ class StudyProcessor:
         self.plausibility = plausibility if isinstance(plausibility, PlausibilityRules) else \
             PlausibilityRules.from_mapping(plausibility)
 
+    def _start_model_load(self) -> None:
+        """Start a background model load that waits (called once the study's pixels are read: the
+        reading is Python-bound, the registration and object-making after it are not, or less)."""
+        if isinstance(self._agent, BackgroundLoad):
+            self._agent.start()
+
     @property
     def agent(self) -> Any:
         """The loaded model (:class:`hippo.infer.InferenceAgent`), waiting for a background load;
@@ -186,6 +191,8 @@ class StudyProcessor:
 
     def process(self, study_dir: str | os.PathLike) -> StudyOutcome:
         """Run every stage on one study; never raises for a problem of the study itself."""
+        from hippo.dicom.objects import make_seg, make_sr  # highdicom: imported when first needed
+
         outcome = StudyOutcome(study=str(study_dir))
         timings = outcome.timings_s
         stage = "ingest"
@@ -206,6 +213,7 @@ class StudyProcessor:
             volume = load_series(series.files, workers=self.io_threads, series_uid=series.uid)
             outcome.warnings += volume.warnings
             timings["volume"] = time.perf_counter() - t
+            self._start_model_load()
 
             stage = "plausibility"
             check = assess_input(volume.array, volume.spacing, self.plausibility)
@@ -294,6 +302,8 @@ class StudyProcessor:
         """The change since the patient's prior study (:func:`hippo.prior.prior_comparison`; never
         raises); without a prior source the block says so and still records this result's study date
         and algorithm, so that its ``result.json`` can be a later run's ``prior=PATH``."""
+        from hippo.dicom.objects import ALGORITHM_NAME
+
         return prior_comparison(self.prior, patient_id=str(patient.get("id", "")), study_date=study.get("date"),
                                 study_instance_uid=str(study.get("uid", "")), volumes_mm3=volumes_mm3,
                                 algorithm={"name": ALGORITHM_NAME,
@@ -347,6 +357,7 @@ class StudyProcessor:
         (:func:`hippo.wholehead.segment.segment_wholehead`), a four-segment SEG, an SR per side with
         the asymmetry index, eTIV and each side's segmentation quality, the whole-head report page as SC, ``result.json``. Raises on
         failure with ``outcome.stage`` naming the stage (:meth:`process` records it)."""
+        from hippo.dicom.objects import make_wholehead_seg, make_wholehead_sr
         from hippo.wholehead.page import render_wholehead_report
         from hippo.wholehead.register import register_to_template
         from hippo.wholehead.review import ReviewRules
@@ -358,6 +369,7 @@ class StudyProcessor:
         outcome.warnings += volume.warnings
         outcome.input = {"spacing_mm": list(volume.spacing), "resampled": False, "kind": "wholehead"}
         timings["volume"] = time.perf_counter() - t
+        self._start_model_load()  # torch's import runs beside the registration
 
         # registered before the model is asked for: a background model load ends meanwhile
         outcome.stage, t = "register", time.perf_counter()
@@ -613,7 +625,16 @@ def build_processor(
     def load() -> Any:
         return InferenceAgent.from_file(model_path, device=device, batch_size=batch_size, precision=precision)
 
-    agent = BackgroundLoad(load) if background_load else load()
+    def load_and_warm() -> Any:
+        agent = load()
+        import hippo.dicom.objects  # noqa: F401 - highdicom, needed for the SEG and SR after inference
+        from hippo.dicom.headers import header_keywords
+
+        header_keywords()  # highdicom's tables, read once
+        return agent
+
+    # started by the first study once its pixels are read (StudyProcessor._start_model_load)
+    agent = BackgroundLoad(load_and_warm, start=False) if background_load else load()
     pacs_cfg = PacsConfig.from_mapping(pacs) if pacs is not None else None
     outbox = Outbox(outbox_dir) if pacs_cfg is not None else None
     return StudyProcessor(agent, out_root, pacs=pacs_cfg, outbox=outbox, **options)

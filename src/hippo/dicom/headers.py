@@ -23,6 +23,7 @@ pydicom + highdicom's tables of the standard only (no torch).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -65,8 +66,13 @@ def _patient_study_keywords() -> tuple[str, ...]:
                                 "StudyDescription", "IssuerOfPatientID", "OtherPatientNames", *found]))
 
 
-_CLEANED = tuple(dict.fromkeys([*_patient_study_keywords(), *_ALSO_COPIED]))
-_AUDITED = tuple(dict.fromkeys([*_CLEANED, *REPORTED_ATTRIBUTES]))
+@functools.cache
+def header_keywords() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(cleaned, audited)`` keywords of :func:`clean_source_headers`: built on first use from
+    highdicom's tables of the standard (about 0.5 s, which a process that only reads DICOM need
+    not pay, and ``hippo.deploy`` pays in its background model load)."""
+    cleaned = tuple(dict.fromkeys([*_patient_study_keywords(), *_ALSO_COPIED]))
+    return cleaned, tuple(dict.fromkeys([*cleaned, *REPORTED_ATTRIBUTES]))
 
 # --- value representations (PS3.5 table 6.2-1) --------------------------------------------------------
 _MAX_LEN = {"AE": 16, "AS": 4, "CS": 16, "DA": 8, "DS": 16, "IS": 12, "LO": 64, "SH": 16, "TM": 14,
@@ -247,10 +253,11 @@ def clean_source_headers(datasets: Sequence[Dataset]) -> tuple[list[Dataset], He
         raise ValueError("clean_source_headers: no source dataset")
     report = HeaderReport()
     copies = []
+    cleaned, audited = header_keywords()
     for index, ds in enumerate(datasets):
         new = _copy(ds)
         non_ascii = False
-        for keyword in _AUDITED:
+        for keyword in audited:
             tag = tag_for_keyword(keyword)
             if tag is None or tag not in ds:
                 continue
@@ -262,14 +269,14 @@ def clean_source_headers(datasets: Sequence[Dataset]) -> tuple[list[Dataset], He
             if problem:
                 if index == 0:
                     report.malformed[keyword] = problem
-                if keyword not in _CLEANED:
+                if keyword not in cleaned:
                     continue  # reported only: our objects never copy it
                 if keyword in TYPE2_PATIENT_STUDY:
                     _set(new, keyword, "")
                 else:
                     del new[tag]
                 continue
-            if keyword in _CLEANED and str(elem.VR) in _TEXT_VRS:
+            if keyword in cleaned and str(elem.VR) in _TEXT_VRS:
                 _set(new, keyword, value)  # a fresh element: text re-encoded in the copy's character set
             non_ascii = non_ascii or any(ord(ch) > 127 for ch in _as_text(value))
         for keyword in TYPE2_PATIENT_STUDY:

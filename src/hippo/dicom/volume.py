@@ -474,7 +474,7 @@ def _require(it: _Item, uid: str, keyword: str):
 
 def _odd_one_out(values: list, items: list[_Item], uid: str, keyword: str, same) -> object:
     """The majority value of ``values``; raise naming the first file that disagrees with it."""
-    keys = [repr(v) for v in values]
+    keys = [v.tobytes() if isinstance(v, np.ndarray) else v for v in values]  # hashable, no formatting
     majority_key, _ = Counter(keys).most_common(1)[0]
     reference = values[keys.index(majority_key)]
     for it, v in zip(items, values):
