@@ -4,6 +4,7 @@ the real network (Orthanc + listener, two studies of one patient a year apart)."
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import http.server
 import io
@@ -337,54 +338,215 @@ def test_report_page_draws_the_change_table_or_the_reason():
     assert ImageChops.difference(shown, why).getbbox() is not None
 
 
+# ------------------------------------------------------------------------------------------- whole head
+@pytest.fixture(scope="module")
+def wholehead_prior(tmp_path_factory):
+    """An earlier whole-head study of patient W1 (2024-03-11; a synthetic head, the T1 only) and our
+    whole-head SR of it: ``(T1 datasets, SR, loaded volume, {"left": Volumes, "right": Volumes})``."""
+    import numpy as np
+
+    from hippo.dicom.objects import make_wholehead_seg, make_wholehead_sr
+    from hippo.dicom.volume import load_series
+    from hippo.scanner import StudyInfo, write_wholehead_study
+    from test_wholehead_dicom import _labels, _synthetic_head
+
+    root = tmp_path_factory.mktemp("wholehead_prior")
+    manifest = write_wholehead_study(_synthetic_head(root), root / "study", distractors=False, localizer=False,
+                                     study=StudyInfo(patient_id="W1", study_date="20240311", seed=5))
+    volume = load_series(manifest["files"]["t1_mprage_sag"])
+    labels = _labels(volume.array.shape)
+    seg = make_wholehead_seg(volume.datasets, volume.to_source(labels), model_version="0.1.0+test")
+    sides = {"left": measure_volumes(np.where(labels <= 2, labels, 0), volume.spacing),
+             "right": measure_volumes(np.where(labels > 2, labels - 2, 0), volume.spacing)}
+    sr = make_wholehead_sr(volume.datasets, seg, sides, asymmetry_index_percent=0.0, etiv_mm3=None,
+                           model_version="0.1.0+test")
+    return [pydicom.dcmread(f) for f in manifest["files"]["t1_mprage_sag"]], sr, volume, sides
+
+
+def test_wholehead_sr_reads_back_both_sides_and_the_t1_series_it_measured(wholehead_prior):
+    from hippo.prior import read_wholehead_sr
+
+    t1, sr, _, sides = wholehead_prior
+    prior = read_wholehead_sr(sr)
+    assert prior.study_date == _dt.date(2024, 3, 11) and prior.algorithm_version == "0.1.0+test"
+    for side in ("left", "right"):
+        assert prior.volumes_mm3[side]["anterior"] == pytest.approx(sides[side].anterior_mm3)
+        assert prior.volumes_mm3[side]["total"] == pytest.approx(sides[side].total_mm3)
+    assert prior.image_series == (t1[0].SeriesInstanceUID,)  # the SEG is left out
+    with pytest.raises(PriorError, match="holds no volume for the left anterior hippocampus"):
+        read_wholehead_sr(_sr_for("20240101", "P1", 1.0)[0])  # a HippoCrop result is not a whole-head one
+
+
+def test_wholehead_prior_from_the_pacs_is_the_earlier_t1_else_our_sr_and_never_raises(wholehead_prior, dicomweb):
+    """The earlier T1 series the SR references is fetched (WADO-RS) and read as the current study is
+    (paired mode); without it in the PACS the SR's volumes are used (independent mode), saying why."""
+    import numpy as np
+    from types import SimpleNamespace
+
+    from hippo.wholehead.longitudinal import change_since_prior, pacs_prior_input
+
+    t1, sr, volume, sides = wholehead_prior
+    auth = ("hippo", "secret")
+    full = DicomwebPriorSource(dicomweb([sr, *t1]).url, auth=auth, timeout=5)
+    got = pacs_prior_input(full, patient_id="W1", study_date="20250311", study_instance_uid="9.9")
+    assert got.kind == "dicom" and got.study_date == "2024-03-11"
+    np.testing.assert_allclose(got.array, volume.array)
+    np.testing.assert_allclose(got.affine, volume.affine, atol=1e-6)
+    assert got.record["series_instance_uid"] == t1[0].SeriesInstanceUID
+    assert got.record["sr_sop_instance_uid"] == sr.SOPInstanceUID and "paired" in got.record["used"]
+    assert "fetched from the PACS" in got.note
+
+    sr_only = DicomwebPriorSource(dicomweb([sr]).url, auth=auth, timeout=5)
+    got = pacs_prior_input(sr_only, patient_id="W1", study_date="20250311", study_instance_uid="9.9")
+    assert got.kind == "result" and got.volumes["right"]["total"] == pytest.approx(sides["right"].total_mm3)
+    assert "could not be fetched from the PACS" in got.note and "returned no instance" in got.note
+    # the independent change against the SR's volumes, the note saying why
+    now = SimpleNamespace(side=lambda s: SimpleNamespace(volumes=SimpleNamespace(
+        anterior_mm3=sides[s].anterior_mm3 * 0.95, posterior_mm3=sides[s].posterior_mm3 * 0.95,
+        total_mm3=sides[s].total_mm3 * 0.95)))
+    block = change_since_prior(got, (volume.array, volume.affine), now, agent=None, current_date="20250311",
+                               limits=None)
+    assert block["available"] and block["mode"] == "independent" and block["interval_days"] == 365
+    assert block["sides"]["left"]["total"]["change_percent"] == pytest.approx(-5.0, abs=0.01)
+    assert "could not be fetched" in block["note"] and block["prior"]["sr_sop_instance_uid"] == sr.SOPInstanceUID
+
+    # no earlier result, no patient ID, the PACS down: a plain sentence, never an exception
+    def change(source, patient="W1", date="20250311"):
+        return change_since_prior(lambda: pacs_prior_input(source, patient_id=patient, study_date=date,
+                                                           study_instance_uid="9.9"),
+                                  (volume.array, volume.affine), None, agent=None, limits=None)
+
+    assert change(full, patient="W2") == {"available": False, "reason": "the PACS holds no earlier result for "
+                                                                         "patient ID W2 before 2025-03-11"}
+    assert "no patient ID" in change(full, patient="")["reason"]
+    assert "holds no earlier result" in change(full, date="20240311")["reason"]  # the same day is not earlier
+    from hippo.network.orthanc import free_port
+
+    down = DicomwebPriorSource(f"http://127.0.0.1:{free_port()}/dicom-web", timeout=2)
+    assert "could not be reached" in change(down)["reason"]
+
+
 # ------------------------------------------------------------------------------------------- end to end
-@pytest.mark.service
-def test_second_study_a_year_later_shows_the_change_against_the_first(model_file, tmp_path):
-    """Orthanc (authentication on, DICOMweb, Lua routing) + the listener: the scanner emulator sends
-    two studies of one patient a year apart; the second one's result.json, SR (read back from the
-    PACS) and report page carry the change against the first result's volumes."""
-    from conftest import ANY_VOLUME, require_real_data
-    from hippo.network.listener import Listener
-    from hippo.network.orthanc import (OrthancClient, OrthancSettings, find_dicomweb_plugin, find_orthanc,
-                                       free_port, start_orthanc, stop, wait_ready)
-    from hippo.scanner import StudyInfo, send_study, write_study
+def require_orthanc() -> None:
+    """Skip, saying why, when Debian's Orthanc or its DICOMweb plugin is not installed."""
+    from hippo.network.orthanc import find_dicomweb_plugin, find_orthanc
 
     if find_orthanc() is None or find_dicomweb_plugin() is None:
         pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
-    root = require_real_data()
+
+
+@contextlib.contextmanager
+def routed_pacs_and_listener(tmp_path: Path, model_path, *, name: str, processor_options: dict,
+                             timeout: float = 10.0, **listener_options):
+    """The real Orthanc (authentication on, DICOMweb, Lua routing to the AI) and the real listener,
+    whose PACS search (``prior``) points at that Orthanc's DICOMweb root; yields ``(settings, auth,
+    listener)`` and stops both."""
+    from hippo.network.listener import Listener
+    from hippo.network.orthanc import OrthancSettings, free_port, start_orthanc, stop, wait_ready
+
+    require_orthanc()
     listener_port = free_port()
     auth = ("hippo", "prior-test-password")
     settings = OrthancSettings(
         dicom_port=free_port(), http_port=free_port(), stable_age=1, route_to="hippoai", users={auth[0]: auth[1]},
         modalities={"hippoai": {"aet": "HIPPOAI", "host": "127.0.0.1", "port": listener_port},
                     "scanner": {"aet": "HIPPOSCANNER", "host": "127.0.0.1", "port": free_port()}},
-        name="HippoVolume prior test PACS")
+        name=name)
     proc = start_orthanc(settings, tmp_path / "orthanc")
     listener = None
     try:
         wait_ready(settings.http_url, 30, proc=proc, name=settings.name, auth=auth)
-        lookup = PriorLookup.from_settings(url=f"{settings.http_url}/dicom-web", auth=auth, timeout=10)
-        listener = Listener(port=listener_port, root=tmp_path / "listener", model_path=model_file,
+        lookup = PriorLookup.from_settings(url=f"{settings.http_url}/dicom-web", auth=auth, timeout=timeout)
+        listener = Listener(port=listener_port, root=tmp_path / "listener", model_path=model_path,
                             allowed_calling_aets=["ORTHANC"], quiet_seconds=1.0,
                             pacs={"port": settings.dicom_port, "called_ae": settings.aet, "calling_ae": "HIPPOAI",
-                                  "timeout": 10, "retries": 1},
-                            processor_options={"io_threads": 2, "plausibility": ANY_VOLUME, "prior": lookup},
-                            stop_timeout=60)
+                                  "timeout": timeout, "retries": 1},
+                            processor_options={**processor_options, "prior": lookup}, **listener_options)
         listener.start()
+        yield settings, auth, listener
+    finally:
+        if listener is not None:
+            listener.stop(timeout=60)
+        stop(proc)
+
+
+def send_and_wait(settings, listener, folder: Path, uid: str, what: str, timeout: float = 240.0) -> dict:
+    """C-STORE the study in ``folder`` to Orthanc as the scanner and wait until the listener (Orthanc
+    routes it there) has processed study ``uid``; its ``listener.json`` record (ok or review)."""
+    from hippo.scanner import send_study
+
+    sent = send_study(folder, "127.0.0.1", settings.dicom_port, called_ae=settings.aet, calling_ae="HIPPOSCANNER")
+    assert sent["failed"] == 0 and sent["sent"] > 0
+    record, error = listener.processed_dir / uid / "listener.json", listener.failed_dir / uid / "error.json"
+    wait_for(lambda: record.exists() or error.exists(), timeout, what, interval=0.3)
+    assert record.exists(), error.read_text()
+    out = json.loads(record.read_text())
+    assert out["status"] in ("ok", "review"), out  # a random model: review flags
+    assert listener.wait_idle(60)
+    return out
+
+
+def results_in_pacs(settings, auth, listener, uid: str) -> bytes:
+    """Wait for study ``uid``'s results in Orthanc; check that its SC (the page) and SR are the
+    listener's own (``report_sc.dcm``, ``sr.dcm``); the SR's bytes as Orthanc gives them back."""
+    from hippo.network.orthanc import OrthancClient
+
+    client = OrthancClient(settings.http_url, auth=auth)
+    study_id = client.find_study(uid)
+    wait_for(lambda: {s["MainDicomTags"].get("Modality") for s in client.series(study_id)} >= {"SR", "OT", "SEG"},
+             60, "the results in the PACS", interval=0.3)
+    by_modality = {s["MainDicomTags"].get("Modality"): s for s in client.series(study_id)}
+
+    def fetch(modality: str) -> bytes:
+        return client.request("GET", f"/instances/{client.instances(by_modality[modality]['ID'])[0]['ID']}/file")
+
+    local_sc = pydicom.dcmread(listener.results_dir / uid / "report_sc.dcm")
+    sc = pydicom.dcmread(io.BytesIO(fetch("OT")))
+    assert sc.SOPInstanceUID == local_sc.SOPInstanceUID and sc.PixelData == local_sc.PixelData
+    sr = fetch("SR")
+    assert pydicom.dcmread(io.BytesIO(sr)).SOPInstanceUID == \
+        pydicom.dcmread(listener.results_dir / uid / "sr.dcm").SOPInstanceUID
+    return sr
+
+
+def change_groups(sr) -> dict[str, dict[str, object]]:
+    """The SR's "Change since prior study: ..." groups: {identifier: {code value: NUM value (float),
+    DATE (YYYYMMDD) or TEXT}}."""
+    out = {}
+    for container in sr.ContentSequence:
+        for group in container.get("ContentSequence", ()):
+            items = list(group.get("ContentSequence", ()))
+            ident = next((str(i.TextValue) for i in items if i.ValueType == "TEXT"
+                          and i.ConceptNameCodeSequence[0].CodeValue == "112039"), "")
+            if ident.startswith("Change since prior study"):
+                out[ident] = {i.ConceptNameCodeSequence[0].CodeValue:
+                              float(i.MeasuredValueSequence[0].NumericValue) if i.ValueType == "NUM"
+                              else str(i.Date) if i.ValueType == "DATE" else str(i.get("TextValue", ""))
+                              for i in items if i.ValueType in ("NUM", "DATE", "TEXT")}
+    return out
+
+
+@pytest.mark.service
+def test_second_study_a_year_later_shows_the_change_against_the_first(model_file, tmp_path):
+    """Orthanc (authentication on, DICOMweb, Lua routing) + the listener: the scanner emulator sends
+    two studies of one patient a year apart; the second one's result.json, SR (read back from the
+    PACS) and report page carry the change against the first result's volumes."""
+    from conftest import ANY_VOLUME, require_real_data
+    from hippo.scanner import StudyInfo, write_study
+
+    require_orthanc()
+    root = require_real_data()
+    with routed_pacs_and_listener(tmp_path, model_file, name="HippoVolume prior test PACS", stop_timeout=60,
+                                  processor_options={"io_threads": 2, "plausibility": ANY_VOLUME}) \
+            as (settings, auth, listener):
         records = []
         for n, (case, date) in enumerate((("hippocampus_001", "20240311"), ("hippocampus_003", "20250311"))):
             info = StudyInfo(patient_id="PRIOR-PATIENT-1", patient_name="Prior^Pat", study_date=date, seed=40 + n)
             manifest = write_study(root / "imagesTr" / f"{case}.nii.gz", tmp_path / f"study{n}", study=info,
                                    distractors=False, seed=40 + n)
-            sent = send_study(tmp_path / f"study{n}", "127.0.0.1", settings.dicom_port, called_ae=settings.aet,
-                              calling_ae="HIPPOSCANNER")
-            assert sent["failed"] == 0
             uid = manifest["study_instance_uid"]
-            record = listener.processed_dir / uid / "listener.json"
-            wait_for(record.exists, 240, f"study {n + 1} to be processed", interval=0.3)
-            records.append((uid, json.loads(record.read_text())))
-            assert records[-1][1]["status"] in ("ok", "review"), records[-1][1]  # a random model: review flags
-            assert listener.wait_idle(30)
+            records.append((uid, send_and_wait(settings, listener, tmp_path / f"study{n}", uid,
+                                               f"study {n + 1} to be processed")))
 
         (uid1, first), (uid2, second) = records
         r1 = json.loads((listener.results_dir / uid1 / "result.json").read_text())
@@ -403,29 +565,8 @@ def test_second_study_a_year_later_shows_the_change_against_the_first(model_file
             assert c["rate_percent_per_year"] == pytest.approx(c["change_percent"] * 365.25 / 365, abs=1e-2)
 
         # the SR and the SC in the PACS are the ones made with the comparison
-        client = OrthancClient(settings.http_url, auth=auth)
-        study_id = client.find_study(uid2)
-        wait_for(lambda: {s["MainDicomTags"].get("Modality") for s in client.series(study_id)} >= {"SR", "OT"}, 60,
-                 "the second study's results in the PACS", interval=0.3)
-        by_modality = {s["MainDicomTags"].get("Modality"): s for s in client.series(study_id)}
-        sr_id = client.instances(by_modality["SR"]["ID"])[0]["ID"]
-        sr = pydicom.dcmread(io.BytesIO(client.request("GET", f"/instances/{sr_id}/file")))
-        change = {}
-        for group in sr.ContentSequence:
-            for g in group.get("ContentSequence", ()):
-                label = next((str(c.TextValue) for c in g.get("ContentSequence", ())
-                              if c.ValueType == "TEXT" and c.ConceptNameCodeSequence[0].CodeValue == "112039"), "")
-                if label == "Change since prior study: total hippocampus":
-                    change = {c.ConceptNameCodeSequence[0].CodeValue: c for c in g.ContentSequence}
-        assert float(change["VOLCHG"].MeasuredValueSequence[0].NumericValue) == \
-            pytest.approx(block["change"]["total"]["change_mm3"], abs=1e-2)
-        assert change["PRIORDATE"].Date == "20240311"
-        local_sc = pydicom.dcmread(listener.results_dir / uid2 / "report_sc.dcm")
-        sc_id = client.instances(by_modality["OT"]["ID"])[0]["ID"]
-        sc = pydicom.dcmread(io.BytesIO(client.request("GET", f"/instances/{sc_id}/file")))
-        assert sc.SOPInstanceUID == local_sc.SOPInstanceUID and sc.PixelData == local_sc.PixelData
+        sr = pydicom.dcmread(io.BytesIO(results_in_pacs(settings, auth, listener, uid2)))
+        change = change_groups(sr)["Change since prior study: total hippocampus"]
+        assert change["VOLCHG"] == pytest.approx(block["change"]["total"]["change_mm3"], abs=1e-2)
+        assert change["PRIORDATE"] == "20240311"
         assert dciodvfy_problems(listener.results_dir / uid2 / "sr.dcm")["errors"] == []
-    finally:
-        if listener is not None:
-            listener.stop(timeout=30)
-        stop(proc)

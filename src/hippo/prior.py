@@ -10,6 +10,11 @@
 
 or, without a PACS, ``read_prior_file(PATH)`` on an SR file or a ``result.json`` of ours.
 
+A whole-head study's earlier result is found the same way (``find_prior(..., reader=read_wholehead_sr)``:
+our left/right SR and the T1 series it measured), and that series is fetched with
+:meth:`DicomwebPriorSource.fetch_files` for the paired mode
+(:func:`hippo.wholehead.longitudinal.pacs_prior_input`).
+
 :func:`prior_comparison` ties these together and never raises: when there is no comparison (no
 earlier result, PACS unreachable or refusing, prior unreadable, dates missing) the returned block
 says why in one plain sentence, and the study is processed as usual.
@@ -62,9 +67,12 @@ __all__ = [
     "PriorError",
     "PriorResult",
     "PriorCandidate",
+    "WholeHeadPriorResult",
+    "WHOLEHEAD_LABELS",
     "DicomwebPriorSource",
     "PriorLookup",
     "read_sr",
+    "read_wholehead_sr",
     "read_result_json",
     "read_prior_file",
     "compare_with_prior",
@@ -81,6 +89,9 @@ STRUCTURES = ("anterior", "posterior", "total")
 LABELS = {"anterior": "Anterior hippocampus", "posterior": "Posterior hippocampus", "total": "Total hippocampus"}
 #: Scans closer together than this give no annualised rate (a few weeks' noise would be multiplied).
 MIN_DAYS_FOR_RATE = 90
+#: Why a study cannot be compared (the reasons shown when it lacks what the search matches on).
+NO_STUDY_DATE = "this study has no study date, so the interval to an earlier scan is unknown"
+NO_PATIENT_ID = "this study has no patient ID, so no earlier result can be matched to it"
 DAYS_PER_YEAR = 365.25
 
 _VOLUME = ("SCT", "118565006")           # Volume
@@ -143,17 +154,15 @@ def _walk(items: Sequence[Dataset]):
         yield from _walk(item.get("ContentSequence", ()))
 
 
-def read_sr(ds: Dataset, *, source: str = "") -> PriorResult:
-    """The volumes of one of our TID 1500 SRs (:func:`hippo.dicom.objects.make_sr`).
-
-    Reads the measurement groups whose Tracking Identifier is "Anterior hippocampus", "Posterior
-    hippocampus" or "Total hippocampus" and their Volume (SCT 118565006) in ``mm3``, the Algorithm
-    Name/Version recorded with the measurements, and the StudyDate.
+def _sr_volumes(ds: Dataset, wanted: Mapping[str, str], where: str
+                ) -> tuple[_dt.date, dict[str, float], str, str]:
+    """``(study date, {key: mm³}, algorithm name, algorithm version)`` of one of our TID 1500 SRs:
+    the Volume (SCT 118565006, ``mm3``) of each measurement group whose Tracking Identifier is
+    ``wanted[key]``.
 
     Raises:
-        PriorError: not an SR, a structure or its volume missing, another unit, no StudyDate.
+        PriorError: not an SR, a wanted group or its volume missing, another unit, no StudyDate.
     """
-    where = source or f"SR {ds.get('SOPInstanceUID', '?')}"
     if str(ds.get("Modality", "")) != "SR" or "ContentSequence" not in ds:
         raise PriorError(f"the earlier result ({where}) is not a structured report")
     study_date = parse_date(ds.get("StudyDate"))
@@ -161,7 +170,7 @@ def read_sr(ds: Dataset, *, source: str = "") -> PriorResult:
         raise PriorError(f"the earlier result ({where}) has no study date")
     volumes: dict[str, float] = {}
     names, versions = set(), set()
-    by_label = {v: k for k, v in LABELS.items()}
+    by_label = {v: k for k, v in wanted.items()}
     for group in _walk(ds.ContentSequence):
         if group.get("ValueType") != "CONTAINER" or _code(group) != _MEASUREMENT_GROUP:
             continue
@@ -179,7 +188,7 @@ def read_sr(ds: Dataset, *, source: str = "") -> PriorResult:
                 continue
             unit = str(mv[0].MeasurementUnitsCodeSequence[0].CodeValue)
             if unit != "mm3":
-                raise PriorError(f"the earlier result ({where}) gives the {LABELS[key].lower()} volume in "
+                raise PriorError(f"the earlier result ({where}) gives the {wanted[key].lower()} volume in "
                                  f"{unit!r}, not mm3")
             volumes[key] = float(mv[0].NumericValue)
             for sub in c.get("ContentSequence", ()):
@@ -187,16 +196,86 @@ def read_sr(ds: Dataset, *, source: str = "") -> PriorResult:
                     names.add(str(sub.get("TextValue", "")))
                 elif _code(sub) == _ALGORITHM_VERSION:
                     versions.add(str(sub.get("TextValue", "")))
-    missing = [LABELS[k].lower() for k in STRUCTURES if k not in volumes]
+    missing = [wanted[k].lower() for k in wanted if k not in volumes]
     if missing:
         raise PriorError(f"the earlier result ({where}) holds no volume for the {', '.join(missing)}")
     if not all(math.isfinite(v) and v >= 0 for v in volumes.values()):
         raise PriorError(f"the earlier result ({where}) holds a negative or non-numeric volume")
-    return PriorResult(study_date=study_date, volumes_mm3=volumes,
-                       algorithm_name=" / ".join(sorted(names)) or "not recorded",
-                       algorithm_version=" / ".join(sorted(versions)) or "not recorded",
+    return (study_date, volumes, " / ".join(sorted(names)) or "not recorded",
+            " / ".join(sorted(versions)) or "not recorded")
+
+
+def read_sr(ds: Dataset, *, source: str = "") -> PriorResult:
+    """The volumes of one of our TID 1500 SRs (:func:`hippo.dicom.objects.make_sr`).
+
+    Reads the measurement groups whose Tracking Identifier is "Anterior hippocampus", "Posterior
+    hippocampus" or "Total hippocampus" and their Volume (SCT 118565006) in ``mm3``, the Algorithm
+    Name/Version recorded with the measurements, and the StudyDate.
+
+    Raises:
+        PriorError: not an SR, a structure or its volume missing, another unit, no StudyDate.
+    """
+    where = source or f"SR {ds.get('SOPInstanceUID', '?')}"
+    study_date, volumes, name, version = _sr_volumes(ds, LABELS, where)
+    return PriorResult(study_date=study_date, volumes_mm3=volumes, algorithm_name=name, algorithm_version=version,
                        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
                        sop_instance_uid=str(ds.get("SOPInstanceUID", "")), source=source)
+
+
+#: The tracking identifiers of a whole-head SR's groups (:func:`hippo.dicom.objects.make_wholehead_sr`:
+#: one per segment, one per side's total), keyed ``"<side>.<structure>"``.
+WHOLEHEAD_LABELS = {f"{side}.{key}": (f"{side.capitalize()} {key} hippocampus" if key != "total"
+                                      else f"{side.capitalize()} hippocampus")
+                    for side in ("left", "right") for key in STRUCTURES}
+
+
+@dataclass(frozen=True)
+class WholeHeadPriorResult:
+    """An earlier whole-head result of ours (its SR), and the image series it measured.
+
+    Attributes:
+        study_date, algorithm_name, algorithm_version, study_instance_uid, sop_instance_uid, source:
+            as for :class:`PriorResult`.
+        volumes_mm3: ``{"left": {"anterior", "posterior", "total"}, "right": {...}}`` mm³.
+        image_series: SeriesInstanceUIDs of the images the SR was measured on (its evidence, the SEG
+            left out): the earlier whole-head T1.
+    """
+
+    study_date: _dt.date
+    volumes_mm3: Mapping[str, Mapping[str, float]]
+    algorithm_name: str
+    algorithm_version: str
+    study_instance_uid: str = ""
+    sop_instance_uid: str = ""
+    source: str = ""
+    image_series: tuple[str, ...] = ()
+
+
+_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def read_wholehead_sr(ds: Dataset, *, source: str = "") -> WholeHeadPriorResult:
+    """The left and right volumes of one of our whole-head SRs (groups "Left anterior hippocampus"
+    ... "Right hippocampus") and the image series its evidence names.
+
+    Raises:
+        PriorError: not an SR, a side's structure or its volume missing, another unit, no StudyDate.
+    """
+    where = source or f"SR {ds.get('SOPInstanceUID', '?')}"
+    study_date, flat, name, version = _sr_volumes(ds, WHOLEHEAD_LABELS, where)
+    series = []
+    for attr in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study in ds.get(attr, ()):
+            for item in study.get("ReferencedSeriesSequence", ()):
+                classes = {str(r.get("ReferencedSOPClassUID", "")) for r in item.get("ReferencedSOPSequence", ())}
+                uid = str(item.get("SeriesInstanceUID", ""))
+                if uid and classes and _SEG_STORAGE not in classes and uid not in series:
+                    series.append(uid)
+    return WholeHeadPriorResult(
+        study_date=study_date, algorithm_name=name, algorithm_version=version,
+        volumes_mm3={side: {k: flat[f"{side}.{k}"] for k in STRUCTURES} for side in ("left", "right")},
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")), sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        source=source, image_series=tuple(series))
 
 
 def read_result_json(path: str | os.PathLike) -> PriorResult:
@@ -429,13 +508,17 @@ class DicomwebPriorSource:
                                       series_description=_tag(e, "0008103E")))
         return out
 
-    def fetch(self, candidate: PriorCandidate) -> list[Dataset]:
-        """The instances of one series (WADO-RS, multipart ``application/dicom``)."""
+    def _series_parts(self, candidate: PriorCandidate) -> list[bytes]:
+        """The instances of one series as they came (WADO-RS, multipart ``application/dicom``)."""
         path = (f"/studies/{urllib.parse.quote(candidate.study_instance_uid, safe='')}"
                 f"/series/{urllib.parse.quote(candidate.series_instance_uid, safe='')}")
         body, ctype = self._get(path, 'multipart/related; type="application/dicom"')
+        return parse_multipart(body, ctype)
+
+    def fetch(self, candidate: PriorCandidate) -> list[Dataset]:
+        """The instances of one series (WADO-RS, multipart ``application/dicom``)."""
         out = []
-        for part in parse_multipart(body, ctype):
+        for part in self._series_parts(candidate):
             try:
                 out.append(pydicom.dcmread(BytesIO(part)))
             except Exception as exc:
@@ -443,13 +526,35 @@ class DicomwebPriorSource:
                             type(exc).__name__)
         return out
 
+    def fetch_files(self, candidate: PriorCandidate, folder: str | os.PathLike) -> list[Path]:
+        """Write the instances of one series, byte for byte as the PACS sent them, into ``folder``
+        (created) as ``00000.dcm``, ``00001.dcm``...: e.g. an earlier whole-head T1 to be read again.
+
+        Raises:
+            PriorError: the PACS refused, could not be reached, or returned no instance.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, part in enumerate(self._series_parts(candidate)):
+            paths.append(folder / f"{i:05d}.dcm")
+            paths[-1].write_bytes(part)
+        if not paths:
+            raise PriorError(f"the PACS at {self.url} returned no instance of series {candidate.series_instance_uid}")
+        return paths
+
 
 def find_prior(source: DicomwebPriorSource, *, patient_id: str, study_date: _dt.date,
-               study_instance_uid: str) -> PriorResult:
+               study_instance_uid: str, reader: Callable[..., Any] = read_sr) -> Any:
     """Our most recent result of this patient from a study before ``study_date``.
 
     Studies are tried newest first; within a study the SR with the latest ContentDate/Time that
     reads as ours wins (a newer result supersedes an older one of the same study).
+
+    Args:
+        reader: ``reader(ds, source=...)`` reads one SR or raises :class:`PriorError`:
+            :func:`read_sr` (a HippoCrop result, :class:`PriorResult`) or :func:`read_wholehead_sr`
+            (a whole-head result, :class:`WholeHeadPriorResult`).
 
     Raises:
         PriorError: no earlier result, PACS unreachable or refusing, every earlier SR unreadable.
@@ -462,12 +567,12 @@ def find_prior(source: DicomwebPriorSource, *, patient_id: str, study_date: _dt.
                          f"{study_date.isoformat()}")
     problems: list[str] = []
     for day in sorted({c.study_date for c in candidates}, reverse=True):
-        found: list[tuple[str, PriorResult]] = []
+        found: list[tuple[str, Any]] = []
         for cand in (c for c in candidates if c.study_date == day):
             for ds in source.fetch(cand):
                 where = f"PACS study of {day.isoformat()}, SR {ds.get('SOPInstanceUID', '?')}"
                 try:
-                    result = read_sr(ds, source=where)
+                    result = reader(ds, source=where)
                 except PriorError as exc:
                     problems.append(str(exc))
                     continue
@@ -520,12 +625,12 @@ def prior_comparison(lookup: PriorLookup | None, *, patient_id: str, study_date:
         if lookup is None or (lookup.path is None and lookup.source is None):
             raise PriorError("no earlier result was looked for: no PACS search and no prior file configured")
         if date is None:
-            raise PriorError("this study has no study date, so the interval to an earlier scan is unknown")
+            raise PriorError(NO_STUDY_DATE)
         if lookup.path is not None:
             prior = read_prior_file(lookup.path)
         else:
             if not str(patient_id or "").strip():
-                raise PriorError("this study has no patient ID, so no earlier result can be matched to it")
+                raise PriorError(NO_PATIENT_ID)
             prior = find_prior(lookup.source, patient_id=str(patient_id), study_date=date,
                                study_instance_uid=study_instance_uid)
         return compare_with_prior(volumes_mm3, date, prior, algorithm=algorithm)

@@ -116,6 +116,9 @@ class StudyProcessor:
             the defaults (``None`` in the mapping turns it off).
         prior: where the patient's earlier result comes from (:class:`hippo.prior.PriorLookup`: the
             PACS via DICOMweb, or a file); ``None``: none (the report says no prior was looked for).
+            A whole-head study is compared with the file (an earlier scan, study folder or result),
+            else with the earlier T1 series (or, failing that, our SR) found in the PACS
+            (:func:`hippo.wholehead.longitudinal.pacs_prior_input`).
     """
 
     def __init__(
@@ -407,11 +410,17 @@ class StudyProcessor:
         outcome.review = list(result.review)
         outcome.warnings += list(result.notes)
         timings["measure"] = time.perf_counter() - t
-        if self.prior is not None and self.prior.path:  # change since an earlier scan/result (hippo.wholehead.longitudinal)
-            from hippo.wholehead.longitudinal import change_since_prior
+        lookup = self.prior
+        if lookup is not None and (lookup.path or lookup.source is not None):
+            # change since an earlier scan/result (hippo.wholehead.longitudinal): prior=PATH, else the
+            # patient's earlier whole-head T1 (or, failing that, our earlier SR) found in the PACS
+            from hippo.wholehead.longitudinal import change_since_prior, pacs_prior_input
 
             outcome.stage, t = "prior", time.perf_counter()
-            summary["change"] = change_since_prior(self.prior.path, (volume.array, volume.affine), result, self.agent,
+            prior = lookup.path or (lambda: pacs_prior_input(lookup.source, patient_id=patient.get("id"),
+                                                             study_date=study.get("date"),
+                                                             study_instance_uid=series.study_uid))
+            summary["change"] = change_since_prior(prior, (volume.array, volume.affine), result, self.agent,
                                                    locator=self._locator, current_date=study.get("date"),
                                                    segment_options={"rules": rules, "quality_rules": self.plausibility})
             timings["prior"] = time.perf_counter() - t
@@ -422,7 +431,8 @@ class StudyProcessor:
         page = render_wholehead_report(volume.array, labels, volume.spacing, summary, title=title)
         uid = result_uid_maker(scan, series.uid, self.agent.metadata,
                                {"kind": "wholehead", "series_numbers": self.series_numbers,
-                                "plausibility": plaus, "precision": self.precision})
+                                "plausibility": plaus, "precision": self.precision,
+                                **_prior_uid_option(summary.get("change"))})
         sc = secondary_capture(page, sources[0], series_number=self.series_numbers["sc"], timestamp=now,
                                series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
                                referenced_instances=sources)
@@ -453,11 +463,14 @@ class StudyProcessor:
 
 
 def _prior_uid_option(comparison: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What of the prior comparison goes into the result UIDs: the prior's identity when a comparison
-    was made (the SC and SR then differ from a result without one), else nothing."""
+    """What of the prior comparison (or a whole-head ``change`` block) goes into the result UIDs: the
+    prior's identity (and a whole head's mode) when a comparison was made (the SC and SR then differ
+    from a result without one), else nothing."""
     if not comparison or not comparison.get("available"):
         return {}
     prior = comparison.get("prior") or {}
+    if "sides" in comparison:  # hippo.change.wholehead_change
+        return {"change": [comparison.get("mode"), prior.get("source"), prior.get("study_date")]}
     return {"prior": [prior.get("sop_instance_uid") or prior.get("source"), prior.get("study_date"),
                       prior.get("volumes")]}
 

@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from hippo.wholehead.crops import CROP_SHAPE, CropGeometry, crop_geometry, sample_crop
 
 __all__ = ["RigidResult", "rigid_between", "halfway", "jacobian_change", "PairedSide", "PairedResult",
-           "paired_change", "read_prior_input", "change_since_prior", "PriorInput", "STRUCTURES"]
+           "paired_change", "read_prior_input", "pacs_prior_input", "change_since_prior", "PriorInput",
+           "STRUCTURES"]
 
 STRUCTURES = ("anterior", "posterior", "total")
 #: How the paired mode reports the change (``PairedSide.change_percent``): ``"jacobian"``
@@ -520,8 +521,9 @@ class PriorInput:
     """What ``prior=PATH`` named, read.
 
     Attributes:
-        kind: ``"scan"`` (NIfTI/MGZ), ``"dicom"`` (a study folder) or ``"result"`` (our result.json
-            whose scan could not be found: volumes only).
+        kind: ``"scan"`` (NIfTI/MGZ), ``"dicom"`` (a study folder, or the T1 series fetched from the
+            PACS) or ``"result"`` (our result.json whose scan could not be found, or our SR in the
+            PACS: volumes only).
         source: the path given (and the scan behind a result.json).
         array, affine: the earlier scan in closest canonical RAS (``None`` for ``"result"``).
         volumes: per side ``{"anterior", "posterior", "total"}`` mm³ (only for ``"result"``).
@@ -537,6 +539,10 @@ class PriorInput:
     study_date: str | None = None
     patient_id: str | None = None
     algorithm_version: str | None = None
+    #: more for the change block's ``prior`` record (e.g. where in the PACS it was found)
+    record: dict[str, Any] = field(default_factory=dict)
+    #: a sentence for the change block's note (e.g. why the earlier scan itself is not used)
+    note: str = ""
 
 
 def _iso(value: Any) -> str | None:
@@ -612,8 +618,68 @@ def read_prior_input(path) -> PriorInput:
     return PriorInput("result", str(p), volumes=volumes, study_date=date, algorithm_version=str(version or ""))
 
 
+def pacs_prior_input(source: Any, *, patient_id: Any, study_date: Any, study_instance_uid: str) -> PriorInput:
+    """This patient's earlier whole-head scan from the PACS (``source``: a
+    :class:`hippo.prior.DicomwebPriorSource`), for :func:`change_since_prior`.
+
+    1. Our most recent whole-head SR of the same PatientID from an earlier study (another
+       StudyInstanceUID, an earlier StudyDate): :func:`hippo.prior.find_prior` with
+       :func:`hippo.prior.read_wholehead_sr` (QIDO-RS + WADO-RS).
+    2. The image series that SR measured (its evidence) fetched over WADO-RS into a temporary folder
+       and read as a study (the whole-head T1 chosen by :mod:`hippo.dicom.wholehead_select`, as for
+       this study): a ``"dicom"`` input, so that the pair is measured in the paired mode.
+    3. When that series cannot be fetched or read: the SR's left/right volumes, a ``"result"`` input
+       (the independent change) whose note says why.
+
+    Raises:
+        hippo.prior.PriorError: no study date or patient ID here, no earlier whole-head result in
+            the PACS, the PACS unreachable or refusing (one sentence each).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from hippo.change import parse_date
+    from hippo.prior import NO_PATIENT_ID, NO_STUDY_DATE, PriorCandidate, PriorError, find_prior, read_wholehead_sr
+
+    date = parse_date(study_date)
+    if date is None:
+        raise PriorError(NO_STUDY_DATE)
+    if not str(patient_id or "").strip():
+        raise PriorError(NO_PATIENT_ID)
+    found = find_prior(source, patient_id=str(patient_id), study_date=date, study_instance_uid=study_instance_uid,
+                       reader=read_wholehead_sr)
+    day = found.study_date.isoformat()
+    record = {"found_in": f"PACS {source.url}", "study_instance_uid": found.study_instance_uid,
+              "sr_sop_instance_uid": found.sop_instance_uid,
+              "algorithm": {"name": found.algorithm_name, "version": found.algorithm_version}}
+    problems = []
+    for series_uid in found.image_series:
+        try:
+            with tempfile.TemporaryDirectory(prefix="hippo-prior-") as tmp:
+                source.fetch_files(PriorCandidate(found.study_instance_uid, series_uid, found.study_date), tmp)
+                prior = _read_dicom_study(Path(tmp))  # the pixels are in memory: the folder can go
+        except Exception as exc:  # noqa: BLE001 - the SR's volumes still give a change
+            problems.append(str(exc) if isinstance(exc, PriorError)
+                            else f"series {series_uid}: {type(exc).__name__}: {exc}")
+            continue
+        prior.source = f"PACS {source.url}: the earlier T1 series {series_uid} (study of {day})"
+        prior.study_date = prior.study_date or day
+        prior.algorithm_version = found.algorithm_version
+        prior.record = {**record, "series_instance_uid": series_uid,
+                        "used": "the earlier T1 series itself, fetched from the PACS (paired mode)"}
+        prior.note = f"the earlier scan (study of {day}) was fetched from the PACS"
+        return prior
+    why = "; ".join(problems) or "our earlier result names no image series"
+    return PriorInput("result",
+                      f"PACS {source.url}: our earlier whole-head SR {found.sop_instance_uid} (study of {day})",
+                      volumes={s: dict(v) for s, v in found.volumes_mm3.items()}, study_date=day,
+                      algorithm_version=found.algorithm_version,
+                      record={**record, "used": "the volumes of our earlier SR (independent mode)"},
+                      note=f"the earlier T1 series could not be fetched from the PACS ({why})")
+
+
 def change_since_prior(
-    prior: str | PriorInput,
+    prior: str | PriorInput | Callable[[], PriorInput],
     current: tuple[np.ndarray, np.ndarray],
     current_result: Any,
     agent: Any,
@@ -633,7 +699,8 @@ def change_since_prior(
     independent one.
 
     Args:
-        prior: ``prior=PATH`` (see :func:`read_prior_input`) or one already read.
+        prior: ``prior=PATH`` (see :func:`read_prior_input`), one already read, or a function that
+            reads it (e.g. :func:`pacs_prior_input`; what it raises becomes the reason).
         current: ``(array, affine)`` of this scan (closest canonical RAS).
         current_result: this scan's :class:`hippo.wholehead.segment.WholeHeadResult`.
         agent, locator: the ensemble and its light locator (as for ``segment_wholehead``).
@@ -650,16 +717,17 @@ def change_since_prior(
     try:
         if limits == "shipped":
             limits = load_change_limits()
-        p = prior if isinstance(prior, PriorInput) else read_prior_input(prior)
+        p = prior if isinstance(prior, PriorInput) else prior() if callable(prior) else read_prior_input(prior)
         e_date = _iso(prior_date) or p.study_date
         now = {s: {"anterior": current_result.side(s).volumes.anterior_mm3,
                    "posterior": current_result.side(s).volumes.posterior_mm3,
                    "total": current_result.side(s).volumes.total_mm3} for s in ("left", "right")}
-        record = {"source": p.source, "kind": p.kind, "study_date": e_date}
+        record = {"source": p.source, "kind": p.kind, "study_date": e_date, **p.record}
         if p.kind == "result":
+            note = "; ".join(n for n in ("the earlier scan itself was not available: two independent measurements",
+                                         p.note) if n)
             block = wholehead_change(p.volumes, now, earlier_date=e_date, later_date=current_date, mode="independent",
-                                     limits=limits, prior=record,
-                                     note="the earlier scan itself was not available: two independent measurements")
+                                     limits=limits, prior=record, note=note)
             block["seconds"] = round(time.perf_counter() - t0, 2)
             return block
         earlier_result = segment_wholehead(p.array, p.affine, agent, locator=locator, **dict(segment_options or {}))
@@ -670,8 +738,9 @@ def change_since_prior(
         later = {s: pr.side(s).later_mm3_by() for s in ("left", "right")}
         ind_e = {s: pr.independent[s]["earlier_mm3"] for s in ("left", "right")}
         ind_l = {s: pr.independent[s]["later_mm3"] for s in ("left", "right")}
-        note = "the earlier scan was flagged for review: " + "; ".join(earlier_result.review) \
-            if earlier_result.review else ""
+        flagged = ("the earlier scan was flagged for review: " + "; ".join(earlier_result.review)
+                   if earlier_result.review else "")
+        note = "; ".join(n for n in (p.note, flagged) if n)
         block = wholehead_change(earlier, later, earlier_date=e_date, later_date=current_date, mode="paired",
                                  limits=limits, independent=(ind_e, ind_l), prior=record, note=note)
         block["paired"] = pr.as_dict()
@@ -680,5 +749,8 @@ def change_since_prior(
     except Exception as exc:  # noqa: BLE001 - the study itself is still measured
         import logging
 
+        from hippo.prior import PriorError
+
         logging.getLogger(__name__).warning("change since the prior failed: %s: %s", type(exc).__name__, exc)
-        return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+        reason = str(exc) if isinstance(exc, PriorError) else f"{type(exc).__name__}: {exc}"
+        return {"available": False, "reason": reason}
