@@ -126,3 +126,52 @@ def test_paired_mode_recovers_five_percent_atrophy_on_a_real_head(tmp_path):
         assert block["sides"][side]["total"]["change_percent"] == pytest.approx(-5.0, abs=1.0)
         assert "year" in block["sides"][side]["statement"]
     json.dumps(block)  # JSON-able for result.json
+
+
+def _fake_result(left: float, right: float):
+    """Stands in for a WholeHeadResult where only the volumes are read (independent change)."""
+    from types import SimpleNamespace
+
+    def side(total):
+        return SimpleNamespace(volumes=SimpleNamespace(anterior_mm3=total / 2, posterior_mm3=total / 2, total_mm3=total))
+
+    sides = {"left": side(left), "right": side(right)}
+    return SimpleNamespace(side=lambda s: sides[s])
+
+
+def _result_json(path: Path, date: str, left: float, right: float, change: dict | None = None) -> Path:
+    vols = {s: {"anterior_mm3": v / 2, "posterior_mm3": v / 2, "total_mm3": v} for s, v in (("left", left), ("right", right))}
+    path.write_text(json.dumps({"status": "ok", "scan_date": date, "volumes_mm3": vols,
+                                **({"change": change} if change else {})}))
+    return path
+
+
+def test_three_visits_chained_by_result_json_give_a_trajectory_with_its_noise_band(tmp_path):
+    """Visit 3 with ``prior=`` visit 2's result.json (which was compared with visit 1's): the change
+    block carries all three time points, oldest first, each visit's own volumes, and the independent
+    MDC95 per side; the page draws the trajectory (taller than with two points)."""
+    from hippo.change import load_change_limits
+    from hippo.wholehead.longitudinal import change_since_prior
+    from hippo.wholehead.page import render_wholehead_report
+
+    limits = load_change_limits()
+    v1 = _result_json(tmp_path / "v1.json", "2023-01-10", 3100.0, 3200.0)
+    c2 = change_since_prior(v1, (None, None), _fake_result(3040.0, 3150.0), None, current_date="2024-01-12")
+    assert c2["available"], c2
+    assert [p["date"] for p in c2["trajectory"]["points"]] == ["2023-01-10", "2024-01-12"]
+    v2 = _result_json(tmp_path / "v2.json", "2024-01-12", 3040.0, 3150.0, change=c2)
+    c3 = change_since_prior(v2, (None, None), _fake_result(2950.0, 3110.0), None, current_date="2025-01-15")
+    traj = c3["trajectory"]
+    assert [(p["date"], p["left_mm3"], p["right_mm3"]) for p in traj["points"]] == [
+        ("2023-01-10", 3100.0, 3200.0), ("2024-01-12", 3040.0, 3150.0), ("2025-01-15", 2950.0, 3110.0)]
+    assert traj["mdc95_percent"] == {s: limits.mdc("independent", s) for s in ("left", "right")}
+    # the change itself is still against the latest prior only
+    assert c3["earlier_date"] == "2024-01-12" and c3["sides"]["left"]["total"]["change_mm3"] == pytest.approx(-90.0)
+
+    image = np.random.default_rng(0).random((60, 70, 50)).astype(np.float32)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[20:25, 30:40, 20:25], labels[40:45, 30:40, 20:25] = 1, 3
+    summary = {"left": {"total_mm3": 2950}, "right": {"total_mm3": 3110}, "review": [], "notes": []}
+    two = render_wholehead_report(image, labels, (1, 1, 1), dict(summary, change=c2))
+    three = render_wholehead_report(image, labels, (1, 1, 1), dict(summary, change=c3))
+    assert three.height >= two.height + 200  # the plot, its axis dates and the band's legend

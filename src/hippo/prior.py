@@ -559,6 +559,18 @@ def find_prior(source: DicomwebPriorSource, *, patient_id: str, study_date: _dt.
     Raises:
         PriorError: no earlier result, PACS unreachable or refusing, every earlier SR unreadable.
     """
+    return find_priors(source, patient_id=patient_id, study_date=study_date, study_instance_uid=study_instance_uid,
+                       reader=reader, first_only=True)[0]
+
+
+def find_priors(source: DicomwebPriorSource, *, patient_id: str, study_date: _dt.date,
+                study_instance_uid: str, reader: Callable[..., Any] = read_sr, first_only: bool = False) -> list[Any]:
+    """Our results of this patient from every study before ``study_date`` (one per study day, the
+    latest SR of that day), newest first: :func:`find_prior` takes the first; a trajectory all.
+
+    Raises:
+        PriorError: as :func:`find_prior` (none readable).
+    """
     candidates = [c for c in source.find(patient_id)
                   if c.study_instance_uid != study_instance_uid and c.study_date is not None
                   and c.study_date < study_date]
@@ -566,6 +578,7 @@ def find_prior(source: DicomwebPriorSource, *, patient_id: str, study_date: _dt.
         raise PriorError(f"the PACS holds no earlier result for patient ID {patient_id} before "
                          f"{study_date.isoformat()}")
     problems: list[str] = []
+    results: list[Any] = []
     for day in sorted({c.study_date for c in candidates}, reverse=True):
         found: list[tuple[str, Any]] = []
         for cand in (c for c in candidates if c.study_date == day):
@@ -578,9 +591,13 @@ def find_prior(source: DicomwebPriorSource, *, patient_id: str, study_date: _dt.
                     continue
                 found.append((f"{ds.get('ContentDate', '')}{ds.get('ContentTime', '')}", result))
         if found:
-            return max(found, key=lambda f: f[0])[1]
-    raise PriorError(problems[0] if problems else
-                     f"the PACS holds no readable earlier result for patient ID {patient_id}")
+            results.append(max(found, key=lambda f: f[0])[1])
+            if first_only:
+                break
+    if not results:
+        raise PriorError(problems[0] if problems else
+                         f"the PACS holds no readable earlier result for patient ID {patient_id}")
+    return results
 
 
 # --------------------------------------------------------------------------------------------------

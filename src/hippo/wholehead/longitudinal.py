@@ -543,6 +543,30 @@ class PriorInput:
     record: dict[str, Any] = field(default_factory=dict)
     #: a sentence for the change block's note (e.g. why the earlier scan itself is not used)
     note: str = ""
+    #: the patient's measured time points up to this prior, oldest first (:func:`trajectory_point`):
+    #: from a result.json's own trajectory, or every earlier SR in the PACS; empty: the prior alone
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def trajectory_point(date: Any, volumes: Mapping[str, Mapping[str, float]], source: str = "") -> dict[str, Any]:
+    """One time point of a trajectory: ``{"date": ISO or None, "left_mm3", "right_mm3", "source"}``
+    (total volumes, each measured on its own: the points of a trajectory are independent)."""
+    return {"date": _iso(date), "left_mm3": round(float(volumes["left"]["total"]), 1),
+            "right_mm3": round(float(volumes["right"]["total"]), 1), "source": str(source)}
+
+
+def _trajectory(history: Sequence[Mapping[str, Any]], prior_point: Mapping[str, Any],
+                current_point: Mapping[str, Any], limits: Any) -> dict[str, Any]:
+    """The ``trajectory`` of a change block: every known time point (one per date, the latest
+    measurement of a date kept), oldest first, with the independent MDC95 per side (%) for the
+    noise band (each point is one measurement)."""
+    by_date: dict[Any, dict[str, Any]] = {}
+    for point in [*history, prior_point, current_point]:
+        by_date[point.get("date") or f"undated {len(by_date)}"] = dict(point)
+    points = sorted(by_date.values(), key=lambda q: (q.get("date") is None, q.get("date") or ""))
+    mdc = None if limits is None else {s: limits.mdc("independent", s) for s in ("left", "right")}
+    return {"points": points, "mdc95_percent": mdc,
+            "band": "an unchanged head's later measurements fall within ± the independent MDC95 of the first point"}
 
 
 def _iso(value: Any) -> str | None:
@@ -603,6 +627,10 @@ def read_prior_input(path) -> PriorInput:
         raise ValueError(f"prior={p}: not a finished measurement (status {data.get('status')!r})")
     date = _iso(data.get("scan_date") or data.get("study_date"))
     version = (data.get("model") or {}).get("hippo_version") or data.get("hippo_version")
+    recorded = {s: {k: float(vols[s][f"{k}_mm3"]) for k in STRUCTURES} for s in ("left", "right")}
+    # the time points this result knew (its own trajectory ends with itself), else itself alone
+    history = [dict(q) for q in ((data.get("change") or {}).get("trajectory") or {}).get("points") or []] \
+        or [trajectory_point(date, recorded, str(p))]
     for key in ("scan", "study"):  # hippo.predict records "scan", hippo.deploy "study"
         src = data.get(key)
         if not src:
@@ -613,9 +641,10 @@ def read_prior_input(path) -> PriorInput:
             prior.study_date = prior.study_date or date
             prior.source = f"{p} (scan {q})"
             prior.algorithm_version = version
+            prior.history = history
             return prior
-    volumes = {s: {k: float(vols[s][f"{k}_mm3"]) for k in STRUCTURES} for s in ("left", "right")}
-    return PriorInput("result", str(p), volumes=volumes, study_date=date, algorithm_version=str(version or ""))
+    return PriorInput("result", str(p), volumes=recorded, study_date=date, algorithm_version=str(version or ""),
+                      history=history)
 
 
 def pacs_prior_input(source: Any, *, patient_id: Any, study_date: Any, study_instance_uid: str) -> PriorInput:
@@ -639,15 +668,17 @@ def pacs_prior_input(source: Any, *, patient_id: Any, study_date: Any, study_ins
     from pathlib import Path
 
     from hippo.change import parse_date
-    from hippo.prior import NO_PATIENT_ID, NO_STUDY_DATE, PriorCandidate, PriorError, find_prior, read_wholehead_sr
+    from hippo.prior import NO_PATIENT_ID, NO_STUDY_DATE, PriorCandidate, PriorError, find_priors, read_wholehead_sr
 
     date = parse_date(study_date)
     if date is None:
         raise PriorError(NO_STUDY_DATE)
     if not str(patient_id or "").strip():
         raise PriorError(NO_PATIENT_ID)
-    found = find_prior(source, patient_id=str(patient_id), study_date=date, study_instance_uid=study_instance_uid,
-                       reader=read_wholehead_sr)
+    earlier = find_priors(source, patient_id=str(patient_id), study_date=date, study_instance_uid=study_instance_uid,
+                          reader=read_wholehead_sr)
+    found = earlier[0]  # the most recent
+    history = [trajectory_point(r.study_date, r.volumes_mm3, r.source) for r in reversed(earlier)]
     day = found.study_date.isoformat()
     record = {"found_in": f"PACS {source.url}", "study_instance_uid": found.study_instance_uid,
               "sr_sop_instance_uid": found.sop_instance_uid,
@@ -668,6 +699,7 @@ def pacs_prior_input(source: Any, *, patient_id: Any, study_date: Any, study_ins
         prior.record = {**record, "series_instance_uid": series_uid,
                         "used": "the earlier T1 series itself, fetched from the PACS (paired mode)"}
         prior.note = f"the earlier scan (study of {day}) was fetched from the PACS"
+        prior.history = history
         return prior
     why = "; ".join(problems) or "our earlier result names no image series"
     return PriorInput("result",
@@ -675,7 +707,7 @@ def pacs_prior_input(source: Any, *, patient_id: Any, study_date: Any, study_ins
                       volumes={s: dict(v) for s, v in found.volumes_mm3.items()}, study_date=day,
                       algorithm_version=found.algorithm_version,
                       record={**record, "used": "the volumes of our earlier SR (independent mode)"},
-                      note=f"the earlier T1 series could not be fetched from the PACS ({why})")
+                      note=f"the earlier T1 series could not be fetched from the PACS ({why})", history=history)
 
 
 def change_since_prior(
@@ -728,6 +760,8 @@ def change_since_prior(
                                          p.note) if n)
             block = wholehead_change(p.volumes, now, earlier_date=e_date, later_date=current_date, mode="independent",
                                      limits=limits, prior=record, note=note)
+            block["trajectory"] = _trajectory(p.history, trajectory_point(e_date, p.volumes, p.source),
+                                              trajectory_point(current_date, now, "this scan"), limits)
             block["seconds"] = round(time.perf_counter() - t0, 2)
             return block
         earlier_result = segment_wholehead(p.array, p.affine, agent, locator=locator, **dict(segment_options or {}))
@@ -744,6 +778,11 @@ def change_since_prior(
         block = wholehead_change(earlier, later, earlier_date=e_date, later_date=current_date, mode="paired",
                                  limits=limits, independent=(ind_e, ind_l), prior=record, note=note)
         block["paired"] = pr.as_dict()
+        # the earlier point as recorded when it was measured (else as measured now), this scan's own
+        earlier_point = next((q for q in reversed(p.history) if q.get("date") == e_date), None) \
+            or trajectory_point(e_date, {s: {"total": ind_e[s]["total"]} for s in ("left", "right")}, p.source)
+        block["trajectory"] = _trajectory(p.history, earlier_point, trajectory_point(current_date, now, "this scan"),
+                                          limits)
         block["seconds"] = round(time.perf_counter() - t0, 2)
         return block
     except Exception as exc:  # noqa: BLE001 - the study itself is still measured

@@ -269,7 +269,8 @@ def _draw_change(d: ImageDraw.ImageDraw, change: Mapping[str, Any] | None, y: in
 
 
 def _draw_trajectory(d: ImageDraw.ImageDraw, traj: Mapping[str, Any], y: int, margin: int) -> int:
-    """Total volume per side against the study date (three or more time points)."""
+    """Total volume per side against the study date (three or more time points), with each side's
+    noise band (the first point ± the independent MDC95, dashed) when the trajectory carries it."""
     import datetime as _dt
 
     pts = [p for p in traj.get("points") or [] if p.get("date")]
@@ -281,8 +282,13 @@ def _draw_trajectory(d: ImageDraw.ImageDraw, traj: Mapping[str, Any], y: int, ma
     vals = [v for p in pts for v in (p.get("left_mm3"), p.get("right_mm3")) if v is not None]
     if not vals:
         return y
+    mdc = traj.get("mdc95_percent") or {}
+    for side in ("left", "right"):  # the noise bands stay inside the plot
+        first = next((p[f"{side}_mm3"] for p in pts if p.get(f"{side}_mm3") is not None), None)
+        if first is not None and mdc.get(side):
+            vals += [first * (1 - mdc[side] / 100), first * (1 + mdc[side] / 100)]
     lo, hi = min(vals), max(vals)
-    pad = max((hi - lo) * 0.15, 25.0)
+    pad = max((hi - lo) * 0.08, 25.0)
     lo, hi = lo - pad, hi + pad
     span = max((dates[-1] - dates[0]).days, 1)
     px = lambda dt: x0 + w * (dt - dates[0]).days / span  # noqa: E731
@@ -290,8 +296,14 @@ def _draw_trajectory(d: ImageDraw.ImageDraw, traj: Mapping[str, Any], y: int, ma
     d.rectangle((x0, y0, x0 + w, y0 + h), outline=_MUTED)
     for v in (lo + pad, hi - pad):
         d.text((x0 - 6, py(v)), f"{v:,.0f}", anchor="rm", font=_font(13), fill=_MUTED)
-    d.text((x0 - 55, y0 - 2), "mm\u00b3", font=_font(13), fill=_MUTED)
+    d.text((x0 - 55, y0 - 18), "mm\u00b3", font=_font(13), fill=_MUTED)
     for side, colour in (("left", (0, 110, 200)), ("right", (200, 90, 0))):
+        first = next((p[f"{side}_mm3"] for p in pts if p.get(f"{side}_mm3") is not None), None)
+        if first is not None and mdc.get(side):  # the noise band: dashes at the first point ± MDC95
+            for v in (first * (1 - mdc[side] / 100), first * (1 + mdc[side] / 100)):
+                yy = py(v)
+                for xx in range(int(x0), int(x0 + w), 12):
+                    d.line((xx, yy, min(xx + 6, x0 + w), yy), fill=colour, width=1)
         xy = [(px(dt), py(p[f"{side}_mm3"])) for dt, p in zip(dates, pts) if p.get(f"{side}_mm3") is not None]
         if len(xy) >= 2:
             d.line(xy, fill=colour, width=3)
@@ -300,6 +312,10 @@ def _draw_trajectory(d: ImageDraw.ImageDraw, traj: Mapping[str, Any], y: int, ma
         d.text((x0 + w + 10, xy[-1][1] if xy else y0), side, anchor="lm", font=_font(14, True), fill=colour)
     for dt in (dates[0], dates[-1]):
         d.text((px(dt), y0 + h + 4), dt.isoformat(), anchor="mt", font=_font(13), fill=_MUTED)
+    if mdc:
+        d.text((x0, y0 + h + 22), "Dashed: the first measurement \u00b1 the change two scans of an unchanged head "
+               "differ by (95 %)", font=_font(13), fill=_MUTED)
+        return y0 + h + 44
     return y0 + h + 28
 
 

@@ -233,7 +233,7 @@ class ScanProcessor:
             for k in ("crop", "infer", "quality", "map_back", "review"):
                 timings[k] = result.timings_s.get(k, 0.0)
             summary = result.as_dict()
-            if self.prior:  # change since an earlier scan/result: paired when the earlier scan is readable
+            if self.prior and self.prior.get("path"):  # change since an earlier scan/result: paired when readable
                 from hippo.wholehead.longitudinal import change_since_prior
 
                 stage, t = "prior", time.perf_counter()
@@ -282,7 +282,9 @@ class ScanProcessor:
                 "asymmetry_index_percent": out.asymmetry_index_percent,
                 "etiv_mm3": out.etiv_mm3,
                 "quality": summary["quality"],
-                **({"scan_date": self.prior.get("scan_date"), "change": summary["change"]} if self.prior else {}),
+                # scan_date: so that this result can be a later run's prior=, the first of a trajectory
+                **({"scan_date": self.prior.get("scan_date")} if self.prior and self.prior.get("scan_date") else {}),
+                **({"change": summary["change"]} if "change" in summary else {}),
                 "etiv_method": ("|det| of the MNI->scan affine x 1,948,106 mm³ (FreeSurfer's eTIV scale factor for an "
                                 "affine to MNI305 space, mri_segstats/MRIestimateTIV; Buckner et al. 2004)"),
                 "review": out.review, "notes": out.notes,
@@ -488,9 +490,9 @@ def run_predict(cfg: Mapping[str, Any]) -> int:
     if cfg.get("prior") and len(scans) > 1:
         raise SystemExit(f"error: prior= compares one scan with an earlier scan of the same head; input holds "
                          f"{len(scans)} scans")
-    if cfg.get("prior"):  # change since an earlier scan or result.json (docs/longitudinal.md)
-        settings["prior"] = {"path": str(Path(str(cfg["prior"])).resolve()), "date": cfg.get("prior_date"),
-                             "scan_date": cfg.get("scan_date")}
+    if cfg.get("prior") or cfg.get("scan_date"):  # change since an earlier scan or result.json (docs/longitudinal.md)
+        settings["prior"] = {"path": str(Path(str(cfg["prior"])).resolve()) if cfg.get("prior") else None,
+                             "date": cfg.get("prior_date"), "scan_date": cfg.get("scan_date")}
     key = run_key(model_path, settings)
     workers = max(1, int(cfg["workers"]))
     threads = int(cfg["threads"]) if cfg.get("threads") else None
