@@ -74,3 +74,33 @@ def test_bench_synthetic_smoke(tmp_path: Path) -> None:
     assert figures["n_cases"] == 2 and len(figures["seconds"]) == 2 and figures["met"] is True
     assert figures["best_s"] == min(figures["seconds"]) > 0
     assert "generate_dataset, 2 cases" in proc.stdout and "target <= 1000000000.0 s: met" in proc.stdout
+
+
+WHOLEHEAD = REPO.parent / "shared/data/wholehead"
+HIPPODEEP = REPO.parent / "shared/tools/hippodeep/hippodeep.py"
+
+
+@pytest.mark.slow
+def test_bench_wholehead_smoke(tmp_path: Path) -> None:
+    """One real head (the small 1.75 mm one) through the table and the interleaved process timing,
+    hippodeep beside us; an unknown section is refused."""
+    script = str(REPO / "benchmarks/bench_wholehead.py")
+    bad = subprocess.run([sys.executable, script, "--sections", "table,speed"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "speed" in bad.stderr
+    head = WHOLEHEAD / "example_brain_t1.nii.gz"
+    if not head.is_file() or not HIPPODEEP.is_file():
+        pytest.skip(f"needs {head} and {HIPPODEEP}")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / head.name).symlink_to(head)
+    out = tmp_path / "wholehead.json"
+    proc = subprocess.run([sys.executable, script, "--scans", str(scans), "--sections", "table,process",
+                           "--repeat", "1", "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    (row,) = figures["table"]
+    assert row["status"] in ("ok", "review") and row["left_mm3"] > 0 and row["hippodeep"]["left_mm3"] > 0
+    assert row["delta_left_percent"] is not None
+    assert figures["process"]["ratio"] > 0 and len(figures["process"]["ours_wall_s"]) == 1
+    assert "| scan | input | status |" in proc.stdout and "ours / hippodeep" in proc.stdout
