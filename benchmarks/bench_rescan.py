@@ -21,8 +21,12 @@ variants on every run):
   scaled to ``[-1, 1]`` over the head's bounding box, ``b`` = ``--bias`` (±10 %).
 
 Each is run through :func:`hippo.wholehead.segment.segment_wholehead` with the shipped model
-(``bfloat16``, the light locator, the defaults of ``conf/predict.yaml``), exactly as ``hippo.predict``
-does. Status: ``ok``, ``review`` (any review reason) or ``failed`` (an exception).
+(``--precision``, default ``auto`` as ``hippo.predict``: bfloat16 only where the hardware runs it
+natively, else float32, see :func:`hippo.infer.resolve_precision`; the light locator, the defaults
+of ``conf/predict.yaml``), exactly as ``hippo.predict`` does. Status: ``ok``, ``review`` (any review
+reason) or ``failed`` (an exception). The volumes are the ones the product reports (the soft volume
+on the crop grid, :class:`hippo.wholehead.segment.SideVolumes`); the label map's voxel counts on the
+scan grid are kept beside them (``left_label_mm3``...) and summarised the same way (``label_map``).
 
 Per head and side: CoV (SD / mean of the stored scan and its ``k`` re-acquisitions), the worst
 difference of a re-acquisition from the stored scan (%), and how often the status differed from the
@@ -171,6 +175,8 @@ def measure(array, affine, agent, locator, rules, quality_rules, settings) -> di
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - t}
     return {"status": "review" if r.review else "ok", "review": list(r.review),
             "left_mm3": r.left.volumes.total_mm3, "right_mm3": r.right.volumes.total_mm3,
+            **{f"{side}_label_mm3": r.side(side).volumes.total_voxels * r.side(side).volumes.voxel_volume_mm3
+               for side in ("left", "right")},
             "registration": {"score": r.registration.score, "determinant": r.registration.determinant},
             "seconds": time.perf_counter() - t, "_registration": r.registration}
 
@@ -207,16 +213,18 @@ def report(results: dict[str, Any], k: int) -> tuple[dict[str, Any], list[str]]:
             sem = (ss / dof) ** 0.5
             summary[side] = {"sem_mm3": sem, "mdc95_mm3": 1.96 * 2 ** 0.5 * sem, "dof": dof}
 
-    lines = ["| head | stored status | L CoV % | L worst % | R CoV % | R worst % | status changed | rescan statuses |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| head | stored status | L CoV % | L worst % | R CoV % | R worst % | status changed | rescan statuses "
+             "| label map L / R CoV % |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
     for name, e in results.items():
-        def f(side, key):
-            v = e[side].get(key)
+        def f(side, key, d=None):
+            v = (d if d is not None else e[side]).get(key)
             return "—" if v is None else f"{v:+.1f}" if key == "worst_diff_percent" else f"{v:.2f}"
+        lm = " / ".join(f("", "cov_percent", e[side].get("label_map", {})) for side in ("left", "right"))
         lines.append(f"| {name} | {e['runs'][0]['status']} | {f('left', 'cov_percent')} | "
                      f"{f('left', 'worst_diff_percent')} | {f('right', 'cov_percent')} | "
                      f"{f('right', 'worst_diff_percent')} | {e['status_changes']}/{k} | "
-                     f"{', '.join(r['status'] for r in e['runs'][1:])} |")
+                     f"{', '.join(r['status'] for r in e['runs'][1:])} | {lm} |")
     log("\n".join(lines))
     for side, s in summary.items():
         log(f"{side}: pooled within-head SD (SEM) {s['sem_mm3']:.0f} mm³, MDC95 = 1.96 x sqrt(2) x SEM = "
@@ -236,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--dicom", action="store_true", help="also every folder of .dcm files (hippo.dicom.volume)")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--precision", choices=("bfloat16", "float32"), default="bfloat16",
-                    help="bfloat16 as hippo.predict; float32 on CPUs without native bfloat16 (no AVX-512 BF16/AMX), "
-                         "where bfloat16 runs emulated and is many times slower (volumes within 0.2 %%)")
+    ap.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="auto (as hippo.predict): bfloat16 only where the hardware runs it natively "
+                         "(AVX-512 BF16/AMX, CUDA), else float32; bfloat16 emulated on a CPU without it is ~40x "
+                         "slower (volumes within 0.2 %% of float32)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--merge", nargs="+", type=Path, default=None,
                     help="no runs: merge the heads of these earlier --out files (e.g. heads run in parallel) into --out")
@@ -248,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         results = {name: e for part in parts for name, e in part["heads"].items()}
         summary, lines = report(results, int(parts[0]["settings"]["k"]))
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"settings": parts[0]["settings"], "merged_from": [str(p) for p in args.merge],
+        settings = {**parts[0]["settings"], "only": sorted(results),
+                    "dicom": any(p["settings"].get("dicom") for p in parts)}
+        args.out.write_text(json.dumps({"settings": settings, "merged_from": [str(p) for p in args.merge],
                                         "machine": parts[0].get("machine"),
                                         "seconds": sum(p.get("seconds", 0.0) for p in parts), "heads": results,
                                         "mdc": summary, "table": lines}, indent=1, default=float))
@@ -311,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                           "diff_percent": 100.0 * (vals[j] - vals[i]) / ((vals[i] + vals[j]) / 2.0)}
                          for i, j in itertools.combinations(range(len(vals)), 2)
                          if vals[i] is not None and vals[j] is not None and vals[i] + vals[j] > 0]
-            entry[side] = {**st, "volumes_mm3": vals, "diff_from_stored_mm3": pairs_stored, "pairs": pairs_all}
+            labels = [r.get(f"{side}_label_mm3") for r in runs]
+            entry[side] = {**st, "volumes_mm3": vals, "diff_from_stored_mm3": pairs_stored, "pairs": pairs_all,
+                           "label_map": {**side_stats(labels, labels[0]), "volumes_mm3": labels}}
         entry["status_changes"] = sum(r["status"] != runs[0]["status"] for r in runs[1:])
         results[name] = entry
         log(f"  {name}: stored {runs[0]['status']}, "
@@ -321,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     summary, lines = report(results, args.k)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                     "precision_resolved": agent.precision},
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "seconds": time.perf_counter() - t_all, "heads": results, "mdc": summary, "table": lines,
     }, indent=1, default=float))

@@ -522,6 +522,99 @@ def test_each_side_gets_a_quality_score_from_the_final_ensemble_pass():
     assert result.left.quality.reasons == []
 
 
+class IntensityAgent:
+    """Stands in for the model on a scan that holds a bright smooth ellipsoid per side: the
+    foreground probability is a ramp of the crop's intensity (0 at 30, 1 at 70), split into
+    anterior (high crop y) and posterior; labels where it passes 0.5."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def segment(self, volume, return_probabilities=False):
+        self.calls += 1
+        v = np.asarray(volume, np.float32)
+        fg = np.clip((v - 30.0) / 40.0, 0.0, 1.0)
+        ant = np.indices(v.shape)[1] >= CENTRE_FRACTION[1] * (v.shape[1] - 1)
+        probs = np.stack([1.0 - fg, fg * ant, fg * ~ant]).astype(np.float32)
+        labels = np.where(fg > 0.5, np.where(ant, 1, 2), 0).astype(np.uint8)
+        return (labels, probs) if return_probabilities else labels
+
+
+def _ellipsoid_head(grid_shift=(0.0, 0.0, 0.0), offset_mm=(0.0, 0.0, 0.0), spacing=1.5, shape=(120, 150, 120)):
+    """A 1.5 mm scan in MNI's pose holding, per side, a smooth bright ellipsoid (semi-axes 7, 16,
+    6 mm) at the atlas hippocampus centroid moved by ``offset_mm``; the voxel grid's origin moved by
+    ``grid_shift`` voxels (the same anatomy sampled on another grid)."""
+    affine = np.diag([spacing] * 3 + [1.0])
+    affine[:3, 3] = -np.asarray(shape) * spacing / 2 + np.asarray(grid_shift) * spacing
+    idx = np.indices(shape, dtype=np.float32).reshape(3, -1)
+    world = affine[:3, :3].astype(np.float32) @ idx + affine[:3, 3:4].astype(np.float32)
+    image = np.zeros(idx.shape[1], np.float32)
+    for side in ("left", "right"):
+        c = np.asarray(HIPPOCAMPUS_CENTROIDS_MNI[side], np.float32) + np.asarray(offset_mm, np.float32)
+        r = np.sqrt((((world - c[:, None]) / np.array([[7.0], [16.0], [6.0]], np.float32)) ** 2).sum(0))
+        image = np.maximum(image, 100.0 / (1.0 + np.exp(np.minimum((r - 1.0) * 8.0, 50.0))))
+    return image.reshape(shape), affine
+
+
+def test_reported_volume_is_the_soft_volume_and_holds_on_another_voxel_grid():
+    """The reported volume is the ensemble's expected (soft) volume on the crop grid; the same
+    anatomy on a grid shifted by a fraction of a voxel gives it again within 0.3 %, while the label
+    map's count on the 1.5 mm scan grid moves by several times that. The label counts stay in the
+    result beside it."""
+    from hippo.wholehead.segment import VOLUME_METHOD, SideVolumes, soft_volumes
+
+    reg = Registration(np.eye(4), score=-0.4)
+    soft, counted = {"left": [], "right": []}, {"left": [], "right": []}
+    for shift in ((0.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.3, -0.2, 0.45), (-0.4, 0.15, -0.25)):
+        image, affine = _ellipsoid_head(grid_shift=shift)
+        result = segment_wholehead(image, affine, IntensityAgent(), registration=reg)
+        for side in ("left", "right"):
+            s = result.side(side)
+            v = s.volumes
+            assert isinstance(v, SideVolumes)
+            # the soft volume of the final crop, as soft_volumes gives it from the crop's own result
+            labels, probs = IntensityAgent().segment(s.crop_image, return_probabilities=True)
+            expect = soft_volumes(probs, labels)
+            assert v.total_mm3 == pytest.approx(expect["total"], rel=1e-5)
+            assert v.anterior_mm3 == pytest.approx(expect["anterior"], rel=1e-5)
+            assert v.total_mm3 == pytest.approx(v.anterior_mm3 + v.posterior_mm3)
+            assert v.label_total_mm3 == pytest.approx(v.total_voxels * 1.5 ** 3)
+            assert v.label_total_mm3 == pytest.approx(float((s.labels > 0).sum()) * 1.5 ** 3)
+            d = s.as_dict()
+            assert d["total_mm3"] == pytest.approx(v.total_mm3, abs=0.1)
+            assert d["label_map_mm3"]["total"] == pytest.approx(v.label_total_mm3, abs=0.1)
+            assert d["volume_method"] == VOLUME_METHOD and d["volume_method"].startswith("soft")
+            soft[side].append(v.total_mm3)
+            counted[side].append(v.label_total_mm3)
+    for side in ("left", "right"):
+        spread = max(soft[side]) / min(soft[side]) - 1
+        label_spread = max(counted[side]) / min(counted[side]) - 1
+        assert 0.9 * 4 / 3 * np.pi * 7 * 16 * 6 < soft[side][0] < 1.1 * 4 / 3 * np.pi * 7 * 16 * 6
+        assert spread < 0.003, (side, soft[side])
+        assert label_spread > 2 * spread, (side, counted[side], soft[side])
+
+
+def test_a_locator_pass_far_off_looks_again_before_the_ensemble():
+    """The registration 20 mm off (the hippocampus half out of the first crop): the light locator
+    is re-centred and run again (``relocate_mm``), and the ensemble settles in one pass per side with
+    the volume of a well-placed crop."""
+    reg = Registration(np.eye(4), score=-0.4)
+    image, affine = _ellipsoid_head()
+    placed = segment_wholehead(image, affine, IntensityAgent(), registration=reg, locator=IntensityAgent())
+    image, affine = _ellipsoid_head(offset_mm=(0.0, 0.0, 20.0))
+    agent, locator = IntensityAgent(), IntensityAgent()
+    result = segment_wholehead(image, affine, agent, registration=reg, locator=locator)
+    assert agent.calls == 2 and locator.calls >= 4  # one ensemble pass per side, the locator twice or more
+    for side in ("left", "right"):
+        s = result.side(side)
+        assert s.settled and s.final_offset_mm < 0.5 and s.refine_shift_mm > 15
+        assert s.volumes.total_mm3 == pytest.approx(placed.side(side).volumes.total_mm3, rel=0.01)
+    # without it the ensemble's own passes do the walking
+    agent, locator = IntensityAgent(), IntensityAgent()
+    segment_wholehead(image, affine, agent, registration=reg, locator=locator, relocate_passes=0)
+    assert locator.calls == 2 and agent.calls > 2
+
+
 def test_the_page_gives_one_quality_line_per_side():
     from hippo.dicom.report import quality_text
     from hippo.wholehead.page import render_wholehead_report
