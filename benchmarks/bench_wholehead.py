@@ -19,7 +19,7 @@ scan from its own ``Elapsed time for subject`` lines. It sets ``torch.set_num_th
 we run with our default threads (every core). Both run under the same ``nice`` as this script.
 
 **Rounds.** One round runs, in a fresh scratch folder: (a) ``python -m hippo.predict input=FOLDER
-workers=1`` once over a folder of symlinks to every NIfTI/MGZ head (one process), and (b)
+workers=1`` (``--workers``) once over a folder of symlinks to every NIfTI/MGZ head (one process), and (b)
 hippodeep once with the same files as arguments (one process); the order alternates from round to
 round (ours first in even rounds) so that a change in the machine's load hits both alike. Each run
 is timed as a whole process (wall clock from start to exit: interpreter, imports, model load, the
@@ -200,11 +200,11 @@ def _run(cmd: list[str], what: str) -> dict[str, Any]:
             "stdout": r.stdout, "stderr": r.stderr}
 
 
-def run_predict(heads: list[Head], work: Path) -> dict[str, Any]:
+def run_predict(heads: list[Head], work: Path, workers: int = 1) -> dict[str, Any]:
     folder = work / "ours_in"
     _link_folder(folder, heads)
     out = work / "ours_out"
-    run = _run([sys.executable, "-m", "hippo.predict", f"input={folder}", f"output={out}", "workers=1",
+    run = _run([sys.executable, "-m", "hippo.predict", f"input={folder}", f"output={out}", f"workers={workers}",
                 "progress=false", f"hydra.run.dir={work / 'hydra_predict'}"], "hippo.predict")
     summary = out / "summary.json"
     run["summary"] = json.loads(summary.read_text()) if summary.is_file() else None
@@ -437,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hippodeep", type=Path, default=DEFAULT_HIPPODEEP, help="hippodeep.py (run, never imported)")
     ap.add_argument("--repeat", type=int, default=2, help="rounds of the process section (and variants)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="hippo.predict's workers (processes over the scans, threads split among them)")
     ap.add_argument("--sections", default=DEFAULT_SECTIONS, help=f"any of {','.join(SECTIONS)}")
     args = ap.parse_args(argv)
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]
@@ -464,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "loadavg_start": load_start, "nice": os.nice(0)},
         "args": {"scans": str(args.scans), "hippodeep": str(args.hippodeep), "repeat": args.repeat,
-                 "sections": sections},
+                 "sections": sections, "workers": args.workers},
         "heads": [{"scan": h.label, "name": h.name, "file": h.rel, "kind": h.kind,
                    "freesurfer_labels": str(h.aseg) if h.aseg else None} for h in heads],
         "skipped": skipped,
@@ -490,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 log(f"round {i + 1}/{n_rounds}: {who} on {len(files)} NIfTI/MGZ head(s) ...")
                 if who == "ours":
-                    rnd["ours"] = run_predict(files, rwork)
+                    rnd["ours"] = run_predict(files, rwork, args.workers)
                 else:
                     links = _link_folder(rwork / "hd_in", files)
                     rnd["hippodeep"] = run_hippodeep(args.hippodeep, links)
@@ -582,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                     "imports": imports}
             result["process"] = proc
             log(f"\n== whole process over the folder of {len(files)} NIfTI/MGZ heads, {len(rounds)} round(s) interleaved: "
-                f"`python -m hippo.predict input=FOLDER workers=1` against `hippodeep.py FILE ...`")
+                f"`python -m hippo.predict input=FOLDER workers={args.workers}` against `hippodeep.py FILE ...`")
             log("| round | order | ours s | hippodeep s | ours / hippodeep | load (1 min) before ours / hd | "
                 "others' CPU (cores) during ours / hd |")
             log("|---:|---|---:|---:|---:|---:|---:|")

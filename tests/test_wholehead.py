@@ -238,6 +238,34 @@ def test_registration_recovers_a_known_affine():
     assert reg.etiv_mm3 == pytest.approx(abs(reg.determinant) * 1_948_106.0)
 
 
+def test_registration_is_the_same_with_refinements_side_by_side():
+    """The refinements run on two cores side by side (one ITK thread each) give bit for bit the
+    registration they give one after the other: the same scan always gets the same crops."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    t = load_template()
+    truth = np.eye(4)
+    truth[:3, :3] = _rotation(0, 15) * 0.95
+    truth[:3, 3] = [3.0, -8.0, 5.0]
+    out_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    out_affine[:3, 3] = [-100, -130, -90]
+    m = np.linalg.inv(t.affine) @ np.linalg.inv(truth) @ out_affine
+    scan = ndimage.affine_transform(t.array, m[:3, :3], m[:3, 3], output_shape=(100, 120, 98), order=1)
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
+        side_by_side = register_to_template(scan, out_affine, retry_above=None)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        serial = register_to_template(scan, out_affine, retry_above=None)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
+    np.testing.assert_array_equal(side_by_side.matrix, serial.matrix)
+    assert side_by_side.score == serial.score and side_by_side.start == serial.start
+    assert side_by_side.search_best["refined"] == serial.search_best["refined"] >= 2
+
+
 def test_registration_settings_from_mapping():
     s = RegistrationSettings.from_mapping({"preset": "thorough", "samples": 5000, "levels_mm": [8, 4]})
     assert s.samples == 5000 and s.levels_mm == (8, 4) and s.iterations == 150

@@ -311,6 +311,21 @@ def initial_centres(array: np.ndarray, affine: np.ndarray, *, top_mm: float, sta
     return out
 
 
+def moving_image(array: np.ndarray, affine: np.ndarray, moving_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """The scan as the registration sees it: block-averaged to about ``moving_mm`` voxels
+    (:func:`block_mean`) and clipped to ``[0, 99.5th percentile of its positive voxels]``.
+
+    Returns:
+        ``(array', affine')``: ``float32`` block means and the voxel -> RAS affine of their centres.
+    """
+    small, small_affine = block_mean(array, affine, moving_mm)
+    positive = small[small > 0]
+    hi = float(np.percentile(positive, 99.5)) if positive.size else float(small.max())
+    return np.clip(small, 0.0, hi if hi > 0 else None), small_affine
+
+
+#: Level (mm) at which :func:`registration_score` measures the final alignment.
+_SCORE_MM = 4.0
 #: Radius (mm) used to turn rotation/scale parameters into physical shifts for the optimiser.
 _RADIUS_MM = 80.0
 
@@ -319,14 +334,13 @@ class _Problem:
     """The fixed (template) and moving (scan) images at each pyramid level, prepared once per scan
     by block averaging (so SimpleITK runs every level with shrink 1 and no smoothing of its own)."""
 
-    def __init__(self, array: np.ndarray, affine: np.ndarray, template: Template, settings: RegistrationSettings):
+    def __init__(self, array: np.ndarray, affine: np.ndarray, template: Template, settings: RegistrationSettings,
+                 *, moving: tuple[np.ndarray, np.ndarray] | None = None,
+                 fixed_levels: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None):
         sitk = _sitk()
         self.sitk = sitk
         self.settings = settings
-        small, small_affine = block_mean(array, affine, settings.moving_mm)
-        positive = small[small > 0]
-        hi = float(np.percentile(positive, 99.5)) if positive.size else float(small.max())
-        small = np.clip(small, 0.0, hi if hi > 0 else None)
+        small, small_affine = moving if moving is not None else moving_image(array, affine, settings.moving_mm)
         self.mask_array, self.mask_affine = small, small_affine  # the starts come from the unpadded scan
         if settings.pad_mm > 0:  # zeros around the field of view (see RegistrationSettings.pad_mm)
             k = int(np.ceil(settings.pad_mm / max(float(np.sqrt((small_affine[:3, :3] ** 2).sum(0)).min()), 1e-6)))
@@ -343,14 +357,18 @@ class _Problem:
         self.template_vertex_mm = float(np.percentile(brain_z, 99.9) - self.template_centre[2])
         self._template = template
         self._levels: dict[float, tuple] = {}
+        #: the template's block means per level (``(array, affine, mask)``), shareable between problems
+        self.fixed_levels = fixed_levels if fixed_levels is not None else {}
 
     def level(self, mm: float):
-        """``(fixed, fixed_mask, moving, n_mask_voxels)`` at about ``mm`` voxels."""
+        """``(fixed, fixed_mask, moving, n_mask_voxels, n_voxels)`` at about ``mm`` voxels."""
         if mm not in self._levels:
             t = self._template
-            fa, faff = block_mean(t.array, t.affine, mm)
-            fm, _ = block_mean(t.brain_mask.astype(np.float32), t.affine, mm)
-            fmask = fm > 0.5
+            if mm not in self.fixed_levels:
+                fa, faff = block_mean(t.array, t.affine, mm)
+                fm, _ = block_mean(t.brain_mask.astype(np.float32), t.affine, mm)
+                self.fixed_levels[mm] = (fa, faff, fm > 0.5)
+            fa, faff, fmask = self.fixed_levels[mm]
 
             ma, maff = block_mean(self.moving_array, self.moving_affine, mm)
             self._levels[mm] = (_to_sitk(fa, faff), _to_sitk(fmask.astype(np.uint8), faff), _to_sitk(ma, maff),
@@ -426,22 +444,26 @@ def register_to_template(
 
 @contextlib.contextmanager
 def _sitk_threads(threads: int):
-    """SimpleITK's global default thread count set to ``threads`` (0: unchanged) meanwhile."""
+    """SimpleITK's global default thread count set to ``threads`` (0: unchanged) meanwhile; yields
+    the count it had before (the threads this process may use)."""
     sitk = _sitk()
     before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     if threads:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
     try:
-        yield
+        yield int(before)
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
 def _register_once(array: np.ndarray, affine: np.ndarray, settings: RegistrationSettings,
                    template: Template | None) -> Registration:
-    """One registration with ``settings`` (see :func:`register_to_template`), on ``settings.threads``."""
-    with _sitk_threads(settings.threads):
-        return _register_once_threaded(array, affine, settings, template)
+    """One registration with ``settings`` (see :func:`register_to_template`), on ``settings.threads``
+    ITK threads per registration; with one ITK thread each, the independent refinements run side by
+    side on up to as many cores as SimpleITK's global default allowed this process (at most 2)."""
+    with _sitk_threads(settings.threads) as allowed:
+        side_by_side = min(2, allowed) if int(settings.threads) == 1 else 1
+        return _register_once_threaded(array, affine, settings, template, side_by_side)
 
 
 def _register_once_threaded(
@@ -449,14 +471,17 @@ def _register_once_threaded(
     affine: np.ndarray,
     settings: RegistrationSettings,
     template: Template | None,
+    threads: int = 1,
 ) -> Registration:
-    sitk = _sitk()
     template = template or load_template()
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    prob = _Problem(np.asarray(array), np.asarray(affine, np.float64), template, replace(settings, pad_mm=0.0))
+    array, affine = np.asarray(array), np.asarray(affine, np.float64)
+    moving = moving_image(array, affine, settings.moving_mm)  # once for both problems
+    fixed_levels: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    prob = _Problem(array, affine, template, replace(settings, pad_mm=0.0), moving=moving, fixed_levels=fixed_levels)
     # the padded problem (see RegistrationSettings.pad_mm) refines too and scores every candidate
-    prob_pad = (_Problem(np.asarray(array), np.asarray(affine, np.float64), template, settings)
+    prob_pad = (_Problem(array, affine, template, settings, moving=moving, fixed_levels=fixed_levels)
                 if settings.pad_mm > 0 else prob)
     centre = prob.template_centre
     centres = initial_centres(prob.mask_array, prob.mask_affine, top_mm=settings.head_top_mm,
@@ -484,23 +509,61 @@ def _register_once_threaded(
     # each start's search result is carried through the similarity and affine stages, and the final
     # alignment with the best score wins (one scan, one fixed metric setting: comparable); the search
     # metric alone picked a wrong pitch on a tight field of view
-    timings["similarity"] = timings["affine"] = 0.0
-    finals = []
-    for _, name, euler in searched[: max(1, int(settings.carry))]:
-        for p in dict.fromkeys((prob, prob_pad)):  # unpadded and padded refinements: each failed on a
-            matrix = _refine(p, settings, euler, timings)  # different re-acquisition of a tight field of view
-            finals.append((_score(prob_pad, matrix), name, euler, matrix))
+    t = time.perf_counter()
+    carried = searched[: max(1, int(settings.carry))]
+    problems = list(dict.fromkeys((prob, prob_pad)))  # unpadded and padded refinements: each failed on a
+    finals = _refine_all(problems, prob_pad, carried, settings, timings, threads)  # different re-acquisition
+    timings["refine"] = time.perf_counter() - t  # of a tight field of view
     finals.sort(key=lambda x: x[0])
-    _, start_name, euler, matrix = finals[0]
+    score, start_name, euler, matrix = finals[0]
     search_best = {"rx_deg": np.degrees(euler.GetAngleX()), "ry_deg": np.degrees(euler.GetAngleY()),
                    "rz_deg": np.degrees(euler.GetAngleZ()),
                    **{f"t{a}_mm": v for a, v in zip("xyz", euler.GetTranslation())},
                    "starts_tried": float(len(kept)), "refined": float(len(finals))}
-    search_start = start_name
-    t = time.perf_counter()
-    score = _score(prob_pad, matrix)
-    timings["score"] = time.perf_counter() - t
-    return Registration(matrix, score, timings, settings, search_best, start=search_start)
+    return Registration(matrix, score, timings, settings, search_best, start=start_name)
+
+
+def _refine_all(problems: list["_Problem"], scorer: "_Problem", carried: list, settings: RegistrationSettings,
+                timings: dict[str, float], threads: int) -> list[tuple[float, str, Any, np.ndarray]]:
+    """Every carried search result refined on every problem and scored on ``scorer``:
+    ``[(score, start name, search transform, MNI -> scan matrix), ...]`` in a fixed order.
+
+    With ``threads > 1`` the problems run side by side, one Python thread each (SimpleITK releases
+    the GIL; each registration keeps its own single ITK thread, so the result is bit-identical to
+    running them one after the other). ``timings`` gains ``similarity``, ``affine`` and ``score``
+    (seconds summed over the refinements, as if serial).
+    """
+    levels = {*settings.levels_mm, *settings.affine_levels_mm}
+    for p in problems:  # every level made before the threads start: they only read them
+        for mm in levels:
+            p.level(mm)
+    scorer.level(_SCORE_MM)
+
+    def run(p: "_Problem") -> tuple[list, dict[str, float]]:
+        own: dict[str, float] = {"similarity": 0.0, "affine": 0.0, "score": 0.0}
+        out = []
+        for _, name, euler in carried:
+            matrix = _refine(p, settings, euler, own)
+            t = time.perf_counter()
+            out.append((_score(scorer, matrix), name, euler, matrix))
+            own["score"] += time.perf_counter() - t
+        return out, own
+
+    if threads > 1 and len(problems) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(problems))) as pool:
+            results = list(pool.map(run, problems))
+    else:
+        results = [run(p) for p in problems]
+    finals = []
+    for i in range(len(carried)):  # the serial order: each candidate on the unpadded, then the padded scan
+        for out, _ in results:
+            finals.append(out[i])
+    for _, own in results:
+        for k, v in own.items():
+            timings[k] = timings.get(k, 0.0) + v
+    return finals
 
 
 def _refine(prob: _Problem, settings: RegistrationSettings, euler, timings: dict[str, float]) -> np.ndarray:
@@ -569,7 +632,7 @@ def _score(prob: _Problem, matrix: np.ndarray) -> float:
     tr = sitk.AffineTransform(3)
     tr.SetMatrix([float(x) for x in matrix[:3, :3].ravel()])
     tr.SetTranslation([float(x) for x in matrix[:3, 3]])
-    r, fixed, moving = prob.method(4.0, 20000)
+    r, fixed, moving = prob.method(_SCORE_MM, 20000)
     r.SetInitialTransform(tr, inPlace=False)
     return float(r.MetricEvaluate(fixed, moving))
 
