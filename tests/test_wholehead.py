@@ -874,3 +874,22 @@ def test_mirrored_scan_swaps_the_sides(agent, chris):
     scan, reference = chris
     result = _segment(agent, scan.array[::-1].copy(), scan.affine)
     _assert_within(result, reference, swapped=True)
+
+
+def test_page_label_planes_and_centres_match_the_whole_volume_remap():
+    """The page and thumbnail remap only the planes they draw and find each side's centre inside
+    the labels' bounding box: the same as remapping and searching the whole volume."""
+    from hippo.wholehead.page import LabelPlanes, label_centre
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((40, 50, 30), np.uint8)
+    labels[5:12, 10:30, 8:14] = rng.integers(1, 3, (7, 20, 6))
+    labels[25:33, 12:28, 9:15] = rng.integers(3, 5, (8, 16, 6))
+    right = LabelPlanes(labels, {3: 1, 4: 2})
+    whole = np.where((labels > 2) & (labels <= 4), labels - 2, 0)
+    np.testing.assert_array_equal(right[:, 20, :], whole[:, 20, :])
+    np.testing.assert_array_equal(right[28, :, :], whole[28, :, :])
+    assert right.shape == labels.shape
+    for values in ((1, 2), (3, 4)):
+        np.testing.assert_allclose(label_centre(labels, values), np.argwhere(np.isin(labels, values)).mean(0))
+    assert label_centre(np.zeros_like(labels), (1, 2)) is None

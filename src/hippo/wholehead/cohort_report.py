@@ -51,21 +51,20 @@ def render_thumbnail(image: np.ndarray, labels: np.ndarray, spacing, *, tile: in
     """
     from PIL import Image, ImageDraw
 
-    from hippo.wholehead.page import _font, _view, _window
+    from hippo.wholehead.page import LabelPlanes, _font, _view, _window, label_centre
 
     sub = image[::2, ::2, ::2]
     window = _window(sub[sub > np.percentile(sub, 5)] if sub.size else sub)
     out = Image.new("RGB", (4 * tile, tile), (0, 0, 0))
     for k, (side, values) in enumerate((("left", (1, 2)), ("right", (3, 4)))):
-        mask = np.isin(labels, values)
-        if not mask.any():
+        centre = label_centre(labels, values)
+        if centre is None:
             blank = Image.new("RGB", (2 * tile, tile), (60, 60, 60))
             ImageDraw.Draw(blank).text((tile, tile // 2), f"{side}: not found", anchor="mm", font=_font(14, True),
                                        fill=(255, 255, 255))
             out.paste(blank, (2 * k * tile, 0))
             continue
-        side_labels = np.where(mask, labels - (values[0] - 1), 0).astype(np.uint8)  # 1 anterior, 2 posterior
-        centre = np.argwhere(mask).mean(axis=0)
+        side_labels = LabelPlanes(labels, {values[0]: 1, values[1]: 2})  # 1 anterior, 2 posterior
         for j, view in enumerate(("coronal", "sagittal")):
             t = _view(image, side_labels, spacing, view, centre, half_mm, window, tile)
             ImageDraw.Draw(t).text((4, tile - 4), f"{side[0].upper()} {view[:3]}", anchor="lb", font=_font(11),

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from hippo.dicom.report import quality_text, wrap_text
 
-__all__ = ["render_wholehead_report", "write_report_png"]
+__all__ = ["render_wholehead_report", "write_report_png", "LabelPlanes", "label_centre"]
 
 PAGE_WIDTH = 1200
 DISCLAIMER = "Research use only — not for diagnostic use"
@@ -40,6 +40,44 @@ def _font(size: int, bold: bool = False):
         return ImageFont.load_default(size=size)
     except TypeError:  # pillow < 10.1
         return ImageFont.load_default()
+
+
+class LabelPlanes:
+    """``labels`` seen through a value map (``lut[value]``), computed only for the part indexed:
+    a view needs one plane of a side's labels, not the whole volume remapped (a 0.7 mm head has
+    40 million voxels).
+
+    Args:
+        labels: ``(X, Y, Z)`` integer labels.
+        mapping: ``{value: new value}``; every other value becomes 0.
+    """
+
+    def __init__(self, labels: np.ndarray, mapping: Mapping[int, int]):
+        self.labels = labels
+        self.lut = np.zeros(256, np.uint8)
+        for value, new in mapping.items():
+            self.lut[int(value)] = int(new)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.labels.shape
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.lut[np.asarray(self.labels[index], np.uint8)]
+
+
+def label_centre(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray | None:
+    """Mean voxel index ``(3,)`` of the voxels whose label is in ``values``; ``None`` when there are
+    none. Looks only inside the labels' bounding box (``scipy.ndimage.find_objects``)."""
+    from scipy import ndimage
+
+    found = ndimage.find_objects(np.asarray(labels), max_label=max(values))
+    boxes = [found[v - 1] for v in values if found[v - 1] is not None]
+    if not boxes:
+        return None
+    box = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))
+    idx = np.argwhere(np.isin(labels[box], values))
+    return idx.mean(axis=0) + np.array([b.start for b in box], np.float64)
 
 
 def _window(values: np.ndarray) -> tuple[float, float]:
@@ -112,11 +150,10 @@ def render_wholehead_report(image: np.ndarray, labels: np.ndarray, spacing, summ
     margin = 30
     views = []
     for side, offset in (("right", 2), ("left", 0)):   # radiological order: right first
-        side_labels = np.where((labels > offset) & (labels <= offset + 2), labels - offset, 0).astype(np.uint8)
-        idx = np.argwhere(side_labels > 0)
-        centre = idx.mean(0) if idx.size else np.asarray(image.shape) / 2.0
-        views.append((side, side_labels, centre))
-    both = np.where(labels > 2, labels - 2, labels).astype(np.uint8)
+        side_labels = LabelPlanes(labels, {offset + 1: 1, offset + 2: 2})
+        centre = label_centre(labels, (offset + 1, offset + 2))
+        views.append((side, side_labels, np.asarray(image.shape) / 2.0 if centre is None else centre))
+    both = LabelPlanes(labels, {1: 1, 2: 2, 3: 1, 4: 2})
     mean_centre = np.mean([v[2] for v in views], axis=0)
 
     page = Image.new("RGB", (PAGE_WIDTH, 2000), "white")

@@ -482,12 +482,16 @@ def segment_wholehead(
         full = np.zeros(array.shape, np.uint8)
         if sub.size:
             full[box] = sub
-        counted = measure_volumes(full, tuple(float(v) for v in voxel))
+        # counted and located inside the crop's box (nothing outside it is labelled): a 0.7 mm head
+        # has 40 million voxels
+        counted = measure_volumes(sub if sub.size else np.zeros((1, 1, 1), np.uint8), tuple(float(v) for v in voxel))
         soft = soft_volumes(probs, labels, geometry.spacing_mm)
         volumes = SideVolumes(counted.anterior_voxels, counted.posterior_voxels, counted.spacing_mm,
                               counted.voxel_volume_mm3, soft_anterior_mm3=soft["anterior"],
                               soft_posterior_mm3=soft["posterior"])
-        centroid_idx = _centroid(full)
+        centroid_idx = _centroid(sub) if sub.size else None
+        if centroid_idx is not None:
+            centroid_idx = centroid_idx + np.array([b.start or 0 for b in box], np.float64)
         centroid_scan = None if centroid_idx is None else affine[:3, :3] @ centroid_idx + affine[:3, 3]
         sides[side] = SideResult(
             side=side, labels=full, volumes=volumes,
