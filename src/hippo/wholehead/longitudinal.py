@@ -19,6 +19,9 @@ as much as a year of atrophy. The paired mode removes that source of difference:
 4. **Both crops segmented by the same ensemble** (the same model, the same crop); volumes counted
    on the shared 1 mm crop grid (a rigid map keeps mm³), and the change per structure is
    ``later - earlier``.
+5. **The change reported** (``DEFAULT_METHOD``): the boundary shift between the two scans, from a
+   deformable registration of the same crop grown by a margin (:func:`jacobian_change`), over the
+   segmentation.
 
 The independent figure (each scan's own pipeline volumes on its own grid) is kept beside the
 paired one. Functions here only use the public API of :mod:`hippo.wholehead.register`,
@@ -37,7 +40,8 @@ import numpy as np
 
 from hippo.wholehead.crops import CROP_SHAPE, CropGeometry, crop_geometry, sample_crop
 
-__all__ = ["RigidResult", "rigid_between", "halfway", "jacobian_change", "PairedSide", "PairedResult",
+__all__ = ["RigidResult", "rigid_between", "halfway", "jacobian_change", "differential_bias", "with_margin",
+           "jacobian_settings", "PairedSide", "PairedResult",
            "paired_change", "read_prior_input", "pacs_prior_input", "change_since_prior", "PriorInput",
            "STRUCTURES"]
 
@@ -46,9 +50,8 @@ STRUCTURES = ("anterior", "posterior", "total")
 #: (:func:`jacobian_change`: the boundary shift between the two crops), ``"soft"`` (the two crops'
 #: summed class probabilities) or ``"labels"`` (their label counts). On benchmarks/bench_atrophy.py the
 #: segmentation-based figures under-read a known atrophy by about a fifth on every head (the model
-#: responds to a contraction by less than its size: a bias no MDC reveals), the Jacobian did not
-#: (mean error -0.1 pp on the stored grids) but is noisier on re-acquired scans: its own, larger,
-#: re-acquisition MDC says so (docs/longitudinal.md).
+#: responds to a contraction by less than its size: a bias no MDC reveals), the Jacobian did not, on
+#: the stored grids and on re-acquired follow-ups alike (docs/longitudinal.md, "Measured").
 DEFAULT_METHOD = "jacobian"
 METHODS = ("soft", "labels", "jacobian")
 
@@ -225,9 +228,74 @@ def halfway(matrix: np.ndarray) -> np.ndarray:
     return s
 
 
+#: :func:`jacobian_change` settings, chosen among a few variants on benchmarks/bench_atrophy.py's pairs
+#: (docs/longitudinal.md, "Measured"). Margin: voxels sampled round the crop on every face, so that
+#: the demons field is not cut off at the segmentation crop's edge.
+JACOBIAN_MARGIN_VOXELS = 8
+#: Gaussian smoothing (sigma, voxels) of both crops before the demons: the noise of a re-acquired
+#: scan otherwise drives the field.
+JACOBIAN_PRESMOOTH_VOXELS = 1.0
+#: Gaussian smoothing (sigma, voxels) of the demons displacement field.
+JACOBIAN_FIELD_SMOOTHING_VOXELS = 2.0
+#: Demons iterations per direction.
+JACOBIAN_ITERATIONS = 30
+#: The differential bias field: a quadratic polynomial (in crop voxel coordinates scaled by
+#: ``BIAS_SCALE_VOXELS``) fitted to ``log(later / earlier)`` over the voxels above
+#: ``BIAS_THRESHOLD`` x each crop's 99th percentile, Tukey biweight (``BIAS_TUKEY_C``, in robust SDs)
+#: by ``BIAS_IRLS_STEPS`` reweighted least-squares solves.
+BIAS_POLYNOMIAL_ORDER = 2
+BIAS_THRESHOLD = 0.2
+BIAS_SCALE_VOXELS = 25.0
+BIAS_TUKEY_C = 4.685
+BIAS_IRLS_STEPS = 3
+
+
+def _polynomial_terms(index: np.ndarray, centre: np.ndarray, order: int) -> np.ndarray:
+    """``(N, 3)`` voxel indices -> ``(N, P)`` monomials up to ``order`` (1 or 2) about ``centre``."""
+    x = (np.asarray(index, np.float64) - centre) / BIAS_SCALE_VOXELS
+    cols = [np.ones(len(x)), x[:, 0], x[:, 1], x[:, 2]]
+    if order >= 2:
+        cols += [x[:, 0] * x[:, 1], x[:, 0] * x[:, 2], x[:, 1] * x[:, 2], x[:, 0] ** 2, x[:, 1] ** 2, x[:, 2] ** 2]
+    return np.stack(cols, 1)
+
+
+def differential_bias(earlier_crop: np.ndarray, later_crop: np.ndarray, *, order: int = BIAS_POLYNOMIAL_ORDER
+                      ) -> np.ndarray:
+    """The smooth intensity ratio between two crops of the same grid: a robust polynomial fit of
+    ``log(later / earlier)`` over the voxels both crops show as tissue (see ``BIAS_*``).
+
+    Args:
+        earlier_crop, later_crop: ``(X, Y, Z)`` intensities on the same grid.
+        order: polynomial order (1 or 2).
+
+    Returns:
+        ``(X, Y, Z)`` float64 log ratio (natural log); ``0`` where too few voxels to fit (< 100).
+    """
+    a = np.asarray(earlier_crop, np.float64)
+    b = np.asarray(later_crop, np.float64)
+    sel = (a > BIAS_THRESHOLD * np.percentile(a, 99)) & (b > BIAS_THRESHOLD * np.percentile(b, 99))
+    sel &= (a > 0) & (b > 0)
+    n_terms = 10 if order >= 2 else 4
+    if sel.sum() < max(100, 10 * n_terms):
+        return np.zeros(a.shape)
+    centre = (np.asarray(a.shape, np.float64) - 1) / 2.0
+    design = _polynomial_terms(np.argwhere(sel), centre, order)
+    y = np.log(b[sel] / a[sel])
+    w = np.ones(len(y))  # square roots of the Tukey weights; the first solve is ordinary least squares
+    coef = np.zeros(design.shape[1])
+    for _ in range(BIAS_IRLS_STEPS):
+        coef = np.linalg.lstsq(design * w[:, None], y * w, rcond=None)[0]
+        r = y - design @ coef
+        u = r / (BIAS_TUKEY_C * (1.4826 * np.median(np.abs(r)) + 1e-6))
+        w = np.sqrt(np.where(np.abs(u) < 1, (1 - u ** 2) ** 2, 0.0))
+    grid = np.indices(a.shape).reshape(3, -1).T
+    return (_polynomial_terms(grid, centre, order) @ coef).reshape(a.shape)
+
+
 def jacobian_change(earlier_crop: np.ndarray, later_crop: np.ndarray, earlier_labels: np.ndarray,
-                    later_labels: np.ndarray, *, smoothing_voxels: float = 1.5, iterations: int = 100
-                    ) -> dict[str, float | None]:
+                    later_labels: np.ndarray, *, smoothing_voxels: float = JACOBIAN_FIELD_SMOOTHING_VOXELS,
+                    iterations: int = JACOBIAN_ITERATIONS, presmooth_voxels: float = JACOBIAN_PRESMOOTH_VOXELS,
+                    bias_order: int = BIAS_POLYNOMIAL_ORDER) -> dict[str, float | None]:
     """Relative volume change per structure from a deformable registration of the two crops (the
     same 1 mm halfway grid): the mean Jacobian determinant of the earlier -> later map over the
     earlier segmentation (``V_later / V_earlier``) and, symmetrically, one over the inverse map's over
@@ -235,27 +303,62 @@ def jacobian_change(earlier_crop: np.ndarray, later_crop: np.ndarray, earlier_la
 
     By the divergence theorem the integral only depends on how the structure's boundary moved, so
     this measures the boundary shift the two scans show, with the segmentation choosing the region:
-    no second segmentation's boundary noise enters. SimpleITK diffeomorphic demons (Gaussian field
-    smoothing ``smoothing_voxels``), intensities of the later crop histogram-matched to the earlier.
+    no second segmentation's boundary noise enters.
+
+    Steps: (1) the differential bias field (:func:`differential_bias`, ``bias_order``; 0: none) is
+    divided out, half from each crop; (2) both crops Gaussian-smoothed by ``presmooth_voxels``; (3)
+    the later crop histogram-matched to the earlier; (4) SimpleITK diffeomorphic demons both ways
+    (``iterations``, displacement field smoothed by ``smoothing_voxels``); (5) the Jacobian
+    determinant of each field averaged over the (hard) segmentation of its fixed crop.
+
+    Args:
+        earlier_crop, later_crop: ``(X + 2m, Y + 2m, Z + 2m)`` intensities, the segmentation crop
+            with a margin of ``m >= 0`` voxels on every face (``JACOBIAN_MARGIN_VOXELS`` in
+            :func:`paired_change`), so that the field is not cut off at the crop's edge.
+        earlier_labels, later_labels: ``(X, Y, Z)`` label maps (0 background, 1 anterior,
+            2 posterior) of the segmentation crop.
+        smoothing_voxels, iterations, presmooth_voxels, bias_order: as above (voxels of the 1 mm grid).
 
     Returns:
-        ``{"anterior", "posterior", "total"}`` -> % (``None`` where a structure is empty), plus
-        ``"forward_total"`` and ``"backward_total"``.
-    """
-    sitk = _sitk()
-    a = sitk.GetImageFromArray(np.ascontiguousarray(earlier_crop, np.float32))
-    b = sitk.GetImageFromArray(np.ascontiguousarray(later_crop, np.float32))
-    b = sitk.HistogramMatching(b, a, numberOfHistogramLevels=128, numberOfMatchPoints=15, thresholdAtMeanIntensity=True)
+        ``{"anterior", "posterior", "total"}`` -> % of the earlier volume (``None`` where a structure
+        is empty), plus ``"forward_total"`` and ``"backward_total"`` (each direction's total, %).
 
-    def jac(fixed, moving):
+    Raises:
+        ValueError: crops of different shapes, or not the labels' shape plus the same even margin.
+    """
+    from scipy import ndimage
+
+    sitk = _sitk()
+    a = np.asarray(earlier_crop, np.float32)
+    b = np.asarray(later_crop, np.float32)
+    ea, la = np.asarray(earlier_labels), np.asarray(later_labels)
+    extra = np.asarray(a.shape) - np.asarray(ea.shape)
+    if a.shape != b.shape or ea.shape != la.shape or a.ndim != 3 or extra.min() < 0 or extra.min() != extra.max() \
+            or extra[0] % 2:
+        raise ValueError(f"crops {a.shape} / {b.shape} must be the labels' {ea.shape} / {la.shape} plus the same "
+                         "margin on every face")
+    m = int(extra[0]) // 2
+    if m:
+        ea, la = np.pad(ea, m), np.pad(la, m)
+    if bias_order:
+        half = np.exp(differential_bias(a, b, order=bias_order) / 2.0).astype(np.float32)
+        a, b = a * half, b / half
+    if presmooth_voxels:
+        a = ndimage.gaussian_filter(a, float(presmooth_voxels))
+        b = ndimage.gaussian_filter(b, float(presmooth_voxels))
+    fixed = sitk.GetImageFromArray(np.ascontiguousarray(a, np.float32))
+    moving = sitk.GetImageFromArray(np.ascontiguousarray(b, np.float32))
+    moving = sitk.HistogramMatching(moving, fixed, numberOfHistogramLevels=128, numberOfMatchPoints=15,
+                                    thresholdAtMeanIntensity=True)
+
+    def jac(f_img, m_img) -> np.ndarray:
         f = sitk.DiffeomorphicDemonsRegistrationFilter()
         f.SetNumberOfIterations(int(iterations))
         f.SetStandardDeviations(float(smoothing_voxels))
         f.SetSmoothDisplacementField(True)
-        return sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(f.Execute(fixed, moving)))
+        return sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(f.Execute(f_img, m_img)))
 
-    j_fwd, j_bwd = jac(a, b), jac(b, a)
-    ea, la = np.asarray(earlier_labels), np.asarray(later_labels)
+    j_fwd, j_bwd = jac(fixed, moving), jac(moving, fixed)
     out: dict[str, float | None] = {}
     for key, sel_e, sel_l in (("anterior", ea == 1, la == 1), ("posterior", ea == 2, la == 2),
                               ("total", ea > 0, la > 0)):
@@ -268,6 +371,23 @@ def jacobian_change(earlier_crop: np.ndarray, later_crop: np.ndarray, earlier_la
         if key == "total":
             out["forward_total"], out["backward_total"] = 100.0 * (fwd - 1.0), 100.0 * (1.0 / bwd - 1.0)
     return out
+
+
+def with_margin(geometry: CropGeometry, margin: int) -> CropGeometry:
+    """The same crop grid grown by ``margin`` voxels on every face (index ``i`` of the result is
+    index ``i - margin`` of ``geometry``)."""
+    shift = np.eye(4)
+    shift[:3, 3] = -float(margin)
+    return CropGeometry(geometry.side, tuple(int(n + 2 * margin) for n in geometry.shape),
+                        np.asarray(geometry.index_to_scan, np.float64) @ shift, geometry.spacing_mm)
+
+
+def jacobian_settings() -> dict[str, Any]:
+    """The settings :func:`paired_change` measures the Jacobian with (recorded in result.json)."""
+    return {"margin_voxels": JACOBIAN_MARGIN_VOXELS, "presmooth_voxels": JACOBIAN_PRESMOOTH_VOXELS,
+            "field_smoothing_voxels": JACOBIAN_FIELD_SMOOTHING_VOXELS, "iterations": JACOBIAN_ITERATIONS,
+            "bias_polynomial_order": BIAS_POLYNOMIAL_ORDER, "demons": "SimpleITK DiffeomorphicDemons, both ways",
+            "intensities": "differential bias divided out, Gaussian-smoothed, later histogram-matched to earlier"}
 
 
 def _mean_rotation(rotations: Sequence[np.ndarray]) -> np.ndarray:
@@ -388,7 +508,7 @@ class PairedResult:
                 "left": self.left.as_dict(), "right": self.right.as_dict(),
                 "independent": {s: {k: {kk: round(float(vv), 1) for kk, vv in v.items()} for k, v in d.items()}
                                 for s, d in self.independent.items()},
-                "rigid": self.rigid.as_dict(),
+                "rigid": self.rigid.as_dict(), "jacobian_settings": jacobian_settings(),
                 "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()}}
 
 
@@ -437,7 +557,8 @@ def paired_change(
             times.
         crop_shape: the crop (voxels at 1 mm).
         keep_labels: keep both crops' labels in the result (tests, pictures).
-        jacobian: also measure the change by :func:`jacobian_change` on the two crops.
+        jacobian: also measure the change by :func:`jacobian_change` on the two crops (sampled again
+            with a margin of ``JACOBIAN_MARGIN_VOXELS`` for it; the segmentation crops are unchanged).
         method: which figure :meth:`PairedSide.change_percent` reports (:data:`METHODS`); all are
             kept in the result.
 
@@ -496,7 +617,14 @@ def paired_change(
         hard_e, soft_e = _volumes(np.asarray(lab_e), np.asarray(prob_e), voxel_mm3)
         hard_l, soft_l = _volumes(np.asarray(lab_l), np.asarray(prob_l), voxel_mm3)
         t = time.perf_counter()
-        jac = jacobian_change(crop_e, crop_l, lab_e, lab_l) if jacobian else {}
+        jac: dict[str, float | None] = {}
+        if jacobian:  # the same crop grown by a margin, sampled from both scans for the demons only
+            geo_m = with_margin(geo_h, JACOBIAN_MARGIN_VOXELS)
+            wide_e, _ = sample_crop(e_arr, e_aff, CropGeometry(side, geo_m.shape, s_inv @ geo_m.index_to_scan,
+                                                               geo_m.spacing_mm))
+            wide_l, _ = sample_crop(l_arr, l_aff, CropGeometry(side, geo_m.shape, s_half @ geo_m.index_to_scan,
+                                                               geo_m.spacing_mm))
+            jac = jacobian_change(wide_e, wide_l, lab_e, lab_l)
         timings["jacobian"] = timings.get("jacobian", 0.0) + time.perf_counter() - t
         sides[side] = PairedSide(side, hard_e, hard_l, soft_e, soft_l, geo_h, float(np.linalg.norm(c_e - c_l)), passes,
                                  np.asarray(lab_e) if keep_labels else None, np.asarray(lab_l) if keep_labels else None,
