@@ -18,7 +18,13 @@ DICOM study through ``hippo.deploy``, in one run, per stage and as whole process
    study=<study> send=false`` as subprocesses, interleaved, ``--repeat`` times each; median,
    ratio, difference; and the same without the registration and segmentation both doors run (from
    each run's own timings): interpreter, imports, model load, input and outputs, the doors' own cost.
-4. ``--real-study``: a real DICOM series (e.g. ``../shared/data/wholehead/fnndsc_pediatric_dicom``,
+4. **Own stages alone** (``--own-repeat``, default 5): both doors again, registration and
+   segmentation replaced by their result for the same input (computed once per door): the wall
+   seconds of each door's own stages and the CPU seconds of each ``process`` call (all threads of
+   this process), median of the interleaved rounds. Cheap (seconds a round), so more rounds; and CPU
+   seconds do not grow when other processes share the cores, as wall seconds do (on a loaded
+   2-core machine the wall seconds of Python-bound stages come out 2-3x the CPU seconds).
+5. ``--real-study``: a real DICOM series (e.g. ``../shared/data/wholehead/fnndsc_pediatric_dicom``,
    JPEG-LS): the DICOM door's stages on it, the volume stage (reading and decoding every slice)
    reported on its own.
 
@@ -121,6 +127,76 @@ def stage_section(scan: Path, study: Path, repeat: int, work: Path) -> dict[str,
             "volumes_total_mm3": volumes, "runs": runs}
 
 
+OWN_STAGES = {"file": ("read", "report", "thumbnail", "write"),
+              "dicom": ("ingest", "volume", "measure", "report", "write")}
+
+
+def own_section(scan: Path, study: Path, repeat: int, work: Path) -> dict[str, Any]:
+    """The doors' own stages alone: registration and segmentation replaced by their result for the
+    same input array (computed once per door, then reused: ``hippo.wholehead.register.register_to_template``
+    and ``hippo.wholehead.segment.segment_wholehead`` are what both doors call), so that a round is
+    a few seconds and ``repeat`` rounds, interleaved, are cheap. Per door: the wall seconds of its own
+    stages, and the CPU seconds of the whole ``process`` call (this process, all threads: with
+    registration and segmentation reused that is the door's own work, and it does not grow when
+    other processes share the cores, as wall seconds do)."""
+    import hashlib
+
+    import hippo.wholehead.register as register_mod
+    import hippo.wholehead.segment as segment_mod
+    from hippo.deploy.pipeline import build_processor
+    from hippo.scan_io import ScanInput
+    from hippo.weights import resolve_model_path
+    from hippo.wholehead.run import ScanProcessor
+
+    real_register, real_segment = register_mod.register_to_template, segment_mod.segment_wholehead
+    cache: dict[tuple, Any] = {}
+
+    def key(what: str, array, affine) -> tuple:
+        import numpy as np
+
+        return what, hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest(), np.asarray(affine).tobytes()
+
+    def register(array, affine, *args, **kwargs):
+        k = key("register", array, affine)
+        if k not in cache:
+            cache[k] = real_register(array, affine, *args, **kwargs)
+        return cache[k]
+
+    def segment(array, affine, *args, **kwargs):
+        k = key("segment", array, affine)
+        if k not in cache:
+            cache[k] = real_segment(array, affine, *args, **kwargs)
+        return cache[k]
+
+    model = resolve_model_path(None, REPO / "outputs")
+    file_door = ScanProcessor(model, work / "own_file", precision="auto")
+    file_door.agents()
+    dicom_door = build_processor(model, work / "own_dicom", precision="auto")
+    item = ScanInput(scan, scan.name.split(".")[0], None, True)
+    register_mod.register_to_template, segment_mod.segment_wholehead = register, segment
+    try:
+        file_door.process(item)  # computes the registration and segmentation once per door
+        dicom_door.process(study)
+        runs: dict[str, list[dict[str, float]]] = {"file": [], "dicom": []}
+        for _ in range(repeat):
+            for door in ("file", "dicom"):
+                cpu = time.process_time()
+                o = file_door.process(item) if door == "file" else dicom_door.process(study)
+                cpu = time.process_time() - cpu
+                if o.status not in ("ok", "review"):
+                    raise SystemExit(f"{door} door (own stages): {o.status} at {o.stage}: {o.error}")
+                t = o.timings_s
+                runs[door].append({"own_wall_s": sum(t.get(k, 0.0) for k in OWN_STAGES[door]), "cpu_s": cpu,
+                                   **{k: t.get(k, 0.0) for k in OWN_STAGES[door]}})
+    finally:
+        register_mod.register_to_template, segment_mod.segment_wholehead = real_register, real_segment
+        file_door.close()
+    med = {door: median_of(r) for door, r in runs.items()}
+    return {"stages": OWN_STAGES, "median": med, "runs": runs,
+            "own_wall_difference_s": med["dicom"]["own_wall_s"] - med["file"]["own_wall_s"],
+            "cpu_difference_s": med["dicom"]["cpu_s"] - med["file"]["cpu_s"]}
+
+
 def real_study_section(study: Path, repeat: int, work: Path) -> dict[str, Any]:
     from hippo.deploy.pipeline import build_processor
     from hippo.weights import resolve_model_path
@@ -180,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="rounds per section (median)")
     ap.add_argument("--real-study", type=Path, default=None, help="a real whole-head DICOM study folder")
     ap.add_argument("--no-process", action="store_true", help="skip the whole-process section")
+    ap.add_argument("--own-repeat", type=int, default=5,
+                    help="rounds of the doors' own stages alone (registration and segmentation reused; 0: skip)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     from hippo.scanner.studies import write_wholehead_study
@@ -203,6 +281,15 @@ def main(argv: list[str] | None = None) -> int:
         result["stages"]["door_own_s"] = {"file": own_f, "dicom": own_d, "difference_s": own_d - own_f}
         log(f"the doors' own stages (input + outputs): file {own_f:.2f} s, DICOM {own_d:.2f} s, "
             f"difference {own_d - own_f:+.2f} s")
+        if args.own_repeat:
+            meter = CpuMeter()
+            result["own"] = own = own_section(args.scan, study, args.own_repeat, work)
+            own["load"] = meter.read()
+            m = own["median"]
+            log(f"\nthe doors' own stages alone (registration and segmentation reused), median of {args.own_repeat}: "
+                f"wall file {m['file']['own_wall_s']:.2f} s, DICOM {m['dicom']['own_wall_s']:.2f} s "
+                f"(difference {own['own_wall_difference_s']:+.2f} s); CPU file {m['file']['cpu_s']:.2f} s, "
+                f"DICOM {m['dicom']['cpu_s']:.2f} s (difference {own['cpu_difference_s']:+.2f} s)")
         if not args.no_process:
             meter = CpuMeter()
             result["process"] = proc = process_section(args.scan, study, args.repeat, work)
@@ -222,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"\nreal study {args.real_study.name}: " + ", ".join(
                 f"{k} {s[k]:.2f}" for k in ("ingest", "volume", "infer", "measure", "report", "write", "total")
                 if k in s) + " s (volume: reading and decoding every slice)")
-    others = [v["load"].get("others_cores") for v in (result.get("stages"), result.get("process"),
+    others = [v["load"].get("others_cores") for v in (result.get("stages"), result.get("own"), result.get("process"),
                                                          result.get("real_study")) if v]
     result["shared_machine"] = any(o is not None and o > SHARED_OTHERS_CORES for o in others)
     if result["shared_machine"]:

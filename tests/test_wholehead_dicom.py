@@ -404,3 +404,108 @@ def test_ohif_overlays_the_four_segment_seg_on_the_whole_head_series(tmp_path, c
         assert not failed, failed[:5]
     finally:
         orthanc.stop()
+
+
+# ------------------------------------------------------------------------------- each file parsed once
+def _same_datasets(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        x.file_meta == y.file_meta and len(x) == len(y) and all(e == f for e, f in zip(x, y)) for x, y in zip(a, b))
+
+
+def test_the_selected_series_is_read_from_the_scans_headers_each_file_parsed_once(head_study, monkeypatch):
+    """``scan_study(keep_headers=True)`` keeps each file's parsed header and ``load_series`` given them
+    (``StudyScan.series_inputs``, what ``hippo.deploy`` does) reads only the rest of each file, its pixel
+    data: every file of the study is parsed once, and the volume is the one whole-file reads give
+    (array and affine bit for bit, the same datasets)."""
+    from collections import Counter
+
+    out, _ = head_study
+    scan = scan_study(out)
+    series, _ = select_input_series(scan, SelectionRules(), WholeHeadRules())
+    reference = load_series(series.files, series_uid=series.uid)
+
+    parsed: Counter = Counter()
+    dcmread = pydicom.dcmread
+
+    def counting(fp, *args, **kwargs):
+        parsed[str(getattr(fp, "name", fp))] += 1
+        return dcmread(fp, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    scan = scan_study(out, keep_headers=True)
+    kept = scan.get(series.uid)
+    inputs = scan.series_inputs(kept)
+    assert not scan.parsed  # handed out: the other series' headers are released
+    volume = load_series(inputs, series_uid=series.uid)
+    assert len(parsed) == scan.n_files and set(parsed.values()) == {1}  # the scan's read, nothing else
+    assert volume.array.dtype == reference.array.dtype and volume.array.tobytes() == reference.array.tobytes()
+    assert volume.affine.tobytes() == reference.affine.tobytes() and volume.spacing == reference.spacing
+    assert volume.files == reference.files
+    assert _same_datasets(volume.datasets, reference.datasets)
+
+
+def test_a_file_changed_since_the_scan_is_read_whole_again(head_study, tmp_path):
+    """A kept header whose file changed after the scan (size or modification time) is not trusted:
+    that file is read whole again, and the volume holds its new pixels."""
+    import shutil
+
+    out, _ = head_study
+    study = tmp_path / "study"
+    shutil.copytree(out, study)
+    scan = scan_study(study, keep_headers=True)
+    series, _ = select_input_series(scan, SelectionRules(), WholeHeadRules())
+    changed = series.files[len(series.files) // 2]
+    ds = pydicom.dcmread(changed)
+    ds.PixelData = np.full_like(ds.pixel_array, 7).tobytes()
+    ds.save_as(changed)
+    st = changed.stat()
+    import os
+
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    volume = load_series(scan.series_inputs(series), series_uid=series.uid)
+    fresh = load_series(series.files, series_uid=series.uid)
+    assert volume.array.tobytes() == fresh.array.tobytes()
+    frame = volume.to_source(volume.array)[volume.files.index(str(changed))]
+    assert np.all(frame == frame.flat[0])  # the new pixels (one stored value, rescaled), not the scanned file's
+
+
+def test_values_decoded_once_per_scan_give_the_headers_each_file_gives_alone(head_study):
+    """``scan_study`` decodes a header value repeated by the files of a series once (``_SharedValues``):
+    every header it records is the one reading that file alone gives (``read_header``)."""
+    from hippo.dicom.ingest import read_header
+
+    out, _ = head_study
+    scan = scan_study(out, keep_headers=True)
+    assert sum(s.n_instances for s in scan.series) == scan.n_files
+    for series in scan.series:
+        for header in series.instances:
+            alone, why = read_header(header.path)
+            assert why is None and alone == header and dict(alone.mr) == dict(header.mr)
+            assert scan.parsed[header.path].dataset.SOPInstanceUID == header.sop_instance_uid
+
+
+def test_parsing_gc_threshold_is_restored_after_overlapping_studies():
+    """Studies parsed side by side (listener threads) raise the collector's threshold while any of
+    them parses and put the original back when the last one ends."""
+    import gc
+    import threading
+
+    from hippo.deploy.pipeline import _parsing
+
+    before = gc.get_threshold()
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with _parsing():
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=other)
+    t.start()
+    inside.wait(5)
+    with _parsing():
+        assert gc.get_threshold()[0] >= 20_000
+    assert gc.get_threshold()[0] >= 20_000  # the other study still parses
+    release.set()
+    t.join(5)
+    assert gc.get_threshold() == before

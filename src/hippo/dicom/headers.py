@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -73,6 +73,12 @@ def header_keywords() -> tuple[tuple[str, ...], tuple[str, ...]]:
     not pay, and ``hippo.deploy`` pays in its background model load)."""
     cleaned = tuple(dict.fromkeys([*_patient_study_keywords(), *_ALSO_COPIED]))
     return cleaned, tuple(dict.fromkeys([*cleaned, *REPORTED_ATTRIBUTES]))
+
+@functools.cache
+def _audited_tags() -> tuple[tuple[str, int], ...]:
+    """``(keyword, tag)`` of each audited keyword of :func:`header_keywords` that has a tag."""
+    return tuple((k, t) for k in header_keywords()[1] if (t := tag_for_keyword(k)) is not None)
+
 
 # --- value representations (PS3.5 table 6.2-1) --------------------------------------------------------
 _MAX_LEN = {"AE": 16, "AS": 4, "CS": 16, "DA": 8, "DS": 16, "IS": 12, "LO": 64, "SH": 16, "TM": 14,
@@ -222,8 +228,7 @@ def _clean_element(keyword: str, elem: DataElement) -> tuple[Any, str | None]:
 def _copy(ds: Dataset) -> Dataset:
     """A new Dataset holding the same elements (no element is shared for writing: replacements go
     into the copy's own mapping); file meta and encoding are carried over."""
-    new = Dataset()
-    new.update(ds)
+    new = Dataset(dict(ds.items()))  # the elements as they are (raw ones decoded when first used)
     for attr in ("file_meta", "preamble", "filename"):
         if hasattr(ds, attr):
             object.__setattr__(new, attr, getattr(ds, attr))
@@ -254,34 +259,84 @@ def clean_source_headers(datasets: Sequence[Dataset]) -> tuple[list[Dataset], He
     report = HeaderReport()
     copies = []
     cleaned, audited = header_keywords()
+    audited_tags = _audited_tags()
+    # the slices of a series mostly repeat the same patient/study values: an element whose stored
+    # bytes (and character set) were seen before is cleaned as it was then, without decoding it again
+    # (and the new element made then is put into this copy too: elements are never modified in place)
+    seen: dict[tuple, tuple[Any, str | None, DataElement | None, bool]] = {}
+    empty: dict[str, DataElement] = {}
+
+    made: dict[tuple, DataElement] = {}
+
+    def element(keyword: str, value: Any) -> DataElement:
+        key = (keyword, tuple(value) if isinstance(value, list) else value)
+        elem = made.get(key)
+        if elem is None:
+            tag = tag_for_keyword(keyword)
+            assert tag is not None
+            elem = made[key] = DataElement(tag, dictionary_VR(tag), value)
+        return elem
+
     for index, ds in enumerate(datasets):
         new = _copy(ds)
         non_ascii = False
-        for keyword in audited:
-            tag = tag_for_keyword(keyword)
-            if tag is None or tag not in ds:
+        charset = None
+        for keyword, tag in audited_tags:
+            raw = ds.get_item(tag, keep_deferred=True)
+            if raw is None:
                 continue
+            key = None
+            if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
+                if charset is None:
+                    charset = str(ds.get("SpecificCharacterSet", "") or "")
+                key = (tag, raw.VR, raw.value, charset)
+                hit = seen.get(key)
+                if hit is not None:
+                    value, problem, elem_new, text_vr = hit
+                    if problem:
+                        if index == 0:  # pragma: no cover - the first dataset never hits
+                            report.malformed[keyword] = problem
+                        if keyword in cleaned:
+                            if elem_new is not None:
+                                new[tag] = elem_new
+                            else:
+                                del new[tag]
+                        continue
+                    if elem_new is not None:
+                        new[tag] = elem_new
+                    non_ascii = non_ascii or not _as_text(value).isascii()
+                    continue
             try:
                 elem = ds[tag]
                 value, problem = _clean_element(keyword, elem)
             except Exception as exc:  # undecodable bytes and the like
-                value, problem = None, f"unreadable ({type(exc).__name__})"
+                elem, value, problem = None, None, f"unreadable ({type(exc).__name__})"
             if problem:
                 if index == 0:
                     report.malformed[keyword] = problem
+                elem_new = element(keyword, "") if keyword in cleaned and keyword in TYPE2_PATIENT_STUDY else None
+                if key is not None:
+                    seen[key] = (value, problem, elem_new, False)
                 if keyword not in cleaned:
                     continue  # reported only: our objects never copy it
-                if keyword in TYPE2_PATIENT_STUDY:
-                    _set(new, keyword, "")
+                if elem_new is not None:
+                    new[tag] = elem_new
                 else:
                     del new[tag]
                 continue
-            if keyword in cleaned and str(elem.VR) in _TEXT_VRS:
-                _set(new, keyword, value)  # a fresh element: text re-encoded in the copy's character set
-            non_ascii = non_ascii or any(ord(ch) > 127 for ch in _as_text(value))
+            text_vr = str(elem.VR) in _TEXT_VRS
+            elem_new = None
+            if keyword in cleaned and text_vr:
+                elem_new = element(keyword, value)  # a fresh element: text re-encoded in the copy's character set
+                new[tag] = elem_new
+            if key is not None:
+                seen[key] = (value, problem, elem_new, text_vr)
+            non_ascii = non_ascii or not _as_text(value).isascii()
         for keyword in TYPE2_PATIENT_STUDY:
             if keyword not in new:
-                _set(new, keyword, "")
+                if keyword not in empty:
+                    empty[keyword] = element(keyword, "")
+                new[empty[keyword].tag] = empty[keyword]
         if non_ascii and not ds.get("SpecificCharacterSet"):
             _set(new, "SpecificCharacterSet", "ISO_IR 192")
         copies.append(new)

@@ -43,6 +43,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pydicom
 import pydicom.uid
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -55,6 +57,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FrameHeader",
     "InstanceHeader",
+    "ParsedHeader",
     "SeriesInfo",
     "StudyScan",
     "StudyError",
@@ -489,6 +492,28 @@ def _pixel_data_problem(path: Path, pos: int, size: int, little_endian: bool,
     return None
 
 
+@dataclass(frozen=True)
+class ParsedHeader:
+    """One file's header as :func:`scan_study` parsed it (``stop_before_pixels``) and where reading
+    stopped: :func:`hippo.dicom.volume.load_series` given it reads only the rest of the file (the
+    pixel data) instead of parsing the whole file a second time.
+
+    Attributes:
+        path: the file.
+        dataset: the header (a pydicom ``FileDataset`` without its pixel data; ``load_series`` adds
+            the rest of the file to it).
+        offset: the file position where the header ended (the Pixel Data element starts there).
+        size, mtime_ns: the file's size and modification time when it was scanned: a file changed
+            since is read whole again.
+    """
+
+    path: Path
+    dataset: Dataset = field(repr=False, compare=False)
+    offset: int
+    size: int
+    mtime_ns: int
+
+
 def read_header(path: str | os.PathLike) -> tuple[InstanceHeader | None, str | None]:
     """Read one file's header (never its pixel data).
 
@@ -503,28 +528,114 @@ def _read_header(path: str | os.PathLike) -> tuple[InstanceHeader | None, str | 
     """:func:`read_header`, except that a *damaged* instance (identifying header read, pixel data
     truncated) comes back as ``(header, reason)``, so that :func:`scan_study` can hold the damage
     against its series instead of silently dropping one slice."""
+    header, reason, _ = _parse_header(path)
+    return header, reason
+
+
+class _SharedValues:
+    """The header values of one scan's files, decoded once: the files of a series repeat most of
+    their header (UIDs of the study and series, patient, geometry but the position, sequence
+    parameters), and pydicom's decoding of each value (``DS``/``IS``/``UI``/... strings, validation)
+    is most of the time :func:`scan_study` spends on a file, and again later for each source image
+    the SEG and SR are made from. :meth:`share` puts into a file's freshly read header the elements
+    already decoded from the same bytes (same tag, VR, encoding and character set) in another file
+    of the scan -- the same element objects, as the datasets' cleaned copies share their elements
+    (elements are never modified in place); :meth:`keep` remembers what reading a header decoded.
+    Standard, non-sequence elements of an unambiguous VR, up to 1 KiB; thread-safe enough (a race
+    decodes a value twice)."""
+
+    MAX_BYTES = 1024
+
+    def __init__(self) -> None:
+        self._decoded: dict[tuple, DataElement] = {}
+        self._tags: dict[int, bool] = {}  # tags that reading a header decodes -> shareable
+
+    @staticmethod
+    def _key(tag: int, elem: RawDataElement, charset: Any) -> tuple:
+        return (tag, elem.VR, elem.value, elem.is_implicit_VR, elem.is_little_endian, charset)
+
+    @staticmethod
+    def _charset(ds: Dataset) -> Any:
+        charset = ds.original_character_set
+        return tuple(charset) if isinstance(charset, (list, MultiValue)) else charset
+
+    def share(self, ds: Dataset) -> dict:
+        """Put the already decoded elements into ``ds``; returns its elements as read (for :meth:`keep`)."""
+        as_read = dict(ds.items())
+        charset = self._charset(ds)
+        for tag, shareable in list(self._tags.items()):
+            elem = as_read.get(tag) if shareable else None
+            if isinstance(elem, RawDataElement):
+                decoded = self._decoded.get(self._key(tag, elem, charset))
+                if decoded is not None:
+                    ds[tag] = decoded
+        return as_read
+
+    def keep(self, ds: Dataset, as_read: dict) -> None:
+        """Remember the values that reading ``ds`` decoded (``as_read``: its elements before)."""
+        charset = None
+        for tag, elem in ds.items():
+            raw = as_read.get(tag)
+            if not isinstance(raw, RawDataElement) or not isinstance(elem, DataElement):
+                continue
+            shareable = self._tags.get(tag)
+            if shareable is None:
+                shareable = self._tags[tag] = self._shareable(raw)
+            if shareable and isinstance(raw.value, bytes) and len(raw.value) <= self.MAX_BYTES:
+                charset = self._charset(ds) if charset is None else charset
+                self._decoded.setdefault(self._key(tag, raw, charset), elem)
+
+    @classmethod
+    def _shareable(cls, elem: RawDataElement) -> bool:
+        """Whether a value of this element's tag decodes from its bytes alone (not private, not a
+        sequence, no VR that depends on other elements)."""
+        if elem.tag.is_private:
+            return False
+        vr = elem.VR
+        if vr is None:
+            try:
+                vr = dictionary_VR(elem.tag)
+            except KeyError:
+                return False
+        return vr != "SQ" and " or " not in vr
+
+
+def _parse_header(path: str | os.PathLike, shared: _SharedValues | None = None
+                  ) -> tuple[InstanceHeader | None, str | None, ParsedHeader | None]:
+    """:func:`_read_header` and, for a usable undamaged instance, the parsed header itself
+    (:class:`ParsedHeader`; ``None`` for a deflated data set, whose file position says nothing).
+    ``shared``: the values already decoded from other files of the scan (:class:`_SharedValues`)."""
     path = Path(path)
     if path.name.upper() == "DICOMDIR":
-        return None, "DICOMDIR (media directory index, not an image)"
+        return None, "DICOMDIR (media directory index, not an image)", None
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        size = st.st_size
         with open(path, "rb") as fh:
             try:
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False)
             except InvalidDicomError:
                 if not _looks_like_raw_dicom(path):
-                    return None, "not DICOM (no DICM preamble)"
+                    return None, "not DICOM (no DICM preamble)", None
                 fh.seek(0)
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
                 sop_class = str(ds.get("SOPClassUID", "") or "")
                 if not _UID_RE.match(sop_class):
-                    return None, "not DICOM (no DICM preamble and no SOPClassUID)"
+                    return None, "not DICOM (no DICM preamble and no SOPClassUID)", None
             pos = fh.tell()
     except OSError as exc:
-        return None, f"unreadable: {exc.strerror or exc}"
+        return None, f"unreadable: {exc.strerror or exc}", None
     except Exception as exc:  # pydicom raises many types on corrupt input
-        return None, f"unreadable DICOM header: {type(exc).__name__}: {exc}"
-    return _header_from_dataset(path, ds, pos=pos, size=size)
+        return None, f"unreadable DICOM header: {type(exc).__name__}: {exc}", None
+    if shared is not None:
+        as_read = shared.share(ds)
+        header, reason = _header_from_dataset(path, ds, pos=pos, size=size)
+        shared.keep(ds, as_read)
+    else:
+        header, reason = _header_from_dataset(path, ds, pos=pos, size=size)
+    if header is None or reason or header.transfer_syntax == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return header, reason, None
+    return header, reason, ParsedHeader(path, ds, pos, size, st.st_mtime_ns)
 
 
 def _header_from_dataset(path: Path, ds: Dataset, *, pos: int, size: int
@@ -998,6 +1109,23 @@ class StudyScan:
     study_uids: tuple[str, ...]
     n_files: int
     elapsed_s: float
+    #: ``scan_study(keep_headers=True)``: the parsed header of each usable file (path -> it), until
+    #: :meth:`series_inputs` hands them out
+    parsed: dict[Path, ParsedHeader] = field(default_factory=dict, repr=False, compare=False)
+
+    def series_inputs(self, series: "SeriesInfo", *, release: bool = True) -> list[Path | ParsedHeader]:
+        """What :func:`hippo.dicom.volume.load_series` reads ``series`` from: its files, each as the
+        header already parsed by the scan where kept (``scan_study(keep_headers=True)``: every file is
+        then parsed once), else as its path.
+
+        Args:
+            release: forget every kept header afterwards, the other series' too (their memory is
+                freed; the handed-out ones belong to the caller, which may add the pixel data to them).
+        """
+        out = [self.parsed.get(p, p) for p in series.files]
+        if release:
+            self.parsed.clear()
+        return out
 
     @property
     def multiple_studies(self) -> bool:
@@ -1071,7 +1199,7 @@ def _walk_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]], list[tu
     return files, ignored, unreadable
 
 
-def scan_study(study_dir: str | os.PathLike, *, workers: int = 8) -> StudyScan:
+def scan_study(study_dir: str | os.PathLike, *, workers: int = 8, keep_headers: bool = False) -> StudyScan:
     """Scan every file under ``study_dir`` (any names, nested folders, hidden files) and group the
     DICOM instances by SeriesInstanceUID.
 
@@ -1086,6 +1214,8 @@ def scan_study(study_dir: str | os.PathLike, *, workers: int = 8) -> StudyScan:
     Args:
         study_dir: the study folder.
         workers: header-reading threads (>= 1).
+        keep_headers: keep each usable file's parsed header (:attr:`StudyScan.parsed`), so that the
+            selected series is read from them (:meth:`StudyScan.series_inputs`) instead of parsed again.
 
     Raises:
         FileNotFoundError: ``study_dir`` does not exist (the message names it).
@@ -1106,9 +1236,13 @@ def scan_study(study_dir: str | os.PathLike, *, workers: int = 8) -> StudyScan:
     if files:
         with ThreadPoolExecutor(max_workers=min(workers, len(files)),
                                 thread_name_prefix="dicom-ingest") as pool:
-            results = list(pool.map(_read_header, files))
+            shared = _SharedValues()
+            parsed_all = list(pool.map(lambda p: _parse_header(p, shared), files))
     else:
-        results = []
+        parsed_all = []
+    results = [(h, r) for h, r, _ in parsed_all]
+    kept = {p: ph for p, (_, _, ph) in zip(files, parsed_all) if ph is not None} if keep_headers else {}
+    del parsed_all
 
     by_series: dict[str, list[InstanceHeader]] = defaultdict(list)
     damaged: dict[str, list[tuple[Path, str]]] = defaultdict(list)
@@ -1150,8 +1284,10 @@ def scan_study(study_dir: str | os.PathLike, *, workers: int = 8) -> StudyScan:
                     key=lambda s: (s.study_uid, s.series_number is None, s.series_number or 0,
                                    s.uid))
     study_uids = tuple(sorted({u for s in series for u in s.study_uids}))
+    listed = {p for s in series for p in s.files}  # duplicates and damaged files are read from their path
     scan = StudyScan(root=root, series=tuple(series), ignored=tuple(ignored),
-                     study_uids=study_uids, n_files=len(files), elapsed_s=elapsed)
+                     study_uids=study_uids, n_files=len(files), elapsed_s=elapsed,
+                     parsed={p: ph for p, ph in kept.items() if p in listed})
     log.info("scanned %s: %d files, %d instances in %d series, %d ignored, %d stud%s, %.2f s",
              root, len(files), scan.n_instances, len(series), len(ignored), len(study_uids),
              "y" if len(study_uids) == 1 else "ies", elapsed)

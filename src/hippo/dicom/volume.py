@@ -39,7 +39,7 @@ from pydicom.dataset import Dataset
 
 from hippo.dicom.geometry import (SAME_POSITION_MM, SPACING_REL_TOL, same_orientation, same_pixel_spacing,
                                  slice_normal, stack_problem)
-from hippo.dicom.ingest import frame_attributes, has_functional_groups, mosaic_evidence
+from hippo.dicom.ingest import ParsedHeader, frame_attributes, has_functional_groups, mosaic_evidence
 
 __all__ = [
     "SeriesError",
@@ -185,10 +185,11 @@ class _Item:
     full: Dataset | None  # dataset with pixel data, when given or once read
     frame: int | None = None  # 0-based frame over the enhanced sources (header: that frame's values)
     source: int = 0  # index of the enhanced instance the frame belongs to
+    parsed: ParsedHeader | None = None  # the scan's parsed header: only the rest of the file is read
 
 
 def load_series(
-    paths_or_datasets: Iterable[str | os.PathLike | Dataset],
+    paths_or_datasets: Iterable[str | os.PathLike | Dataset | ParsedHeader],
     *,
     spacing_tolerance: float = SPACING_REL_TOL,
     workers: int = 4,
@@ -202,8 +203,10 @@ def load_series(
 
     Args:
         paths_or_datasets: files (``str``/``PathLike``) and/or pydicom datasets of one series, in any
-            order (or the one multi-frame instance). Each file is read once; pixel data is decoded
-            only for the slices that are kept.
+            order (or the one multi-frame instance), or the headers :func:`hippo.dicom.ingest.scan_study`
+            parsed (:class:`hippo.dicom.ingest.ParsedHeader`, :meth:`StudyScan.series_inputs`: only
+            the rest of each file, its pixel data, is read then, and added to that header). Each file
+            is read once; pixel data is decoded only for the slices that are kept.
         spacing_tolerance: allowed relative deviation of each slice step from the median step
             (``0.01`` = 1 %).
         workers: threads used to read headers and decode pixels.
@@ -370,6 +373,8 @@ def _read_headers(inputs: list, workers: int) -> list[_Item]:
 
     def one(idx_obj):
         idx, obj = idx_obj
+        if isinstance(obj, ParsedHeader):  # parsed by the scan: its pixel data is read when decoded
+            return _Item(str(obj.path), obj.dataset, obj.path, None, parsed=obj)
         if isinstance(obj, Dataset):
             fname = getattr(obj, "filename", None)
             name = str(fname) if isinstance(fname, (str, os.PathLike)) and fname else \
@@ -600,6 +605,8 @@ def _plugins(transfer_syntax) -> list[str]:
 def _decode(it: _Item, uid: str) -> np.ndarray:
     """``it``'s stored pixel values (reads the file when needed; fills ``it.full``). Compressed
     data is decoded with each available non-GDCM plugin in turn (GDCM when it is the only one)."""
+    if it.full is None and it.parsed is not None:
+        it.full = _with_rest_of_file(it.parsed)
     if it.full is None:
         it.full = pydicom.dcmread(it.path)  # type: ignore[arg-type]
     ds = it.full
@@ -625,11 +632,38 @@ def _decode(it: _Item, uid: str) -> np.ndarray:
             f"{type(exc).__name__}: {exc}. {advice}") from exc
 
 
+def _with_rest_of_file(parsed: ParsedHeader) -> Dataset | None:
+    """The scan's parsed header with the rest of its file (the Pixel Data element, and whatever
+    follows it) read from where the header ended and added to it: the dataset ``dcmread(path)``
+    gives, without parsing the header again. ``None`` (the caller then reads the whole file) when
+    the file changed since the scan or the rest cannot be read."""
+    from pydicom.filereader import read_dataset
+
+    ds = parsed.dataset
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        return None
+    try:
+        with open(parsed.path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_size != parsed.size or st.st_mtime_ns != parsed.mtime_ns:
+                return None
+            fh.seek(parsed.offset)
+            rest = read_dataset(fh, implicit, little)
+    except Exception:  # noqa: BLE001 - e.g. truncated pixel data: the whole file read says why
+        return None
+    for elem in rest.elements():  # raw elements, converted when first used, as a whole-file read leaves them
+        ds[elem.tag] = elem
+    return ds
+
+
 def _rescale(pixels: np.ndarray, header: Dataset) -> np.ndarray:
     slope = header.get("RescaleSlope", None)
     intercept = header.get("RescaleIntercept", None)
     slope = 1.0 if slope in (None, "") else float(slope)
     intercept = 0.0 if intercept in (None, "") else float(intercept)
+    if slope == 1.0 and intercept == 0.0 and pixels.dtype.kind in "iub" and pixels.dtype.itemsize <= 2:
+        return pixels.astype(np.float32)  # the same values: every 8/16-bit integer is exact in float32
     return (pixels.astype(np.float64) * slope + intercept).astype(np.float32)
 
 
