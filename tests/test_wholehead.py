@@ -47,6 +47,24 @@ def _rotation(axis: int, degrees: float) -> np.ndarray:
     return Rotation.from_euler("xyz"[axis], degrees, degrees=True).as_matrix()
 
 
+def _template_scan(linear: np.ndarray, shift, voxel_mm: float, origin, shape
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shipped template as a scan with a known MNI -> scan affine: ``(scan array, its voxel ->
+    RAS affine, the true MNI -> scan affine)``; ``linear`` (3x3) and ``shift`` (mm) make the truth,
+    the scan grid has ``voxel_mm`` voxels from ``origin`` (mm) with ``shape``."""
+    from scipy import ndimage
+
+    t = load_template()
+    truth = np.eye(4)
+    truth[:3, :3] = linear
+    truth[:3, 3] = shift
+    out_affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+    out_affine[:3, 3] = origin
+    # scan voxel -> scan mm -> MNI (inverse truth) -> template voxel
+    m = np.linalg.inv(t.affine) @ np.linalg.inv(truth) @ out_affine
+    return ndimage.affine_transform(t.array, m[:3, :3], m[:3, 3], output_shape=shape, order=1), out_affine, truth
+
+
 def _move_head(scan: ScanVolume, rotation: np.ndarray, shift=(0.0, 0.0, 0.0)) -> np.ndarray:
     """The scan's array with the head turned by ``rotation`` about the array centre and moved by
     ``shift`` mm in world space (same grid and affine: as if the patient lay differently)."""
@@ -217,18 +235,8 @@ def test_template_and_centroids():
 def test_registration_recovers_a_known_affine():
     """The template itself, turned 25° (pitch) and 10° (yaw), scaled by 0.9 and moved 12 mm, on a
     1.5 mm grid: the registration finds the MNI -> scan affine within 2 mm at the hippocampi."""
-    from scipy import ndimage
-
-    t = load_template()
-    truth = np.eye(4)
-    truth[:3, :3] = _rotation(0, 25) @ _rotation(2, 10) * 0.9
-    truth[:3, 3] = [5.0, -12.0, 8.0]
-    out_affine = np.diag([1.5, 1.5, 1.5, 1.0])
-    out_affine[:3, 3] = [-100, -130, -90]
-    shape = (134, 160, 130)
-    # scan voxel -> scan mm -> MNI (inverse truth) -> template voxel
-    m = np.linalg.inv(t.affine) @ np.linalg.inv(truth) @ out_affine
-    scan = ndimage.affine_transform(t.array, m[:3, :3], m[:3, 3], output_shape=shape, order=1)
+    scan, out_affine, truth = _template_scan(_rotation(0, 25) @ _rotation(2, 10) * 0.9, [5.0, -12.0, 8.0], 1.5,
+                                             [-100, -130, -90], (134, 160, 130))
     reg = register_to_template(scan, out_affine)
     for xyz in HIPPOCAMPUS_CENTROIDS_MNI.values():
         assert np.linalg.norm(reg.to_scan(xyz) - (truth[:3, :3] @ xyz + truth[:3, 3])) < 2.0
@@ -242,16 +250,9 @@ def test_registration_is_the_same_with_refinements_side_by_side():
     """The refinements run on two cores side by side (one ITK thread each) give bit for bit the
     registration they give one after the other: the same scan always gets the same crops."""
     import SimpleITK as sitk
-    from scipy import ndimage
 
-    t = load_template()
-    truth = np.eye(4)
-    truth[:3, :3] = _rotation(0, 15) * 0.95
-    truth[:3, 3] = [3.0, -8.0, 5.0]
-    out_affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    out_affine[:3, 3] = [-100, -130, -90]
-    m = np.linalg.inv(t.affine) @ np.linalg.inv(truth) @ out_affine
-    scan = ndimage.affine_transform(t.array, m[:3, :3], m[:3, 3], output_shape=(100, 120, 98), order=1)
+    scan, out_affine, _ = _template_scan(_rotation(0, 15) * 0.95, [3.0, -8.0, 5.0], 2.0, [-100, -130, -90],
+                                         (100, 120, 98))
     before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     try:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
@@ -343,17 +344,8 @@ def test_registration_holds_on_a_field_of_view_cut_below_the_temporal_lobes():
     cerebellum cut, as on seg3d_epilepsy_t1): within 2.5 mm at the hippocampi and the right scale.
     (A guard for the padded refinement: on seg3d's re-acquisitions, template points mapped past the
     cut dropped out of the metric and an enlarged template scored better.)"""
-    from scipy import ndimage
-
-    t = load_template()
-    truth = np.eye(4)
-    truth[:3, :3] = _rotation(0, 8) * 0.9
-    truth[:3, 3] = [2.0, -6.0, 4.0]
-    out_affine = np.diag([1.5, 1.5, 1.5, 1.0])
-    out_affine[:3, 3] = [-90, -120, -35]
-    shape = (120, 150, 80)  # z from -35 to +83 mm
-    m = np.linalg.inv(t.affine) @ np.linalg.inv(truth) @ out_affine
-    scan = ndimage.affine_transform(t.array, m[:3, :3], m[:3, 3], output_shape=shape, order=1)
+    scan, out_affine, truth = _template_scan(_rotation(0, 8) * 0.9, [2.0, -6.0, 4.0], 1.5, [-90, -120, -35],
+                                             (120, 150, 80))  # z from -35 to +83 mm
     reg = register_to_template(scan, out_affine)
     for xyz in HIPPOCAMPUS_CENTROIDS_MNI.values():
         assert np.linalg.norm(reg.to_scan(xyz) - (truth[:3, :3] @ xyz + truth[:3, 3])) < 2.5, reg.as_dict()
