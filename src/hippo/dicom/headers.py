@@ -263,8 +263,7 @@ def clean_source_headers(datasets: Sequence[Dataset]) -> tuple[list[Dataset], He
     # the slices of a series mostly repeat the same patient/study values: an element whose stored
     # bytes (and character set) were seen before is cleaned as it was then, without decoding it again
     # (and the new element made then is put into this copy too: elements are never modified in place)
-    seen: dict[tuple, tuple[Any, str | None, DataElement | None, bool]] = {}
-    empty: dict[str, DataElement] = {}
+    seen: dict[tuple, tuple[Any, str | None, DataElement | None]] = {}
 
     made: dict[tuple, DataElement] = {}
 
@@ -292,10 +291,8 @@ def clean_source_headers(datasets: Sequence[Dataset]) -> tuple[list[Dataset], He
                 key = (tag, raw.VR, raw.value, charset)
                 hit = seen.get(key)
                 if hit is not None:
-                    value, problem, elem_new, text_vr = hit
+                    value, problem, elem_new = hit  # never on the first dataset: it records the problems
                     if problem:
-                        if index == 0:  # pragma: no cover - the first dataset never hits
-                            report.malformed[keyword] = problem
                         if keyword in cleaned:
                             if elem_new is not None:
                                 new[tag] = elem_new
@@ -316,7 +313,7 @@ def clean_source_headers(datasets: Sequence[Dataset]) -> tuple[list[Dataset], He
                     report.malformed[keyword] = problem
                 elem_new = element(keyword, "") if keyword in cleaned and keyword in TYPE2_PATIENT_STUDY else None
                 if key is not None:
-                    seen[key] = (value, problem, elem_new, False)
+                    seen[key] = (value, problem, elem_new)
                 if keyword not in cleaned:
                     continue  # reported only: our objects never copy it
                 if elem_new is not None:
@@ -330,13 +327,12 @@ def clean_source_headers(datasets: Sequence[Dataset]) -> tuple[list[Dataset], He
                 elem_new = element(keyword, value)  # a fresh element: text re-encoded in the copy's character set
                 new[tag] = elem_new
             if key is not None:
-                seen[key] = (value, problem, elem_new, text_vr)
+                seen[key] = (value, problem, elem_new)
             non_ascii = non_ascii or not _as_text(value).isascii()
         for keyword in TYPE2_PATIENT_STUDY:
             if keyword not in new:
-                if keyword not in empty:
-                    empty[keyword] = element(keyword, "")
-                new[empty[keyword].tag] = empty[keyword]
+                blank = element(keyword, "")  # made once, shared by the copies
+                new[blank.tag] = blank
         if non_ascii and not ds.get("SpecificCharacterSet"):
             _set(new, "SpecificCharacterSet", "ISO_IR 192")
         copies.append(new)
