@@ -619,11 +619,8 @@ def paired_change(
         t = time.perf_counter()
         jac: dict[str, float | None] = {}
         if jacobian:  # the same crop grown by a margin, sampled from both scans for the demons only
-            geo_m = with_margin(geo_h, JACOBIAN_MARGIN_VOXELS)
-            wide_e, _ = sample_crop(e_arr, e_aff, CropGeometry(side, geo_m.shape, s_inv @ geo_m.index_to_scan,
-                                                               geo_m.spacing_mm))
-            wide_l, _ = sample_crop(l_arr, l_aff, CropGeometry(side, geo_m.shape, s_half @ geo_m.index_to_scan,
-                                                               geo_m.spacing_mm))
+            wide_e, _ = sample_crop(e_arr, e_aff, with_margin(geo_e, JACOBIAN_MARGIN_VOXELS))
+            wide_l, _ = sample_crop(l_arr, l_aff, with_margin(geo_l, JACOBIAN_MARGIN_VOXELS))
             jac = jacobian_change(wide_e, wide_l, lab_e, lab_l)
         timings["jacobian"] = timings.get("jacobian", 0.0) + time.perf_counter() - t
         sides[side] = PairedSide(side, hard_e, hard_l, soft_e, soft_l, geo_h, float(np.linalg.norm(c_e - c_l)), passes,
