@@ -130,3 +130,53 @@ def test_deploy_and_predict_use_the_runner():
     for module, fn in ((deploy, deploy.run_batch), (wholehead, wholehead.run_scans)):
         assert "run_each(" in inspect.getsource(fn)
         assert "ProcessPoolExecutor" not in inspect.getsource(module)
+
+
+class TwoStage:
+    """prepare(n) then finish(prepared); finishing item n waits (up to 10 s) until item n + 1 is being
+    prepared, so a run that does not prepare ahead is seen; raises in either stage for chosen items."""
+
+    def __init__(self, total, bad_prepare=(), bad_finish=()):
+        import threading
+
+        self.total = total
+        self.bad_prepare, self.bad_finish = set(bad_prepare), set(bad_finish)
+        self.started = {}
+        self.lock = threading.Lock()
+        self.overlapped = []
+        self.threading = threading
+
+    def _event(self, n):
+        with self.lock:
+            return self.started.setdefault(n, self.threading.Event())
+
+    def process(self, n):
+        return self.finish(self.prepare(n))
+
+    def prepare(self, n):
+        self._event(n).set()
+        if n in self.bad_prepare:
+            raise ValueError(f"item {n} cannot be read")
+        return n, self.threading.current_thread().name
+
+    def finish(self, prepared):
+        n, where = prepared
+        if n + 1 < self.total:
+            self.overlapped.append(self._event(n + 1).wait(10.0))
+        if n in self.bad_finish:
+            raise RuntimeError(f"item {n} cannot be measured")
+        return ("ok", n, where)
+
+
+def test_serial_two_stage_processor_prepares_the_next_item_while_finishing_this_one():
+    """hippo.predict's pipelining: the next scan is read and registered while this one is measured;
+    results stay in input order, and a failure in either stage is that item's alone."""
+    proc = TwoStage(6, bad_prepare={2}, bad_finish={3})
+    done = []
+    out = run_each(list(range(6)), lambda: proc, failed=as_failure, on_done=lambda r: done.append(r[1]))
+    assert [r[1] for r in out] == list(range(6)) == done
+    assert out[2] == ("failed", 2, "process", "ValueError: item 2 cannot be read")
+    assert out[3] == ("failed", 3, "process", "RuntimeError: item 3 cannot be measured")
+    assert [r[0] for r in out] == ["ok", "ok", "failed", "failed", "ok", "ok"]
+    assert all(r[2].startswith("hippo-prepare-next") for r in out if r[0] == "ok")  # prepared in the thread
+    assert proc.overlapped == [True] * 4   # each finish but the last saw the next item being prepared meanwhile

@@ -412,12 +412,16 @@ def test_deploy_listen_and_eval_read_one_inference_group():
                 for name in ("deploy", "listen", "eval")}
         tuned = InferenceSettings.from_config(OmegaConf.to_container(
             compose(config_name="deploy", overrides=["precision=bfloat16", "model_path=/m.pt"]), resolve=False))
-    assert read["deploy"] == read["listen"] == read["eval"] == InferenceSettings(None, "cpu", 64, "auto")
+    assert read["deploy"] == read["listen"] == read["eval"] == InferenceSettings(None, "cpu", 64, "auto", "auto")
     assert (tuned.precision, tuned.model_path) == ("bfloat16", "/m.pt")
     with pytest.raises(KeyError, match="inference"):
         InferenceSettings.from_config({"device": "cpu"})
     with pytest.raises(ValueError, match="precision"):
-        InferenceSettings.from_config({"model_path": None, "device": "cpu", "batch_size": 1, "precision": "fp8"})
+        InferenceSettings.from_config({"model_path": None, "device": "cpu", "batch_size": 1, "precision": "fp8",
+                                       "backend": "auto"})
+    with pytest.raises(ValueError, match="backend"):
+        InferenceSettings.from_config({"model_path": None, "device": "cpu", "batch_size": 1, "precision": "auto",
+                                       "backend": "tensorrt"})
 
 
 def test_auto_precision_runs_bfloat16_only_where_the_hardware_has_it() -> None:

@@ -5,7 +5,9 @@
 built once per process (so the model is loaded once per worker), and returns one result per item
 in the order of ``items``; ``on_done(result)`` is called in this process as each item finishes.
 
-* ``workers <= 1`` (or one item): everything runs here, with the threads torch and SimpleITK chose.
+* ``workers <= 1`` (or one item): everything runs here, with the threads torch and SimpleITK chose;
+  a two-stage processor (``prepare``/``finish``, e.g. :class:`hippo.wholehead.run.ScanProcessor`)
+  has the next item prepared in a thread while the current one is finished.
 * ``workers > 1``: a :class:`~concurrent.futures.ProcessPoolExecutor` with the **spawn** start
   method (torch's OpenMP pool and SimpleITK's threads do not survive ``fork``). Each worker's
   initialiser caps torch/OpenMP and SimpleITK at ``threads_per_worker`` threads (default: the
@@ -26,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Sequence, TypeVar
@@ -118,6 +120,39 @@ def _process_one(processor: Any, item: Any) -> Any:
         return ItemFailure.from_exception("process", exc)
 
 
+def _serially(processor: Any, items: Sequence[Any]):
+    """Yield ``(index, processor.process(item) or its ItemFailure)`` for each item in order, here.
+
+    A two-stage processor -- one with ``prepare(item)`` and ``finish(prepared)`` whose composition is
+    ``process`` -- has the next item's ``prepare`` run in a thread while this item is finished: for
+    a whole-head scan, reading and registering the next one (file reads, SimpleITK: mostly outside
+    the GIL) fill the cores the segmentation and the outputs leave idle. At most one item is
+    prepared ahead (two scans in memory)."""
+    prepare, finish = getattr(processor, "prepare", None), getattr(processor, "finish", None)
+    if len(items) < 2 or not (callable(prepare) and callable(finish)):
+        for i, item in enumerate(items):
+            yield i, _process_one(processor, item)
+        return
+
+    def guarded(stage: Callable[[Any], Any], arg: Any, item: Any) -> Any:
+        try:
+            return stage(arg)
+        except Exception as exc:  # noqa: BLE001 - one item never ends the batch
+            log.debug("item %s failed:\n%s", item, traceback.format_exc())
+            return ItemFailure.from_exception("process", exc)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="hippo-prepare-next")
+    try:
+        ahead = pool.submit(guarded, prepare, items[0], items[0])
+        for i, item in enumerate(items):
+            prepared = ahead.result()
+            if i + 1 < len(items):
+                ahead = pool.submit(guarded, prepare, items[i + 1], items[i + 1])
+            yield i, prepared if isinstance(prepared, ItemFailure) else guarded(finish, prepared, item)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _run_in_worker(item: Any) -> Any:
     if _SETUP_FAILURE is not None:
         return _SETUP_FAILURE
@@ -177,8 +212,8 @@ def run_each(
                 finish(i, failure)
             return [results[i] for i in range(n)]
         try:
-            for i, item in enumerate(items):
-                finish(i, _process_one(processor, item))
+            for i, value in _serially(processor, items):
+                finish(i, value)
         finally:
             close = getattr(processor, "close", None)
             if callable(close):

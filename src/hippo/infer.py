@@ -30,6 +30,7 @@ and applies the post-processing.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import io
 import os
@@ -43,7 +44,7 @@ import torch
 
 from hippo import __version__
 from hippo.fileio import to_plain, write_bytes_atomic
-from hippo.inference_settings import PRECISIONS, InferenceSettings  # noqa: F401 - re-exported
+from hippo.inference_settings import BACKENDS, PRECISIONS, InferenceSettings  # noqa: F401 - re-exported
 from hippo.model.slicewise import keep_largest_component, segment_slices
 from hippo.model.unet import UNet
 from hippo.preprocessing import LABEL_NAMES, NORMALIZATIONS, normalize
@@ -78,6 +79,31 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str
             native = False
         return "bfloat16" if native else "float32"
     return "float32"
+
+
+def resolve_backend(backend: str, device: str | torch.device = "cpu", precision: str = "float32") -> str:
+    """What runs the networks: ``"torch"`` or ``"onnxruntime"``.
+
+    ``"auto"`` takes ONNX Runtime (:mod:`hippo.model.onnx_runtime`) on a CPU in float32 when
+    ``onnxruntime`` is installed: the same network about 1.5x faster on an AVX2 CPU, logits within
+    1e-4 of torch's; torch elsewhere (CUDA, bfloat16 autocast). ``precision`` is the resolved one.
+
+    Raises:
+        ValueError: an unknown backend, or ``"onnxruntime"`` where it cannot run (not a CPU device,
+            bfloat16, or not installed).
+    """
+    from hippo.model import onnx_runtime
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    possible = torch.device(device).type == "cpu" and precision == "float32" and onnx_runtime.available()
+    if backend == "auto":
+        return "onnxruntime" if possible else "torch"
+    if backend == "onnxruntime" and not possible:
+        raise ValueError(f"backend=onnxruntime runs float32 on a CPU with the onnxruntime package installed "
+                         f"(device {device}, precision {precision}, onnxruntime "
+                         f"{'installed' if onnx_runtime.available() else 'not installed'})")
+    return backend
 _NETS = {"hippo.model.unet.UNet": UNet}
 
 
@@ -265,6 +291,9 @@ class InferenceAgent:
             runs it natively: :func:`resolve_precision`; ``self.precision`` holds what runs): the networks
             run under bfloat16 autocast (softmax and averaging stay float32). On the 2-core CPU the shipped model
             segments 1.7x faster with it and its test Dice is unchanged to 4 decimals.
+        backend: ``"auto"`` (the default), ``"torch"`` or ``"onnxruntime"``: what runs the networks
+            (:func:`resolve_backend`; ``self.backend`` holds what runs). ONNX Runtime sessions run their
+            members one after another, each on torch's intra-op thread count (``member_threads`` is for torch).
     """
 
     def __init__(
@@ -280,9 +309,11 @@ class InferenceAgent:
         more_members: Sequence[tuple[UNet, Mapping[str, Any]]] = (),
         member_threads: int | None = 1,
         precision: str = "float32",
+        backend: str = "auto",
     ):
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)  # "auto" resolved: what really runs
+        self.backend = resolve_backend(backend, self.device, self.precision)
         self.members: list[tuple[UNet, dict[str, Any]]] = []
         for member_net, pre in [(net, preprocessing), *more_members]:
             pre = dict(pre)
@@ -302,18 +333,40 @@ class InferenceAgent:
         if member_threads is None:
             member_threads = min(len(self.members), os.cpu_count() or 1) if self.device.type == "cpu" else 1
         self.member_threads = max(1, int(member_threads))
+        #: what each member runs on: its network (torch) or an ONNX Runtime session of it
+        self._runners: list[Any] = [self._runner(m) for m, _ in self.members]
+
+    def _runner(self, net: UNet) -> Any:
+        if self.backend != "onnxruntime":
+            return net
+        from hippo.model.onnx_runtime import OnnxUNet
+
+        return OnnxUNet(net)
+
+    def subset(self, indices: Sequence[int]) -> "InferenceAgent":
+        """An agent of some of this one's members (by index, in that order) with the same settings,
+        sharing their networks and ONNX Runtime sessions (none is built again)."""
+        chosen = [int(i) for i in indices]
+        if not chosen:
+            raise ValueError("a subset needs at least one member")
+        new = copy.copy(self)
+        new.members = [self.members[i] for i in chosen]
+        new._runners = [self._runners[i] for i in chosen]
+        new.net, new.preprocessing = new.members[0]
+        return new
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64,
-                  member_threads: int | None = 1, precision: str = "float32") -> "InferenceAgent":
+                  member_threads: int | None = 1, precision: str = "float32",
+                  backend: str = "auto") -> "InferenceAgent":
         """Load an exported model file (see the module docstring)."""
         return cls.from_payload(load_model_file(path), path=path, device=device, batch_size=batch_size,
-                                member_threads=member_threads, precision=precision)
+                                member_threads=member_threads, precision=precision, backend=backend)
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any], *, path: str | os.PathLike | None = None, device: str = "cpu",
                      batch_size: int = 64, member_threads: int | None = 1,
-                     precision: str = "float32") -> "InferenceAgent":
+                     precision: str = "float32", backend: str = "auto") -> "InferenceAgent":
         """An agent for a model file's payload already in memory (a loaded file, or one about to be
         written: :func:`ensemble_payload`), with its weights as stored (int8/float16 included)."""
         members = build_members(payload)
@@ -323,7 +376,7 @@ class InferenceAgent:
         meta.setdefault("preprocessing", members[0][1])
         return cls(*members[0], payload["labels"], device=device, batch_size=batch_size, metadata=meta,
                    postprocessing=payload.get("postprocessing"), more_members=members[1:],
-                   member_threads=member_threads, precision=precision)
+                   member_threads=member_threads, precision=precision, backend=backend)
 
     @property
     def slice_axis(self) -> int:
@@ -352,7 +405,7 @@ class InferenceAgent:
             raise ValueError("volume holds NaN or infinite values")
         largest = bool(self.postprocessing.get("largest_component", False))
         if len(self.members) == 1:
-            labels, probs = self._segment_member(self.net, self.preprocessing, volume, return_probabilities,
+            labels, probs = self._segment_member(self._runners[0], self.preprocessing, volume, return_probabilities,
                                                  largest_component=largest)
             return (labels, probs) if return_probabilities else labels
         probs = np.sum(self._member_probabilities(volume), axis=0) / len(self.members)
@@ -386,24 +439,26 @@ class InferenceAgent:
 
     def _member_probabilities(self, volume: np.ndarray) -> list[np.ndarray]:
         """Every member's ``(C, X, Y, Z) float32`` softmax probabilities of one checked raw volume."""
-        def member_probs(member: tuple[UNet, dict[str, Any]]) -> np.ndarray:
+        def member_probs(member: tuple[Any, dict[str, Any]]) -> np.ndarray:
             return self._segment_member(member[0], member[1], volume, True, largest_component=False)[1]
 
-        if self.member_threads > 1 and torch.get_num_threads() > 1:
+        runs = [(runner, pre) for runner, (_, pre) in zip(self._runners, self.members)]
+        if self.member_threads > 1 and torch.get_num_threads() > 1 and self.backend == "torch":
             intra = torch.get_num_threads()
             torch.set_num_threads(1)        # process-wide: members side by side, one core each
             try:
                 with ThreadPoolExecutor(self.member_threads) as pool:
-                    parts = list(pool.map(member_probs, self.members))
+                    parts = list(pool.map(member_probs, runs))
             finally:
                 torch.set_num_threads(intra)
         else:
-            parts = [member_probs(m) for m in self.members]
+            parts = [member_probs(m) for m in runs]
         return parts
 
-    def _segment_member(self, net: UNet, pre: Mapping[str, Any], volume: np.ndarray, return_probabilities: bool,
+    def _segment_member(self, net: Any, pre: Mapping[str, Any], volume: np.ndarray, return_probabilities: bool,
                         largest_component: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """One network on one raw volume: ``(X, Y, Z)`` labels and optionally ``(C, X, Y, Z)`` probabilities."""
+        """One network (a :class:`UNet` or its :class:`hippo.model.onnx_runtime.OnnxUNet`) on one raw
+        volume: ``(X, Y, Z)`` labels and optionally ``(C, X, Y, Z)`` probabilities."""
         axis = int(pre.get("slice_axis", 0))
         image = np.moveaxis(normalize(volume, pre.get("normalization", "minmax_per_volume")), axis, 0)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 #: ``"auto"``: bfloat16 where the device runs it natively, else float32 (:func:`hippo.infer.resolve_precision`).
 PRECISIONS = ("auto", "float32", "bfloat16")
+#: ``"auto"``: ONNX Runtime on a CPU in float32 when installed, else torch (:func:`hippo.infer.resolve_backend`).
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,14 @@ class InferenceSettings:
         device: ``"cpu"``, ``"cuda"``, ...
         batch_size: slices per forward pass.
         precision: ``"auto"`` (:func:`hippo.infer.resolve_precision`), ``"float32"`` or ``"bfloat16"`` (autocast).
+        backend: ``"auto"`` (:func:`hippo.infer.resolve_backend`), ``"torch"`` or ``"onnxruntime"``.
     """
 
     model_path: str | None
     device: str
     batch_size: int
     precision: str
+    backend: str
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "InferenceSettings":
@@ -41,23 +45,27 @@ class InferenceSettings:
 
         Raises:
             KeyError: a key is missing (the config does not compose the ``inference`` group).
-            ValueError: an unknown precision or a batch size below 1.
+            ValueError: an unknown precision or backend, or a batch size below 1.
         """
-        missing = [k for k in ("model_path", "device", "batch_size", "precision") if k not in cfg]
+        missing = [k for k in ("model_path", "device", "batch_size", "precision", "backend") if k not in cfg]
         if missing:
             raise KeyError(f"inference settings {missing} missing: compose the `inference` config group")
         settings = cls(model_path=None if cfg["model_path"] in (None, "") else str(cfg["model_path"]),
-                       device=str(cfg["device"]), batch_size=int(cfg["batch_size"]), precision=str(cfg["precision"]))
+                       device=str(cfg["device"]), batch_size=int(cfg["batch_size"]), precision=str(cfg["precision"]),
+                       backend=str(cfg["backend"]))
         if settings.precision not in PRECISIONS:
             raise ValueError(f"precision {settings.precision!r}: choose one of {list(PRECISIONS)}")
+        if settings.backend not in BACKENDS:
+            raise ValueError(f"backend {settings.backend!r}: choose one of {list(BACKENDS)}")
         if settings.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {settings.batch_size}")
         return settings
 
     @property
     def agent_options(self) -> dict[str, Any]:
-        """Keyword arguments of :meth:`InferenceAgent.from_file` (device, batch_size, precision)."""
-        return {"device": self.device, "batch_size": self.batch_size, "precision": self.precision}
+        """Keyword arguments of :meth:`InferenceAgent.from_file` (device, batch_size, precision, backend)."""
+        return {"device": self.device, "batch_size": self.batch_size, "precision": self.precision,
+                "backend": self.backend}
 
     def resolve_model(self, log_dir: str | os.PathLike) -> Path:
         """The model file to load (:func:`hippo.weights.resolve_model_path`)."""

@@ -214,6 +214,7 @@ class StudyProcessor:
                           f"{(training.get('split_sizes') or {}).get('train', '?')} training volumes",
             "metrics": {k: metrics[k] for k in ("dice_anterior", "dice_posterior") if k in metrics},
             "precision": self.precision,
+            "backend": str(getattr(self.agent, "backend", "torch")),
         }
 
     @property
@@ -651,6 +652,7 @@ def build_processor(
     device: str = "cpu",
     batch_size: int = 64,
     precision: str = "float32",
+    backend: str = "auto",
     pacs: Mapping[str, Any] | None = None,
     outbox_dir: str | os.PathLike | None = None,
     background_load: bool = False,
@@ -668,7 +670,8 @@ def build_processor(
     from hippo.infer import InferenceAgent  # imports torch
 
     def load() -> Any:
-        return InferenceAgent.from_file(model_path, device=device, batch_size=batch_size, precision=precision)
+        return InferenceAgent.from_file(model_path, device=device, batch_size=batch_size, precision=precision,
+                                        backend=backend)
 
     def load_and_warm() -> Any:
         agent = load()

@@ -25,7 +25,8 @@ def main(cfg: DictConfig) -> None:
     code = run_evaluation(
         data_root=c["data"]["root"], manifest=c["data"]["manifest"], split_file=c["data"]["split_file"],
         split_part=c["data"]["split_part"], model_path=c["model_path"], device=c["device"],
-        batch_size=c["batch_size"], precision=c["precision"], largest_component=c["largest_component"],
+        batch_size=c["batch_size"], precision=c["precision"], backend=c["backend"],
+        largest_component=c["largest_component"],
         compare_to=c["compare_to"], output_dir=c["paths"]["output_dir"], log_dir=c["paths"]["log_dir"], config=c)
     if code:
         sys.exit(code)

@@ -110,6 +110,7 @@ def run_evaluation(
     device: str = "cpu",
     batch_size: int = 64,
     precision: str = "float32",
+    backend: str = "auto",
     manifest: str | os.PathLike | None = None,
     split_file: str | os.PathLike | None = None,
     split_part: str = "test",
@@ -127,7 +128,7 @@ def run_evaluation(
         log_dir: where ``model_path="latest"`` looks for the newest ``model.pt``.
         model_path: the model file; ``None`` = the shipped default model, ``"latest"`` = the newest
             under ``log_dir`` (:func:`hippo.weights.resolve_model_path`).
-        device, batch_size, precision: how the model runs (:class:`hippo.infer.InferenceSettings`).
+        device, batch_size, precision, backend: how the model runs (:class:`hippo.infer.InferenceSettings`).
         manifest: a curation ``manifest.json`` whose cases replace the directory scan.
         split_file: a training run's ``split.json`` choosing the cases; ``None`` = the shipped
             model's split when ``model_path`` is ``None``, else every pair.
@@ -143,7 +144,8 @@ def run_evaluation(
     """
     try:
         settings = InferenceSettings.from_config({"model_path": None if model_path is None else str(model_path),
-                                                  "device": device, "batch_size": batch_size, "precision": precision})
+                                                  "device": device, "batch_size": batch_size, "precision": precision,
+                                                  "backend": backend})
         if split_file is None and settings.model_path is None:
             split_file = default_split_path()
         if split_part == "all":

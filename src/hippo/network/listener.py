@@ -757,6 +757,7 @@ class Listener:
                             self.model_path, self.results_dir,
                             device=opts.pop("device", "cpu"), batch_size=int(opts.pop("batch_size", 64)),
                             precision=str(opts.pop("precision", "float32")),
+                            backend=str(opts.pop("backend", "auto")),
                             pacs=None if self.pacs is None else vars(self.pacs).copy(),
                             outbox_dir=self.outbox_dir, **opts)
                     self._model_error = None

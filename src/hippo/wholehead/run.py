@@ -123,7 +123,7 @@ class ScanProcessor:
         model_path: the model file (:func:`hippo.weights.resolve_model_path`).
         out_root: the output folder.
         layout: ``"bids"`` or ``"folder"`` (:func:`output_paths`).
-        device, batch_size, precision: passed to :meth:`hippo.infer.InferenceAgent.from_file`.
+        device, batch_size, precision, backend: passed to :meth:`hippo.infer.InferenceAgent.from_file`.
         refine_passes: re-centre on the segmentation and segment again this many times.
         fast_locate: the localisation pass uses :func:`hippo.wholehead.segment.locator_agent` (the
             lightest member per slicing axis) instead of the whole ensemble.
@@ -138,7 +138,8 @@ class ScanProcessor:
     """
 
     def __init__(self, model_path: str | os.PathLike, out_root: str | os.PathLike, *, layout: str = "folder",
-                 device: str = "cpu", batch_size: int = 64, precision: str = "auto", refine_passes: int = 1,
+                 device: str = "cpu", batch_size: int = 64, precision: str = "auto", backend: str = "auto",
+                 refine_passes: int = 1,
                  fast_locate: bool = True, settle_mm: float = 2.0, extra_passes: int = 2,
                  registration: Mapping[str, Any] | None = None,
                  rules: Mapping[str, Any] | None = None, write_png: bool = True, background_load: bool = True,
@@ -160,7 +161,7 @@ class ScanProcessor:
         self.write_png = bool(write_png)
         #: ``{"path", "date", "scan_date"}``: change since an earlier scan or result (hippo.wholehead.longitudinal)
         self.prior = dict(prior) if prior else None
-        self._model_kw = dict(device=device, batch_size=int(batch_size), precision=str(precision))
+        self._model_kw = dict(device=device, batch_size=int(batch_size), precision=str(precision), backend=str(backend))
         self._loaded: tuple[Any, Any] | None = None
         self._background = BackgroundLoad(self._load) if background_load else None
 
@@ -186,14 +187,20 @@ class ScanProcessor:
     def model_info(self) -> dict[str, Any]:
         agent, _ = self.agents()
         return {"path": self.model_path, "n_members": len(agent.members), "precision": agent.precision,
+                "backend": agent.backend,
                 "hippo_version": agent.metadata.get("hippo_version"), "created": agent.metadata.get("created")}
 
     def process(self, scan: ScanInput | str | os.PathLike) -> ScanOutcome:
-        """Run one scan end to end; never raises (see the module docstring)."""
+        """Run one scan end to end; never raises (see the module docstring). The same as
+        ``finish(prepare(scan))``."""
+        return self.finish(self.prepare(scan))
+
+    def prepare(self, scan: ScanInput | str | os.PathLike) -> "_Registered | ScanOutcome":
+        """The first stages of :meth:`process`: read the scan and register it to the template (no model
+        needed). Returns what :meth:`finish` goes on with, or the outcome when the scan ends here
+        (failed, or skipped as not a scan); never raises. A batch runs it for the next scan in a thread
+        while :meth:`finish` measures this one (:func:`hippo.batch_runner.run_each`)."""
         from hippo.wholehead.register import register_to_template
-        from hippo.wholehead.cohort_report import render_thumbnail
-        from hippo.wholehead.page import write_report_png
-        from hippo.wholehead.segment import LABELS, segment_wholehead
 
         if not isinstance(scan, ScanInput):
             p = Path(scan)
@@ -221,7 +228,24 @@ class ScanProcessor:
                                  f"for a whole head (at least {MIN_FOV_MM:.0f} mm per axis)")
             registration = register_to_template(volume.array, volume.affine, settings=self.settings)
             timings["register"] = time.perf_counter() - t
-            stage = "model"
+            return _Registered(scan, out, volume, registration, time.perf_counter() - t_all)
+        except Exception as exc:  # noqa: BLE001 - one bad scan never stops the rest
+            return _failed(out, scan, stage, exc, t_all)
+
+    def finish(self, prepared: "_Registered | ScanOutcome") -> ScanOutcome:
+        """The rest of :meth:`process` after :meth:`prepare`: segment, review, write the outputs;
+        never raises. ``timings_s["total"]`` is the time spent in both (not any wait between them)."""
+        from hippo.wholehead.cohort_report import render_thumbnail
+        from hippo.wholehead.page import write_report_png
+        from hippo.wholehead.segment import LABELS, segment_wholehead
+
+        if isinstance(prepared, ScanOutcome):
+            return prepared
+        scan, out, volume, registration = prepared.scan, prepared.outcome, prepared.volume, prepared.registration
+        timings = out.timings_s
+        t_all = time.perf_counter() - prepared.seconds  # so that "total" counts both halves
+        stage = "model"
+        try:
             t = time.perf_counter()
             agent, locator = self.agents()
             timings["model_wait"] = time.perf_counter() - t
@@ -296,12 +320,28 @@ class ScanProcessor:
             write_json_atomic(paths["result"], record)
             return out
         except Exception as exc:  # noqa: BLE001 - one bad scan never stops the rest
-            out.status, out.stage = "failed", stage
-            out.error = f"{scan.path}: {type(exc).__name__}: {exc}" if str(scan.path) not in str(exc) else \
-                f"{type(exc).__name__}: {exc}"
-            log.debug("scan %s failed at %s:\n%s", scan.path, stage, traceback.format_exc())
-            timings["total"] = time.perf_counter() - t_all
-            return out
+            return _failed(out, scan, stage, exc, t_all)
+
+
+@dataclass
+class _Registered:
+    """A scan read and registered (:meth:`ScanProcessor.prepare`), waiting to be measured."""
+
+    scan: ScanInput
+    outcome: ScanOutcome
+    volume: Any                 # hippo.scan_io.ScanVolume
+    registration: Any           # hippo.wholehead.register.Registration
+    seconds: float              # spent reading and registering
+
+
+def _failed(out: ScanOutcome, scan: ScanInput, stage: str, exc: Exception, t_all: float) -> ScanOutcome:
+    """``out`` marked failed at ``stage`` with ``exc`` (naming the file), its total time set."""
+    out.status, out.stage = "failed", stage
+    out.error = f"{scan.path}: {type(exc).__name__}: {exc}" if str(scan.path) not in str(exc) else \
+        f"{type(exc).__name__}: {exc}"
+    log.debug("scan %s failed at %s:\n%s", scan.path, stage, traceback.format_exc())
+    out.timings_s["total"] = time.perf_counter() - t_all
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ batch
@@ -482,9 +522,12 @@ def run_predict(cfg: Mapping[str, Any]) -> int:
     precision = str(cfg["precision"])
     if precision not in ("auto", "float32", "bfloat16"):
         raise SystemExit(f"error: precision={precision!r}: choose auto, float32 or bfloat16")
+    backend = str(cfg["backend"])
+    if backend not in ("auto", "torch", "onnxruntime"):
+        raise SystemExit(f"error: backend={backend!r}: choose auto, torch or onnxruntime")
     # what a result depends on besides the scan and the model file (a rerun reuses a result only when
     # these are the same)
-    settings = dict(precision=precision, refine_passes=int(cfg["refine_passes"]), fast_locate=bool(cfg["fast_locate"]),
+    settings = dict(precision=precision, backend=backend, refine_passes=int(cfg["refine_passes"]), fast_locate=bool(cfg["fast_locate"]),
                     settle_mm=float(cfg["settle_mm"]), extra_passes=int(cfg["extra_passes"]),
                     registration=dict(cfg["registration"] or {}), rules=rules, quality=plausibility)
     if cfg.get("prior") and len(scans) > 1:

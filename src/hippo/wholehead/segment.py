@@ -301,8 +301,9 @@ def _centroid(labels: np.ndarray) -> np.ndarray | None:
 def locator_agent(agent: Any) -> Any:
     """A lighter agent for the localisation pass: for each slicing axis of the ensemble, its member
     with the fewest parameters (the shipped model: its three 16-filter members, one per axis,
-    instead of all five), with the same device, precision and post-processing. ``agent`` itself
-    when it is not an :class:`hippo.infer.InferenceAgent` ensemble of more than one axis' worth.
+    instead of all five), with the same device, precision, backend and post-processing, sharing its
+    networks (:meth:`hippo.infer.InferenceAgent.subset`). ``agent`` itself when it is not an
+    :class:`hippo.infer.InferenceAgent` ensemble of more than one axis' worth.
 
     One light network alone localised worse: on the right side of a turned head one of them
     landed 9 mm off, where the three together stay within about 1 mm of the final centre.
@@ -316,12 +317,10 @@ def locator_agent(agent: Any) -> Any:
         axis = int(m[1].get("slice_axis", 0))
         if axis not in by_axis or size(m) < size(by_axis[axis]):
             by_axis[axis] = m
-    chosen = [m for m in members if any(m is v for v in by_axis.values())]
+    chosen = [i for i, m in enumerate(members) if any(m is v for v in by_axis.values())]
     if len(chosen) == len(members):
         return agent
-    return type(agent)(*chosen[0], agent.labels, device=str(agent.device), batch_size=agent.batch_size,
-                       metadata=agent.metadata, postprocessing=agent.postprocessing, more_members=chosen[1:],
-                       precision=agent.precision)
+    return agent.subset(chosen)
 
 
 def _segment_crop(agent: SegmentingAgent, array, affine, geometry, timings: dict[str, float] | None = None,
