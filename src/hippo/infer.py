@@ -1,7 +1,8 @@
 """The self-describing model file and the :class:`InferenceAgent` that runs it.
 
 Torch only — never Lightning or Hydra — so a deploy server starts fast and loads a model with
-``InferenceAgent.from_file(path)``.
+``InferenceAgent.from_file(path)``; on a CPU the networks run through ONNX Runtime where it is
+installed (``backend="auto"``, :mod:`hippo.model.onnx_runtime`).
 
 Model file (``torch.save`` of a plain dict, loaded with ``weights_only=True``)::
 
@@ -104,6 +105,8 @@ def resolve_backend(backend: str, device: str | torch.device = "cpu", precision:
                          f"(device {device}, precision {precision}, onnxruntime "
                          f"{'installed' if onnx_runtime.available() else 'not installed'})")
     return backend
+
+
 _NETS = {"hippo.model.unet.UNet": UNet}
 
 
