@@ -2,7 +2,7 @@
 
 ``ingest -> volume -> infer -> measure -> report/SEG/SR -> send``::
 
-    scan_study (headers, thread pool) -> select_series (rules) -> load_series (pixels, geometry,
+    scan_study (headers) -> select_series (rules) -> load_series (pixels, geometry,
     closest-canonical RAS) -> InferenceAgent.segment -> measure_volumes (mm³) -> render_report +
     secondary_capture, make_seg, make_sr -> write under out_root/<StudyInstanceUID>/ -> deliver
     (C-STORE, one association; what fails waits in the outbox)
@@ -18,15 +18,17 @@ import contextlib
 import datetime as _dt
 import gc
 import hashlib
+import io
 import json
 import logging
 import os
 import threading
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from pydicom import dcmwrite
@@ -95,11 +97,12 @@ _PARSING_STATE: dict[str, Any] = {"depth": 0, "threshold": None}
 
 @contextlib.contextmanager
 def _parsing(min_threshold: int = 20_000):
-    """Fewer garbage-collector passes while DICOM files are parsed: pydicom makes hundreds of
-    thousands of small objects, nearly all of them kept or freed by reference counting, and with the
-    default threshold (700 allocations) the collector runs through every live object again and again
-    (about a fifth of the time of reading a study's headers). The thresholds are put back when the
-    last of any overlapping uses (studies processed side by side in threads) ends."""
+    """Fewer garbage-collector passes while DICOM files are parsed or the result objects built:
+    pydicom and highdicom make hundreds of thousands of small objects, nearly all of them kept or
+    freed by reference counting, and with the default threshold (700 allocations) the collector runs
+    through every live object again and again (about a fifth of the time of reading a study's
+    headers). The thresholds are put back when the last of any overlapping uses (studies processed
+    side by side in threads) ends."""
     with _PARSING_LOCK:
         if _PARSING_STATE["depth"] == 0:
             _PARSING_STATE["threshold"] = gc.get_threshold()
@@ -116,11 +119,29 @@ def _parsing(min_threshold: int = 20_000):
 
 
 def _dicom_bytes(ds) -> bytes:
-    import io
-
     buf = io.BytesIO()
     dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
+
+
+def _png_bytes(page) -> bytes:
+    """The report page (a PIL image) as PNG file content."""
+    buf = io.BytesIO()
+    page.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _png_beside(page, wanted: bool) -> Iterator[Future | None]:
+    """The page's PNG encoded in a thread while the caller builds the DICOM objects (PIL's encoder
+    releases the GIL; the objects are Python work): a future of :func:`_png_bytes` (``None`` when
+    not ``wanted``), whose ``result()`` re-raises what the encoding raised. Leaving the block waits
+    for the encoding, so nothing of a study runs on after it, failed or not."""
+    if not wanted:
+        yield None
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="report-png") as pool:
+        yield pool.submit(_png_bytes, page)
 
 
 class StudyProcessor:
@@ -134,7 +155,8 @@ class StudyProcessor:
         rules: series-selection rules (:class:`SelectionRules` or a mapping).
         pacs: where to send the SC, SEG and SR; ``None`` writes them only.
         outbox: where undelivered objects wait (required when ``pacs`` is set).
-        io_threads: threads reading DICOM headers and pixels.
+        io_threads: how far ahead DICOM files are read while they are parsed (``4 * io_threads``
+            files, by the operating system: :func:`hippo.dicom.prefetch.read_ahead`); 1: none.
         series_numbers: SeriesNumber of the SC, SEG and SR.
         write_png: also write the report page as ``report.png``.
         plausibility: what the model is trusted to measure (:class:`PlausibilityRules` or a mapping):
@@ -303,20 +325,24 @@ class StudyProcessor:
                                     "plausibility": asdict(self.plausibility),
                                     **({"precision": self.precision} if self.precision != "float32" else {}),
                                     **_prior_uid_option(outcome.prior_comparison)})
-            sc = secondary_capture(page, source, series_number=self.series_numbers["sc"], timestamp=now,
-                                   series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
-                                   referenced_instances=sources)
-            version = str(self.agent.metadata.get("hippo_version", "0"))
-            seg = make_seg(sources, volume.to_source(mask), model_version=version,
-                           series_number=self.series_numbers["seg"],
-                           series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"))
-            sr = make_sr(sources, seg, volumes, model_version=version, series_number=self.series_numbers["sr"],
-                         series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"),
-                         prior_comparison=outcome.prior_comparison, quality=outcome.quality)
-            timings["report"] = time.perf_counter() - t
+            with _png_beside(page, self.write_png) as png:
+                with _parsing():
+                    sc = secondary_capture(page, source, series_number=self.series_numbers["sc"], timestamp=now,
+                                           series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
+                                           referenced_instances=sources)
+                    version = str(self.agent.metadata.get("hippo_version", "0"))
+                    seg = make_seg(sources, volume.to_source(mask), model_version=version,
+                                   series_number=self.series_numbers["seg"],
+                                   series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"))
+                    sr = make_sr(sources, seg, volumes, model_version=version,
+                                 series_number=self.series_numbers["sr"],
+                                 series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"),
+                                 prior_comparison=outcome.prior_comparison, quality=outcome.quality)
+                timings["report"] = time.perf_counter() - t
 
-            stage = "write"
-            out = self._write_and_send(outcome, series.study_uid, {"report_sc": sc, "seg": seg, "sr": sr}, page)
+                stage = "write"
+                out = self._write_and_send(outcome, series.study_uid, {"report_sc": sc, "seg": seg, "sr": sr},
+                                           png)
             outcome.status, outcome.stage = ("review" if outcome.review else "ok"), ""
             if outcome.review:
                 log.warning("study %s: review recommended: %s", study_dir, "; ".join(outcome.review))
@@ -354,21 +380,20 @@ class StudyProcessor:
         members = segment_members(image)
         return members.labels, members
 
-    def _write_and_send(self, outcome: StudyOutcome, study_uid: str, objects: Mapping[str, Any], page) -> Path:
-        """Write ``objects`` (name -> dataset) as ``<name>.dcm`` and the page as ``report.png`` under
+    def _write_and_send(self, outcome: StudyOutcome, study_uid: str, objects: Mapping[str, Any],
+                        png: Future | None) -> Path:
+        """Write ``objects`` (name -> dataset) as ``<name>.dcm`` and the report page as ``report.png``
+        (``png``: the future of its bytes, :func:`_png_beside`; ``None``: no PNG) under
         ``out_root/<study_uid>/``, then send the DICOM files (what fails waits in the outbox); sets
         ``outcome.stage`` to "write" / "send" while it runs. Returns the study's result folder."""
         timings = outcome.timings_s
         outcome.stage, t = "write", time.perf_counter()
         out = self.out_root / validate_uid(study_uid)
-        for name, ds in objects.items():
-            outcome.files[name] = str(write_bytes_atomic(out / f"{name}.dcm", _dicom_bytes(ds)))
-        if self.write_png:
-            import io
-
-            buf = io.BytesIO()
-            page.save(buf, format="PNG")
-            outcome.files["report_png"] = str(write_bytes_atomic(out / "report.png", buf.getvalue()))
+        with _parsing():
+            for name, ds in objects.items():
+                outcome.files[name] = str(write_bytes_atomic(out / f"{name}.dcm", _dicom_bytes(ds)))
+        if png is not None:
+            outcome.files["report_png"] = str(write_bytes_atomic(out / "report.png", png.result()))
         timings["write"] = time.perf_counter() - t
 
         if self.pacs is not None:
@@ -466,21 +491,24 @@ class StudyProcessor:
                                {"kind": "wholehead", "series_numbers": self.series_numbers,
                                 "plausibility": plaus, "precision": self.precision,
                                 **_prior_uid_option(summary.get("change"))})
-        sc = secondary_capture(page, sources[0], series_number=self.series_numbers["sc"], timestamp=now,
-                               series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
-                               referenced_instances=sources)
-        version = str(self.agent.metadata.get("hippo_version", "0"))
-        seg = make_wholehead_seg(sources, volume.to_source(labels), model_version=version,
-                                 series_number=self.series_numbers["seg"],
-                                 series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"))
-        sr = make_wholehead_sr(sources, seg, {"left": result.left.volumes, "right": result.right.volumes},
-                               asymmetry_index_percent=result.asymmetry_index, etiv_mm3=result.etiv_mm3,
-                               model_version=version, series_number=self.series_numbers["sr"],
-                               series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"),
-                               quality=outcome.quality, **({"change": summary["change"]} if summary.get("change") else {}))
-        timings["report"] = time.perf_counter() - t
+        with _png_beside(page, self.write_png) as png:
+            with _parsing():
+                sc = secondary_capture(page, sources[0], series_number=self.series_numbers["sc"], timestamp=now,
+                                       series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
+                                       referenced_instances=sources)
+                version = str(self.agent.metadata.get("hippo_version", "0"))
+                seg = make_wholehead_seg(sources, volume.to_source(labels), model_version=version,
+                                         series_number=self.series_numbers["seg"],
+                                         series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"))
+                sr = make_wholehead_sr(sources, seg, {"left": result.left.volumes, "right": result.right.volumes},
+                                       asymmetry_index_percent=result.asymmetry_index, etiv_mm3=result.etiv_mm3,
+                                       model_version=version, series_number=self.series_numbers["sr"],
+                                       series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"),
+                                       quality=outcome.quality,
+                                       **({"change": summary["change"]} if summary.get("change") else {}))
+            timings["report"] = time.perf_counter() - t
 
-        out = self._write_and_send(outcome, series.study_uid, {"report_sc": sc, "seg": seg, "sr": sr}, page)
+            out = self._write_and_send(outcome, series.study_uid, {"report_sc": sc, "seg": seg, "sr": sr}, png)
         outcome.status = "review" if outcome.review else "ok"
         if outcome.review:
             log.warning("study %s: review recommended: %s", outcome.study, "; ".join(outcome.review))

@@ -1,5 +1,5 @@
-"""Study ingest: walk a study folder, read DICOM headers in a thread pool, group them into series and
-pick the one series the model should run on.
+"""Study ingest: walk a study folder, read DICOM headers, group them into series and pick the one
+series the model should run on.
 
 Only headers are read (``dcmread(stop_before_pixels=True)``): a 1000-file study costs 1000 small
 reads, never the pixel data. Pixels are decoded later, for the selected series only, by
@@ -35,7 +35,6 @@ import stat
 import struct
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -51,6 +50,7 @@ from pydicom.multival import MultiValue
 
 from hippo.config import settings_fields
 from hippo.dicom.geometry import same_orientation, same_pixel_spacing, slice_normal, stack_problem
+from hippo.dicom.prefetch import HEADER_BYTES, read_ahead
 
 log = logging.getLogger(__name__)
 
@@ -1203,17 +1203,19 @@ def scan_study(study_dir: str | os.PathLike, *, workers: int = 8, keep_headers: 
     """Scan every file under ``study_dir`` (any names, nested folders, hidden files) and group the
     DICOM instances by SeriesInstanceUID.
 
-    Headers only (``dcmread(stop_before_pixels=True)``) in a ``ThreadPoolExecutor`` of ``workers``
-    threads. Files without the DICM preamble are parsed with ``force=True`` only when they start
-    like a raw DICOM data set and carry a SOPClassUID. Non-DICOM, truncated or unidentifiable files
-    and DICOMDIRs are listed in ``StudyScan.ignored`` with a reason (and logged), never fatal; a
-    file whose header names its series but whose pixel data is truncated is also recorded in that
-    series' :attr:`SeriesInfo.damaged` (selection then rejects the series, naming the file). A
-    SOPInstanceUID seen twice keeps the first file (by path) and ignores the other.
+    Headers only (``dcmread(stop_before_pixels=True)``), parsed one after the other in the calling
+    thread while the operating system reads the next files ahead
+    (:func:`hippo.dicom.prefetch.read_ahead`). Files without the DICM preamble are parsed with
+    ``force=True`` only when they start like a raw DICOM data set and carry a SOPClassUID.
+    Non-DICOM, truncated or unidentifiable files and DICOMDIRs are listed in ``StudyScan.ignored``
+    with a reason (and logged), never fatal; a file whose header names its series but whose pixel
+    data is truncated is also recorded in that series' :attr:`SeriesInfo.damaged` (selection then
+    rejects the series, naming the file). A SOPInstanceUID seen twice keeps the first file (by path)
+    and ignores the other.
 
     Args:
         study_dir: the study folder.
-        workers: header-reading threads (>= 1).
+        workers: how far the files are read ahead of the parse (``4 * workers`` files; >= 1; 1: none).
         keep_headers: keep each usable file's parsed header (:attr:`StudyScan.parsed`), so that the
             selected series is read from them (:meth:`StudyScan.series_inputs`) instead of parsed again.
 
@@ -1233,13 +1235,9 @@ def scan_study(study_dir: str | os.PathLike, *, workers: int = 8, keep_headers: 
         raise NotADirectoryError(20, "study path is not a directory", str(root))
     t0 = time.perf_counter()
     files, ignored, unreadable = _walk_files(root)
-    if files:
-        with ThreadPoolExecutor(max_workers=min(workers, len(files)),
-                                thread_name_prefix="dicom-ingest") as pool:
-            shared = _SharedValues()
-            parsed_all = list(pool.map(lambda p: _parse_header(p, shared), files))
-    else:
-        parsed_all = []
+    # parsed in this thread (Python work: parsing threads would only take turns at the GIL)
+    shared = _SharedValues()
+    parsed_all = [_parse_header(files[i], shared) for i in read_ahead(files, workers, nbytes=HEADER_BYTES)]
     results = [(h, r) for h, r, _ in parsed_all]
     kept = {p: ph for p, (_, _, ph) in zip(files, parsed_all) if ph is not None} if keep_headers else {}
     del parsed_all

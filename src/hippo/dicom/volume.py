@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -40,6 +39,7 @@ from pydicom.dataset import Dataset
 from hippo.dicom.geometry import (SAME_POSITION_MM, SPACING_REL_TOL, same_orientation, same_pixel_spacing,
                                  slice_normal, stack_problem)
 from hippo.dicom.ingest import ParsedHeader, frame_attributes, has_functional_groups, mosaic_evidence
+from hippo.dicom.prefetch import read_ahead
 
 __all__ = [
     "SeriesError",
@@ -209,7 +209,9 @@ def load_series(
             is read once; pixel data is decoded only for the slices that are kept.
         spacing_tolerance: allowed relative deviation of each slice step from the median step
             (``0.01`` = 1 %).
-        workers: threads used to read headers and decode pixels.
+        workers: how far the files are read ahead of the parsing and decoding (``4 * workers``
+            files, :func:`hippo.dicom.prefetch.read_ahead`), which run in the calling thread
+            (pydicom's parsing is Python work: threads would only take turns at it); 1: none.
         series_uid: when given, keep only the inputs of that SeriesInstanceUID (the others' pixels
             are never decoded); when ``None`` all inputs must belong to one series.
 
@@ -368,7 +370,8 @@ def load_series(
 
 
 def _read_headers(inputs: list, workers: int) -> list[_Item]:
-    """Headers of every input, in a thread pool: a file is read once, with its pixel data (not yet
+    """Headers of every input, parsed in this thread, the files read ahead
+    (:func:`hippo.dicom.prefetch.read_ahead`): a file is read once, with its pixel data (not yet
     decoded), which :func:`_decode` then uses; one whose pixel data cannot be read is read without it."""
 
     def one(idx_obj):
@@ -390,10 +393,8 @@ def _read_headers(inputs: list, workers: int) -> list[_Item]:
             return _Item(str(path), pydicom.dcmread(path, stop_before_pixels=True), path, None)
         return _Item(str(path), full, path, full)
 
-    if workers == 1 or len(inputs) < 4:
-        return [one(x) for x in enumerate(inputs)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, enumerate(inputs)))
+    paths = [None if isinstance(obj, (ParsedHeader, Dataset)) else obj for obj in inputs]
+    return [one((i, inputs[i])) for i in read_ahead(paths, workers, nbytes=None)]
 
 
 def _n_frames(header: Dataset) -> int:
@@ -611,6 +612,9 @@ def _decode(it: _Item, uid: str) -> np.ndarray:
         it.full = pydicom.dcmread(it.path)  # type: ignore[arg-type]
     ds = it.full
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    native = _native_frame(ds, ts)
+    if native is not None:
+        return native
     plugins = _plugins(ts) if ts is not None else [""]
     try:
         for k, plugin in enumerate(plugins):
@@ -630,6 +634,36 @@ def _decode(it: _Item, uid: str) -> np.ndarray:
         raise PixelDecodeError(
             f"series {uid}: {it.name}: cannot decode pixel data with transfer syntax {ts_text}: "
             f"{type(exc).__name__}: {exc}. {advice}") from exc
+
+
+_LITTLE_ENDIAN_NATIVE = frozenset({pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian})
+
+
+def _native_frame(ds: Dataset, transfer_syntax) -> np.ndarray | None:
+    """The stored values of a plain single-frame greyscale image, ``(Rows, Columns)`` uint8/uint16
+    (int8/int16 when PixelRepresentation is 1), read straight from its uncompressed little-endian
+    Pixel Data: what ``ds.pixel_array`` gives for such an image (no unused high bits to clear, no
+    colour to convert), without pydicom's per-image decoder set-up. ``None`` for anything else
+    (compressed, big endian, multi-frame, colour, BitsStored below BitsAllocated, too little pixel
+    data...): the caller decodes it with pydicom, which also reports what is wrong."""
+    if transfer_syntax not in _LITTLE_ENDIAN_NATIVE:
+        return None
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        signed = int(ds.PixelRepresentation)
+        if (bits not in (8, 16) or int(ds.BitsStored) != bits or signed not in (0, 1) or rows < 1 or cols < 1
+                or int(ds.get("SamplesPerPixel", 1) or 1) != 1 or _n_frames(ds) != 1
+                or str(ds.get("PhotometricInterpretation", "")).strip() not in ("MONOCHROME1", "MONOCHROME2")):
+            return None
+        data = ds.PixelData
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    dtype = np.dtype(f"{'<i' if signed else '<u'}{bits // 8}")
+    n_bytes = rows * cols * dtype.itemsize
+    if not isinstance(data, (bytes, bytearray)) or len(data) < n_bytes:
+        return None
+    return np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols).astype(dtype.newbyteorder("="))
 
 
 def _with_rest_of_file(parsed: ParsedHeader) -> Dataset | None:
@@ -688,11 +722,7 @@ def _read_enhanced_pixels(sources: list[_Item], frames: list[_Item], uid: str, w
 
     total = sum(_n_frames(s.header) for s in sources)
     out: np.ndarray | None = None
-    if workers == 1 or len(sources) < 4:
-        decoded = [one(i) for i in range(len(sources))]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            decoded = list(pool.map(one, range(len(sources))))
+    decoded = [one(i) for i in read_ahead(_unread_paths(sources), workers, nbytes=None)]
     starts = np.cumsum([0] + [_n_frames(s.header) for s in sources])
     for index, pixels in decoded:
         if out is None:
@@ -706,8 +736,14 @@ def _read_enhanced_pixels(sources: list[_Item], frames: list[_Item], uid: str, w
     return out
 
 
+def _unread_paths(items: list[_Item]) -> list[Path | None]:
+    """Per item, the file :func:`_decode` will read (``None`` when its pixel data is at hand)."""
+    return [it.path if it.full is None else None for it in items]
+
+
 def _read_pixels(items: list[_Item], uid: str, workers: int) -> np.ndarray:
-    """Rescaled frames ``(n, Rows, Columns) float32`` in ``items`` order; fills ``item.full``."""
+    """Rescaled frames ``(n, Rows, Columns) float32`` in ``items`` order; fills ``item.full``. Decoded
+    in this thread (pydicom's decoding is Python work), the files read ahead."""
 
     def one(it: _Item) -> np.ndarray:
         pixels = _decode(it, uid)
@@ -717,9 +753,5 @@ def _read_pixels(items: list[_Item], uid: str, workers: int) -> np.ndarray:
                                       f"{pixels.shape}")
         return _rescale(pixels, ds)  # type: ignore[arg-type]
 
-    if workers == 1 or len(items) < 4:
-        frames = [one(it) for it in items]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            frames = list(pool.map(one, items))
+    frames = [one(items[i]) for i in read_ahead(_unread_paths(items), workers, nbytes=None)]
     return np.stack(frames, axis=0)
