@@ -695,9 +695,9 @@ def build_processor(
     cannot be loaded stops the service at start; ``True`` (``hippo.deploy``) loads it in a thread
     while the first study is read and registered (:mod:`hippo.model_loading`), and a model that
     cannot be loaded fails each study at its first model stage, naming the file."""
-    from hippo.infer import InferenceAgent  # imports torch
-
     def load() -> Any:
+        from hippo.infer import InferenceAgent  # imports torch: in the background thread when loading there
+
         return InferenceAgent.from_file(model_path, device=device, batch_size=batch_size, precision=precision,
                                         backend=backend)
 
