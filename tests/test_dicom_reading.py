@@ -1,4 +1,4 @@
-"""How the DICOM door reads and writes: files parsed in one thread while threads read ahead
+"""How the DICOM door reads and writes: files parsed in one thread while the operating system reads ahead
 (hippo.dicom.prefetch), plain uncompressed slices taken straight from their Pixel Data
 (hippo.dicom.volume), the report PNG encoded beside the DICOM objects (hippo.deploy.pipeline) --
 each giving what the slower way gave, and a failure still failing the study by name."""
