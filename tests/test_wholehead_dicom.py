@@ -490,20 +490,20 @@ def test_parsing_gc_threshold_is_restored_after_overlapping_studies():
     import gc
     import threading
 
-    from hippo.deploy.pipeline import _parsing
+    from hippo.deploy.pipeline import _fewer_gc_passes
 
     before = gc.get_threshold()
     inside, release = threading.Event(), threading.Event()
 
     def other():
-        with _parsing():
+        with _fewer_gc_passes():
             inside.set()
             release.wait(5)
 
     t = threading.Thread(target=other)
     t.start()
     inside.wait(5)
-    with _parsing():
+    with _fewer_gc_passes():
         assert gc.get_threshold()[0] >= 20_000
     assert gc.get_threshold()[0] >= 20_000  # the other study still parses
     release.set()

@@ -91,31 +91,31 @@ class StudyOutcome:
         return asdict(self)
 
 
-_PARSING_LOCK = threading.Lock()
-_PARSING_STATE: dict[str, Any] = {"depth": 0, "threshold": None}
+_GC_LOCK = threading.Lock()
+_GC_STATE: dict[str, Any] = {"depth": 0, "threshold": None}
 
 
 @contextlib.contextmanager
-def _parsing(min_threshold: int = 20_000):
+def _fewer_gc_passes(min_threshold: int = 20_000):
     """Fewer garbage-collector passes while DICOM files are parsed or the result objects built:
     pydicom and highdicom make hundreds of thousands of small objects, nearly all of them kept or
     freed by reference counting, and with the default threshold (700 allocations) the collector runs
     through every live object again and again (about a fifth of the time of reading a study's
     headers). The thresholds are put back when the last of any overlapping uses (studies processed
     side by side in threads) ends."""
-    with _PARSING_LOCK:
-        if _PARSING_STATE["depth"] == 0:
-            _PARSING_STATE["threshold"] = gc.get_threshold()
-            threshold = _PARSING_STATE["threshold"]
+    with _GC_LOCK:
+        if _GC_STATE["depth"] == 0:
+            _GC_STATE["threshold"] = gc.get_threshold()
+            threshold = _GC_STATE["threshold"]
             gc.set_threshold(max(threshold[0], min_threshold), *threshold[1:])
-        _PARSING_STATE["depth"] += 1
+        _GC_STATE["depth"] += 1
     try:
         yield
     finally:
-        with _PARSING_LOCK:
-            _PARSING_STATE["depth"] -= 1
-            if _PARSING_STATE["depth"] == 0:
-                gc.set_threshold(*_PARSING_STATE["threshold"])
+        with _GC_LOCK:
+            _GC_STATE["depth"] -= 1
+            if _GC_STATE["depth"] == 0:
+                gc.set_threshold(*_GC_STATE["threshold"])
 
 
 def _dicom_bytes(ds) -> bytes:
@@ -254,7 +254,7 @@ class StudyProcessor:
         t_all = time.perf_counter()
         try:
             t = time.perf_counter()
-            with _parsing():
+            with _fewer_gc_passes():
                 scan = scan_study(study_dir, workers=self.io_threads, keep_headers=True)  # each file parsed once
             # recorded before selection, so that a failed study's summary also lists them
             outcome.warnings += [f"ignored {p}: {why}" for p, why in scan.ignored]
@@ -266,7 +266,7 @@ class StudyProcessor:
                 return self._process_wholehead(outcome, scan, series, t_all)
 
             stage, t = "volume", time.perf_counter()
-            with _parsing():
+            with _fewer_gc_passes():
                 volume = load_series(scan.series_inputs(series), workers=self.io_threads, series_uid=series.uid)
             outcome.warnings += volume.warnings
             timings["volume"] = time.perf_counter() - t
@@ -326,7 +326,7 @@ class StudyProcessor:
                                     **({"precision": self.precision} if self.precision != "float32" else {}),
                                     **_prior_uid_option(outcome.prior_comparison)})
             with _png_beside(page, self.write_png) as png:
-                with _parsing():
+                with _fewer_gc_passes():
                     sc = secondary_capture(page, source, series_number=self.series_numbers["sc"], timestamp=now,
                                            series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
                                            referenced_instances=sources)
@@ -389,7 +389,7 @@ class StudyProcessor:
         timings = outcome.timings_s
         outcome.stage, t = "write", time.perf_counter()
         out = self.out_root / validate_uid(study_uid)
-        with _parsing():
+        with _fewer_gc_passes():
             for name, ds in objects.items():
                 outcome.files[name] = str(write_bytes_atomic(out / f"{name}.dcm", _dicom_bytes(ds)))
         if png is not None:
@@ -425,7 +425,7 @@ class StudyProcessor:
 
         timings = outcome.timings_s
         outcome.stage, t = "volume", time.perf_counter()
-        with _parsing():
+        with _fewer_gc_passes():
             volume = load_series(scan.series_inputs(series), workers=self.io_threads, series_uid=series.uid)
         outcome.warnings += volume.warnings
         outcome.input = {"spacing_mm": list(volume.spacing), "resampled": False, "kind": "wholehead"}
@@ -492,7 +492,7 @@ class StudyProcessor:
                                 "plausibility": plaus, "precision": self.precision,
                                 **_prior_uid_option(summary.get("change"))})
         with _png_beside(page, self.write_png) as png:
-            with _parsing():
+            with _fewer_gc_passes():
                 sc = secondary_capture(page, sources[0], series_number=self.series_numbers["sc"], timestamp=now,
                                        series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
                                        referenced_instances=sources)
