@@ -516,18 +516,18 @@ def run_predict(cfg: Mapping[str, Any]) -> int:
     plausibility = dict(cfg["plausibility"])
     rules = {k: plausibility[k] for k in ("anterior_mm3", "posterior_mm3", "total_mm3") if k in plausibility}
     rules.update(cfg["review"] or {})
-    # the `inference` group's keys (defaults in conf/inference/default.yaml and conf/predict.yaml), read here
-    # rather than with hippo.infer.InferenceSettings: importing hippo.infer imports torch, which this
-    # process should only do in the background model load
-    precision = str(cfg["precision"])
-    if precision not in ("auto", "float32", "bfloat16"):
-        raise SystemExit(f"error: precision={precision!r}: choose auto, float32 or bfloat16")
-    backend = str(cfg["backend"])
-    if backend not in ("auto", "torch", "onnxruntime"):
-        raise SystemExit(f"error: backend={backend!r}: choose auto, torch or onnxruntime")
+    # the `inference` group's keys (defaults in conf/inference/default.yaml and conf/predict.yaml), checked by
+    # the torch-free hippo.inference_settings: this process imports torch only in the background model load
+    from hippo.inference_settings import InferenceSettings
+
+    try:
+        inference = InferenceSettings.from_config(cfg)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     # what a result depends on besides the scan and the model file (a rerun reuses a result only when
     # these are the same)
-    settings = dict(precision=precision, backend=backend, refine_passes=int(cfg["refine_passes"]), fast_locate=bool(cfg["fast_locate"]),
+    settings = dict(precision=inference.precision, backend=inference.backend, refine_passes=int(cfg["refine_passes"]),
+                    fast_locate=bool(cfg["fast_locate"]),
                     settle_mm=float(cfg["settle_mm"]), extra_passes=int(cfg["extra_passes"]),
                     registration=dict(cfg["registration"] or {}), rules=rules, quality=plausibility)
     if cfg.get("prior") and len(scans) > 1:
