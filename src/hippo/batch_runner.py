@@ -112,12 +112,17 @@ def _init_worker(factory: Callable[[], Any], threads: int) -> None:
         _SETUP_FAILURE = ItemFailure.from_exception("setup", exc)
 
 
-def _process_one(processor: Any, item: Any) -> Any:
+def _guarded(stage: Callable[[Any], Any], arg: Any, item: Any) -> Any:
+    """``stage(arg)``, or the :class:`ItemFailure` of ``item`` when it raises."""
     try:
-        return processor.process(item)
+        return stage(arg)
     except Exception as exc:  # noqa: BLE001 - one item never ends the batch
         log.debug("item %s failed:\n%s", item, traceback.format_exc())
         return ItemFailure.from_exception("process", exc)
+
+
+def _process_one(processor: Any, item: Any) -> Any:
+    return _guarded(processor.process, item, item)
 
 
 def _serially(processor: Any, items: Sequence[Any]):
@@ -134,21 +139,14 @@ def _serially(processor: Any, items: Sequence[Any]):
             yield i, _process_one(processor, item)
         return
 
-    def guarded(stage: Callable[[Any], Any], arg: Any, item: Any) -> Any:
-        try:
-            return stage(arg)
-        except Exception as exc:  # noqa: BLE001 - one item never ends the batch
-            log.debug("item %s failed:\n%s", item, traceback.format_exc())
-            return ItemFailure.from_exception("process", exc)
-
     pool = ThreadPoolExecutor(1, thread_name_prefix="hippo-prepare-next")
     try:
-        ahead = pool.submit(guarded, prepare, items[0], items[0])
+        ahead = pool.submit(_guarded, prepare, items[0], items[0])
         for i, item in enumerate(items):
             prepared = ahead.result()
             if i + 1 < len(items):
-                ahead = pool.submit(guarded, prepare, items[i + 1], items[i + 1])
-            yield i, prepared if isinstance(prepared, ItemFailure) else guarded(finish, prepared, item)
+                ahead = pool.submit(_guarded, prepare, items[i + 1], items[i + 1])
+            yield i, prepared if isinstance(prepared, ItemFailure) else _guarded(finish, prepared, item)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
