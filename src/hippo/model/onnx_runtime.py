@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hippo.model.unet import DoubleConv, UNet, UnetSkipConnectionBlock
+from hippo.model.unet import DoubleConv, UNet, UnetSkipConnectionBlock, check_input_shape
 
 #: ONNX operator set the graphs are written in (InstanceNormalization, ConvTranspose and LeakyRelu
 #: have not changed since opset 6-11; 17 is what every ONNX Runtime since 1.11 runs).
@@ -201,8 +201,6 @@ class OnnxUNet:
         self._input = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.size_multiple
-        if x.ndim != 4 or x.shape[-1] % m or x.shape[-2] % m:
-            raise ValueError(f"UNet expects (N, C, H, W) with H, W divisible by {m}; got {tuple(x.shape)}")
+        check_input_shape(x.shape, self.size_multiple)
         image = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(self.session.run(None, {self._input: image})[0])

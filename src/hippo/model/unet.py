@@ -8,7 +8,7 @@ output logits ``(N, num_classes, H, W)``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -152,7 +152,12 @@ class UNet(nn.Module):
         return 2 ** self.config["num_downs"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.size_multiple
-        if x.ndim != 4 or x.shape[-1] % m or x.shape[-2] % m:
-            raise ValueError(f"UNet expects (N, C, H, W) with H, W divisible by {m}; got {tuple(x.shape)}")
+        check_input_shape(x.shape, self.size_multiple)
         return self.model(x)
+
+
+def check_input_shape(shape: Sequence[int], size_multiple: int) -> None:
+    """Raise ``ValueError`` unless ``shape`` is ``(N, C, H, W)`` with ``H`` and ``W`` multiples of
+    ``size_multiple`` (what a UNet, or its ONNX Runtime session, takes)."""
+    if len(shape) != 4 or shape[-1] % size_multiple or shape[-2] % size_multiple:
+        raise ValueError(f"UNet expects (N, C, H, W) with H, W divisible by {size_multiple}; got {tuple(shape)}")
