@@ -84,7 +84,9 @@ DEFAULT_HIPPODEEP = REPO.parent / "shared/tools/hippodeep/hippodeep.py"
 DEFAULT_OUT = REPO / "outputs/benchmarks/wholehead.json"
 SECTIONS = ("table", "process", "stages", "variants")
 DEFAULT_SECTIONS = "table,process,stages"
-STAGES = ("read", "register", "crop", "infer", "quality", "map_back", "review", "report", "thumbnail", "write", "total")
+# crop to map_back: summed over the two sides (which run at once); segment: their wall time
+STAGES = ("read", "register", "crop", "infer", "quality", "map_back", "segment", "review", "report", "thumbnail",
+          "write", "total")
 FS_LEFT, FS_RIGHT = 17, 53  # FreeSurfer aseg labels of the hippocampi
 SHARED_LOAD = 1.5
 SHARED_OTHERS_CORES = 0.3

@@ -110,3 +110,36 @@ def test_subset_shares_the_sessions(shipped_agents) -> None:
     assert 1 < len(light.members) < len(agent.members)
     assert all(any(r is s for s in agent._runners) for r in light._runners)
     assert light.backend == "onnxruntime" and light.precision == agent.precision
+
+
+def test_concurrent_calls_get_their_share_of_the_threads(shipped_agents) -> None:
+    """An agent for two callers at once runs each member on half the threads, shares those sessions
+    with its subsets (the locator), gives the same probabilities, and is refused where torch runs
+    the networks (its thread count is process-wide) or one thread is all there is."""
+    from hippo.wholehead.crops import crop_geometry, sample_crop
+    from hippo.wholehead.segment import locator_agent
+    from hippo.wholehead.template import HIPPOCAMPUS_CENTROIDS_MNI, load_template
+
+    agent, torch_agent = shipped_agents
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert agent.for_concurrent_calls(2) is None
+        torch.set_num_threads(2)
+        assert agent.for_concurrent_calls(1) is None and torch_agent.for_concurrent_calls(2) is None
+        both = agent.for_concurrent_calls(2)
+        assert both is not None and len(both.members) == len(agent.members)
+        assert [r.session.get_session_options().intra_op_num_threads for r in both._runners] == [1] * 5
+        assert all(not any(r is s for s in agent._runners) for r in both._runners)
+        again = agent.for_concurrent_calls(2)
+        assert all(r is s for r, s in zip(again._runners, both._runners))  # built once
+        light = locator_agent(both)
+        assert all(any(r is s for s in both._runners) for r in light._runners)
+        template = load_template()
+        image, _ = sample_crop(template.array, template.affine,
+                               crop_geometry(np.eye(3), np.asarray(HIPPOCAMPUS_CENTROIDS_MNI["left"]), "left"))
+        labels_a, probs_a = agent.segment(image, return_probabilities=True)
+        labels_b, probs_b = both.segment(image, return_probabilities=True)
+        assert float(np.abs(probs_a - probs_b).max()) < 1e-5 and (labels_a == labels_b).all()
+    finally:
+        torch.set_num_threads(before)

@@ -471,6 +471,56 @@ def test_segment_wholehead_places_both_sides_with_a_stub_model():
     assert not any("registration" in r for r in result.review)
 
 
+class ConcurrentBlobAgent(BlobAgent):
+    """A :class:`BlobAgent` that can be called from two threads at once (as ONNX Runtime sessions
+    can): records which thread ran each call and how many calls overlapped."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.lock, self.threads, self.running, self.overlapped = threading.Lock(), set(), 0, 0
+        self.concurrent_for = None
+
+    def for_concurrent_calls(self, callers):
+        self.concurrent_for = callers
+        return self
+
+    def segment(self, volume, return_probabilities=False):
+        import threading
+        import time as _time
+
+        with self.lock:
+            self.running += 1
+            self.overlapped = max(self.overlapped, self.running)
+            self.threads.add(threading.get_ident())
+        try:
+            _time.sleep(0.05)  # long enough for the other side's call to start meanwhile
+            return super().segment(volume, return_probabilities)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_both_sides_run_at_once_where_the_agent_allows_and_give_the_same_result():
+    image, affine = _blank_head()
+    reg = Registration(np.eye(4), score=-0.4)
+    agent = ConcurrentBlobAgent()
+    at_once = segment_wholehead(image, affine, agent, registration=reg, locator=agent)
+    assert agent.concurrent_for == 2 and agent.overlapped == 2 and len(agent.threads) == 2
+    in_turn_agent = ConcurrentBlobAgent()
+    in_turn = segment_wholehead(image, affine, in_turn_agent, registration=reg, locator=in_turn_agent,
+                                sides_at_once=False)
+    assert in_turn_agent.concurrent_for is None and in_turn_agent.overlapped == 1
+    plain = BlobAgent()  # no for_concurrent_calls: one side after the other
+    assert segment_wholehead(image, affine, plain, registration=reg).left.volumes == at_once.left.volumes
+    for side in ("left", "right"):
+        a, b = at_once.side(side), in_turn.side(side)
+        assert (a.labels == b.labels).all() and a.volumes == b.volumes and a.passes == b.passes
+    assert at_once.review == in_turn.review
+    assert set(at_once.timings_s) == set(in_turn.timings_s) and at_once.timings_s["infer"] > 0
+
+
 def test_segment_wholehead_refuses_a_crop_and_flags_coverage():
     image, affine = _blank_head(shape=(40, 50, 40), spacing=1.0)
     with pytest.raises(ValueError, match="too small for a whole head"):

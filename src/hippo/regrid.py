@@ -6,6 +6,7 @@ cuts the same extent into voxels of (about) the model's size. :func:`to_model_gr
 intensities linearly (``scipy.ndimage.zoom`` in grid mode, so the grids' outer edges coincide);
 :func:`labels_to_source` maps labels back by nearest neighbour onto exactly the source shape, so the
 labelled volume in mm³ is kept to within a voxel's partial coverage along the boundary.
+:func:`block_mean` averages integer blocks of voxels (the registration's coarser levels).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["model_grid_shape", "to_model_grid", "labels_to_source"]
+__all__ = ["model_grid_shape", "to_model_grid", "labels_to_source", "block_mean"]
 
 
 def model_grid_shape(shape: Sequence[int], spacing_mm: Sequence[float], model_spacing_mm: Sequence[float]
@@ -52,3 +53,22 @@ def labels_to_source(labels: np.ndarray, source_shape: Sequence[int]) -> np.ndar
     if out.shape != tuple(source_shape):  # pragma: no cover - zoom rounds to the requested shape
         raise RuntimeError(f"labels_to_source: got {out.shape}, expected {tuple(source_shape)}")
     return out.astype(labels.dtype, copy=False)
+
+
+def block_mean(array: np.ndarray, affine: np.ndarray, target_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Average ``array`` over integer blocks so that voxels become about ``target_mm``.
+
+    Returns:
+        ``(array', affine')``: the block means (``float32``) and the affine of their centres.
+    """
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    f = np.array([max(1, int(round(target_mm / s))) for s in spacing])
+    if f.max() == 1:
+        return np.asarray(array, np.float32), np.asarray(affine, np.float64)
+    shape = [(s // k) * k for s, k in zip(array.shape, f)]
+    a = np.asarray(array[: shape[0], : shape[1], : shape[2]], np.float32)
+    a = a.reshape(shape[0] // f[0], f[0], shape[1] // f[1], f[1], shape[2] // f[2], f[2]).mean((1, 3, 5))
+    out = np.asarray(affine, np.float64).copy()
+    out[:3, 3] = affine[:3, :3] @ ((f - 1) / 2.0) + affine[:3, 3]
+    out[:3, :3] = affine[:3, :3] * f
+    return a.astype(np.float32), out

@@ -698,8 +698,10 @@ def build_processor(
     def load() -> Any:
         from hippo.infer import InferenceAgent  # imports torch: in the background thread when loading there
 
-        return InferenceAgent.from_file(model_path, device=device, batch_size=batch_size, precision=precision,
-                                        backend=backend)
+        agent = InferenceAgent.from_file(model_path, device=device, batch_size=batch_size, precision=precision,
+                                         backend=backend)
+        agent.for_concurrent_calls(2)  # builds the sessions a whole head's two sides run on at once
+        return agent
 
     def load_and_warm() -> Any:
         agent = load()

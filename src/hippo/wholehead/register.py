@@ -41,6 +41,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from hippo.config import settings_fields
+from hippo.regrid import block_mean
 from hippo.wholehead.template import MNI_ETIV_CONSTANT_MM3, Template, load_template
 
 __all__ = ["RegistrationSettings", "Registration", "register_to_template", "registration_score", "PRESETS"]
@@ -233,25 +234,6 @@ def _to_sitk(array: np.ndarray, affine: np.ndarray):
     return img
 
 
-def block_mean(array: np.ndarray, affine: np.ndarray, target_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """Average ``array`` over integer blocks so that voxels become about ``target_mm``.
-
-    Returns:
-        ``(array', affine')``: the block means (``float32``) and the affine of their centres.
-    """
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    f = np.array([max(1, int(round(target_mm / s))) for s in spacing])
-    if f.max() == 1:
-        return np.asarray(array, np.float32), np.asarray(affine, np.float64)
-    shape = [(s // k) * k for s, k in zip(array.shape, f)]
-    a = np.asarray(array[: shape[0], : shape[1], : shape[2]], np.float32)
-    a = a.reshape(shape[0] // f[0], f[0], shape[1] // f[1], f[1], shape[2] // f[2], f[2]).mean((1, 3, 5))
-    out = np.asarray(affine, np.float64).copy()
-    out[:3, 3] = affine[:3, :3] @ ((f - 1) / 2.0) + affine[:3, 3]
-    out[:3, :3] = affine[:3, :3] * f
-    return a.astype(np.float32), out
-
-
 def head_mask(array: np.ndarray) -> np.ndarray:
     """``(X, Y, Z) bool``: the head (or brain, for a skull-stripped scan) in a (block-averaged) scan.
 
@@ -335,8 +317,7 @@ class _Problem:
     by block averaging (so SimpleITK runs every level with shrink 1 and no smoothing of its own)."""
 
     def __init__(self, array: np.ndarray, affine: np.ndarray, template: Template, settings: RegistrationSettings,
-                 *, moving: tuple[np.ndarray, np.ndarray] | None = None,
-                 fixed_levels: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None):
+                 *, moving: tuple[np.ndarray, np.ndarray] | None = None):
         sitk = _sitk()
         self.sitk = sitk
         self.settings = settings
@@ -348,27 +329,16 @@ class _Problem:
             small_affine = small_affine.copy()
             small_affine[:3, 3] -= small_affine[:3, :3] @ np.full(3, float(k))
         self.moving_array, self.moving_affine = small, small_affine
-        mask = template.brain_mask
-        idx = np.argwhere(mask)
-        w = template.array[mask]
-        self.template_centre = template.affine[:3, :3] @ ((idx * w[:, None]).sum(0) / w.sum()) + template.affine[:3, 3]
-        brain_z = (idx @ template.affine[:3, :3].T + template.affine[:3, 3])[:, 2]
+        self.template_centre = template.brain_centre_mm
         #: the template brain's top (99.9th percentile of z) to its centre, mm
-        self.template_vertex_mm = float(np.percentile(brain_z, 99.9) - self.template_centre[2])
+        self.template_vertex_mm = template.vertex_to_centre_mm
         self._template = template
         self._levels: dict[float, tuple] = {}
-        #: the template's block means per level (``(array, affine, mask)``), shareable between problems
-        self.fixed_levels = fixed_levels if fixed_levels is not None else {}
 
     def level(self, mm: float):
         """``(fixed, fixed_mask, moving, n_mask_voxels, n_voxels)`` at about ``mm`` voxels."""
         if mm not in self._levels:
-            t = self._template
-            if mm not in self.fixed_levels:
-                fa, faff = block_mean(t.array, t.affine, mm)
-                fm, _ = block_mean(t.brain_mask.astype(np.float32), t.affine, mm)
-                self.fixed_levels[mm] = (fa, faff, fm > 0.5)
-            fa, faff, fmask = self.fixed_levels[mm]
+            fa, faff, fmask = self._template.block_means(mm)  # made once per template and level
 
             ma, maff = block_mean(self.moving_array, self.moving_affine, mm)
             self._levels[mm] = (_to_sitk(fa, faff), _to_sitk(fmask.astype(np.uint8), faff), _to_sitk(ma, maff),
@@ -478,10 +448,9 @@ def _register_once_threaded(
     t = time.perf_counter()
     array, affine = np.asarray(array), np.asarray(affine, np.float64)
     moving = moving_image(array, affine, settings.moving_mm)  # once for both problems
-    fixed_levels: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    prob = _Problem(array, affine, template, replace(settings, pad_mm=0.0), moving=moving, fixed_levels=fixed_levels)
+    prob = _Problem(array, affine, template, replace(settings, pad_mm=0.0), moving=moving)
     # the padded problem (see RegistrationSettings.pad_mm) refines too and scores every candidate
-    prob_pad = (_Problem(array, affine, template, settings, moving=moving, fixed_levels=fixed_levels)
+    prob_pad = (_Problem(array, affine, template, settings, moving=moving)
                 if settings.pad_mm > 0 else prob)
     centre = prob.template_centre
     centres = initial_centres(prob.mask_array, prob.mask_affine, top_mm=settings.head_top_mm,

@@ -175,6 +175,7 @@ class ScanProcessor:
         from hippo.wholehead.segment import locator_agent
 
         agent = InferenceAgent.from_file(self.model_path, **self._model_kw)
+        agent.for_concurrent_calls(2)  # builds the sessions both sides of a head run on at once
         return agent, (locator_agent(agent) if self.fast_locate else None)
 
     def agents(self) -> tuple[Any, Any]:
@@ -254,7 +255,7 @@ class ScanProcessor:
                                        refine_passes=self.refine_passes, rules=self.rules, locator=locator,
                                        settle_mm=self.settle_mm, extra_passes=self.extra_passes,
                                        quality_rules=self.quality_rules)
-            for k in ("crop", "infer", "quality", "map_back", "review"):
+            for k in ("crop", "infer", "quality", "map_back", "segment", "review"):
                 timings[k] = result.timings_s.get(k, 0.0)
             summary = result.as_dict()
             if self.prior and self.prior.get("path"):  # change since an earlier scan/result: paired when readable

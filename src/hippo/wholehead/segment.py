@@ -236,7 +236,9 @@ class WholeHeadResult:
         spacing: scan voxel size (mm).
         review: reasons in plain words to review this result (empty: nothing flagged).
         notes: remarks that do not call for review.
-        timings_s: seconds per stage: register, crop, infer, quality, map_back, review (and total).
+        timings_s: seconds per stage: register, crop, infer, quality, map_back, review (and total);
+            crop to map_back are summed over both sides, which may have run at once; segment is
+            the wall time of both sides (crop to map_back).
     """
 
     left: SideResult
@@ -362,6 +364,7 @@ def segment_wholehead(
     quality_rules: PlausibilityRules | None = None,
     relocate_mm: float = 5.0,
     relocate_passes: int = 2,
+    sides_at_once: bool = True,
 ) -> WholeHeadResult:
     """Segment both hippocampi of a whole-head T1 scan.
 
@@ -401,6 +404,10 @@ def segment_wholehead(
             crop is scored by :func:`hippo.quality.assess_quality` from the ensemble's own pass (no
             extra inference); its reasons go into ``review`` as ``"left: ..."``. The crop-edge and
             volume-range checks stay this function's own (worded per side).
+        sides_at_once: segment the left and right sides side by side in two threads, each agent
+            call on half the cores (:meth:`hippo.infer.InferenceAgent.for_concurrent_calls`), where
+            the agents can (ONNX Runtime on two or more cores); else, or ``False``, one after the
+            other. The result is the same either way.
 
     Returns:
         A :class:`WholeHeadResult`: per-side masks on ``array``'s grid, volumes (mm³), the
@@ -429,79 +436,28 @@ def segment_wholehead(
     if registration is None:
         registration = register_to_template(array, affine, settings=settings)
     timings["register"] = time.perf_counter() - t
-    rotation = registration.rotation
     timings.update(crop=0.0, infer=0.0, map_back=0.0, quality=0.0)
 
+    side_options = dict(crop_shape=crop_shape, map_back=map_back, settle_mm=settle_mm, refine_passes=refine_passes,
+                        extra_passes=extra_passes, relocate_mm=relocate_mm, relocate_passes=relocate_passes,
+                        quality_rules=quality_rules)
+    t = time.perf_counter()
+    pair = _side_by_side(agent, locator) if sides_at_once else None
+    if pair is not None:  # both sides at once, each on its share of the cores
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            done = list(pool.map(lambda side: _segment_side(side, array, affine, voxel, registration, *pair,
+                                                            **side_options), ("left", "right")))
+    else:
+        done = [_segment_side(side, array, affine, voxel, registration, agent, locator, **side_options)
+                for side in ("left", "right")]
     sides: dict[str, SideResult] = {}
-    for side in ("left", "right"):
-        t = time.perf_counter()
-        geometry = crop_geometry(rotation, registration.to_scan(HIPPOCAMPUS_CENTROIDS_MNI[side]), side, shape=crop_shape)
-        timings["crop"] += time.perf_counter() - t
-        shift, offset, passes = 0.0, 0.0, 0
-        planned = max(0, int(refine_passes))
-        extra = max(0, int(extra_passes))
-        loc = locator
-        attempt, relocated = 0, 0
-        while True:
-            final = attempt >= planned  # from here on each result may be the final one
-            use = agent if final or loc is None else loc
-            crop, outside, labels, probs, members = _segment_crop(use, array, affine, geometry, timings,
-                                                                  members=use is agent)
-            passes += 1
-            centre = _centroid(labels)
-            if centre is None and use is not agent:  # the locator found nothing: ask the ensemble
-                crop, outside, labels, probs, members = _segment_crop(agent, array, affine, geometry, timings,
-                                                                      members=True)
-                centre, loc, final, use = _centroid(labels), None, True, agent
-                passes += 1
-            if centre is None:
-                break
-            target = geometry.to_scan(centre)
-            offset = float(np.linalg.norm(target - geometry.centre_scan_mm))
-            if final and (offset <= settle_mm or attempt >= planned + extra):
-                break
-            # a locator pass that found the hippocampus far from the crop's centre saw only part of
-            # it: the (light) locator looks again from there before the ensemble's passes
-            if use is not agent and offset > relocate_mm and relocated < max(0, int(relocate_passes)):
-                relocated += 1
-            else:
-                attempt += 1
-            t = time.perf_counter()
-            geometry = crop_geometry(rotation, target, side, shape=crop_shape)
-            shift += offset
-            timings["crop"] += time.perf_counter() - t
-        t = time.perf_counter()
-        quality = assess_quality(
-            labels, (geometry.spacing_mm,) * 3, probabilities=probs, rules=quality_rules, check_edge=False,
-            check_volumes=False, **({} if members is None else {
-                "member_probabilities": members.member_probabilities, "unprocessed_labels": members.unprocessed_labels}))
-        timings["quality"] += time.perf_counter() - t
-        t = time.perf_counter()
-        sub, box = probabilities_to_scan(probs, geometry, array.shape, affine, keep=labels > 0, method=map_back)
-        full = np.zeros(array.shape, np.uint8)
-        if sub.size:
-            full[box] = sub
-        # counted and located inside the crop's box (nothing outside it is labelled): a 0.7 mm head
-        # has 40 million voxels
-        counted = measure_volumes(sub if sub.size else np.zeros((1, 1, 1), np.uint8), tuple(float(v) for v in voxel))
-        soft = soft_volumes(probs, labels, geometry.spacing_mm)
-        volumes = SideVolumes(counted.anterior_voxels, counted.posterior_voxels, counted.spacing_mm,
-                              counted.voxel_volume_mm3, soft_anterior_mm3=soft["anterior"],
-                              soft_posterior_mm3=soft["posterior"])
-        centroid_idx = _centroid(sub) if sub.size else None
-        if centroid_idx is not None:
-            centroid_idx = centroid_idx + np.array([b.start or 0 for b in box], np.float64)
-        centroid_scan = None if centroid_idx is None else affine[:3, :3] @ centroid_idx + affine[:3, 3]
-        sides[side] = SideResult(
-            side=side, labels=full, volumes=volumes,
-            crop_volumes_mm3={k.removesuffix("_mm3"): v
-                              for k, v in label_volumes_mm3(labels, (geometry.spacing_mm,) * 3).items()},
-            geometry=geometry, crop_image=crop, crop_labels=labels, centroid_scan_mm=centroid_scan,
-            centroid_mni=None if centroid_scan is None else registration.to_mni(centroid_scan),
-            edge_faces=crop_edge_faces(labels, side), outside_fraction=outside, refine_shift_mm=shift,
-            passes=passes, settled=centre is not None and offset <= settle_mm, final_offset_mm=offset,
-            quality=quality)
-        timings["map_back"] += time.perf_counter() - t
+    for result, side_timings in done:
+        sides[result.side] = result
+        for k, v in side_timings.items():
+            timings[k] += v
+    timings["segment"] = time.perf_counter() - t
 
     t = time.perf_counter()
     review, notes = _review(sides, registration, array.shape, affine, tuple(voxel), rules)
@@ -509,6 +465,100 @@ def segment_wholehead(
     timings["total"] = time.perf_counter() - t_all
     return WholeHeadResult(sides["left"], sides["right"], registration, tuple(float(v) for v in voxel),  # type: ignore[arg-type]
                            review, notes, timings)
+
+
+def _side_by_side(agent: Any, locator: Any) -> tuple[Any, Any] | None:
+    """``(agent, locator)`` for segmenting both sides at once (each call on its share of the cores:
+    :meth:`hippo.infer.InferenceAgent.for_concurrent_calls`), or ``None`` where the agents cannot
+    (torch, one core, an agent without that method): the sides then run one after the other."""
+    make = getattr(agent, "for_concurrent_calls", None)
+    both = make(2) if make is not None else None
+    if both is None:
+        return None
+    if locator is None or locator is agent:
+        return both, (None if locator is None else both)
+    make = getattr(locator, "for_concurrent_calls", None)
+    loc = make(2) if make is not None else None
+    return None if loc is None else (both, loc)
+
+
+def _segment_side(side: str, array: np.ndarray, affine: np.ndarray, voxel: np.ndarray, registration: Registration,
+                  agent: SegmentingAgent, locator: SegmentingAgent | None, *, crop_shape, map_back: str,
+                  settle_mm: float, refine_passes: int, extra_passes: int, relocate_mm: float, relocate_passes: int,
+                  quality_rules: PlausibilityRules | None) -> tuple[SideResult, dict[str, float]]:
+    """One side of :func:`segment_wholehead` (its steps 2-5): the :class:`SideResult` and its seconds
+    per stage (crop, infer, quality, map_back). Touches nothing shared, so both sides may run at once."""
+    timings = dict(crop=0.0, infer=0.0, map_back=0.0, quality=0.0)
+    rotation = registration.rotation
+    t = time.perf_counter()
+    geometry = crop_geometry(rotation, registration.to_scan(HIPPOCAMPUS_CENTROIDS_MNI[side]), side, shape=crop_shape)
+    timings["crop"] += time.perf_counter() - t
+    shift, offset, passes = 0.0, 0.0, 0
+    planned = max(0, int(refine_passes))
+    extra = max(0, int(extra_passes))
+    loc = locator
+    attempt, relocated = 0, 0
+    while True:
+        final = attempt >= planned  # from here on each result may be the final one
+        use = agent if final or loc is None else loc
+        crop, outside, labels, probs, members = _segment_crop(use, array, affine, geometry, timings,
+                                                              members=use is agent)
+        passes += 1
+        centre = _centroid(labels)
+        if centre is None and use is not agent:  # the locator found nothing: ask the ensemble
+            crop, outside, labels, probs, members = _segment_crop(agent, array, affine, geometry, timings,
+                                                                  members=True)
+            centre, loc, final, use = _centroid(labels), None, True, agent
+            passes += 1
+        if centre is None:
+            break
+        target = geometry.to_scan(centre)
+        offset = float(np.linalg.norm(target - geometry.centre_scan_mm))
+        if final and (offset <= settle_mm or attempt >= planned + extra):
+            break
+        # a locator pass that found the hippocampus far from the crop's centre saw only part of
+        # it: the (light) locator looks again from there before the ensemble's passes
+        if use is not agent and offset > relocate_mm and relocated < max(0, int(relocate_passes)):
+            relocated += 1
+        else:
+            attempt += 1
+        t = time.perf_counter()
+        geometry = crop_geometry(rotation, target, side, shape=crop_shape)
+        shift += offset
+        timings["crop"] += time.perf_counter() - t
+    t = time.perf_counter()
+    quality = assess_quality(
+        labels, (geometry.spacing_mm,) * 3, probabilities=probs, rules=quality_rules, check_edge=False,
+        check_volumes=False, **({} if members is None else {
+            "member_probabilities": members.member_probabilities, "unprocessed_labels": members.unprocessed_labels}))
+    timings["quality"] += time.perf_counter() - t
+    t = time.perf_counter()
+    sub, box = probabilities_to_scan(probs, geometry, array.shape, affine, keep=labels > 0, method=map_back)
+    full = np.zeros(array.shape, np.uint8)
+    if sub.size:
+        full[box] = sub
+    # counted and located inside the crop's box (nothing outside it is labelled): a 0.7 mm head
+    # has 40 million voxels
+    counted = measure_volumes(sub if sub.size else np.zeros((1, 1, 1), np.uint8), tuple(float(v) for v in voxel))
+    soft = soft_volumes(probs, labels, geometry.spacing_mm)
+    volumes = SideVolumes(counted.anterior_voxels, counted.posterior_voxels, counted.spacing_mm,
+                          counted.voxel_volume_mm3, soft_anterior_mm3=soft["anterior"],
+                          soft_posterior_mm3=soft["posterior"])
+    centroid_idx = _centroid(sub) if sub.size else None
+    if centroid_idx is not None:
+        centroid_idx = centroid_idx + np.array([b.start or 0 for b in box], np.float64)
+    centroid_scan = None if centroid_idx is None else affine[:3, :3] @ centroid_idx + affine[:3, 3]
+    result = SideResult(
+        side=side, labels=full, volumes=volumes,
+        crop_volumes_mm3={k.removesuffix("_mm3"): v
+                          for k, v in label_volumes_mm3(labels, (geometry.spacing_mm,) * 3).items()},
+        geometry=geometry, crop_image=crop, crop_labels=labels, centroid_scan_mm=centroid_scan,
+        centroid_mni=None if centroid_scan is None else registration.to_mni(centroid_scan),
+        edge_faces=crop_edge_faces(labels, side), outside_fraction=outside, refine_shift_mm=shift,
+        passes=passes, settled=centre is not None and offset <= settle_mm, final_offset_mm=offset,
+        quality=quality)
+    timings["map_back"] += time.perf_counter() - t
+    return result, timings
 
 
 def _review(sides: dict[str, SideResult], registration: Registration, shape, affine, voxel, rules: ReviewRules

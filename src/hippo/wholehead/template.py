@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from hippo.regrid import block_mean
 
 __all__ = [
     "Template", "load_template", "TEMPLATE_PATH", "HIPPOCAMPUS_CENTROIDS_MNI", "TIAN_CITATION",
@@ -75,10 +77,42 @@ class Template:
     affine: np.ndarray
     spacing: tuple[float, float, float]
 
-    @property
+    @cached_property
     def brain_mask(self) -> np.ndarray:
-        """``(X, Y, Z) bool``: the template's brain (non-zero voxels)."""
-        return self.array > 0
+        """``(X, Y, Z) bool``: the template's brain (non-zero voxels); made once, read only."""
+        mask = self.array > 0
+        mask.flags.writeable = False
+        return mask
+
+    @cached_property
+    def brain_centre_mm(self) -> np.ndarray:
+        """``(3,)`` the brain's intensity-weighted centre (MNI mm)."""
+        idx = np.argwhere(self.brain_mask)
+        w = self.array[self.brain_mask]
+        return self.affine[:3, :3] @ ((idx * w[:, None]).sum(0) / w.sum()) + self.affine[:3, 3]
+
+    @cached_property
+    def vertex_to_centre_mm(self) -> float:
+        """From the brain's top (the 99.9th percentile of its voxels' z) down to :attr:`brain_centre_mm` (mm)."""
+        idx = np.argwhere(self.brain_mask)
+        brain_z = (idx @ self.affine[:3, :3].T + self.affine[:3, 3])[:, 2]
+        return float(np.percentile(brain_z, 99.9) - self.brain_centre_mm[2])
+
+    def block_means(self, mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(array, affine, brain mask)`` block-averaged to about ``mm`` voxels (made once per level)."""
+        levels = self._levels
+        if mm not in levels:
+            fa, faff = block_mean(self.array, self.affine, mm)
+            fm, _ = block_mean(self.brain_mask.astype(np.float32), self.affine, mm)
+            level = (fa, faff, fm > 0.5)
+            for a in level:
+                a.flags.writeable = False
+            levels[mm] = level
+        return levels[mm]
+
+    @cached_property
+    def _levels(self) -> dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return {}
 
 
 @lru_cache(maxsize=2)
