@@ -153,11 +153,20 @@ def test_each_enhanced_layout_reads_like_its_classic_twin_and_its_seg_and_sr_con
                for d in item.DerivationImageSequence for s in d.SourceImageSequence}
     assert {(u, f) for u, f, _ in derived} == {(str(volume.datasets[i].SOPInstanceUID), f) for i, f in refs}
     assert {c for _, _, c in derived} == {str(first.SOPClassUID)}
-    # the SR's segment references name the real instances with their frames, and hold them as evidence
+    # the whole-head SR's segment references name the SEG, the segment and the source series (the
+    # SEG names each frame's source above); the HippoCrop SR's name the real instances; both hold
+    # every instance as evidence
     sr = pydicom.dcmread(written["sr4"])
-    images = [e for e in sr.iterall() if e.keyword == "ReferencedSOPSequence"]
-    named = {str(i.ReferencedSOPInstanceUID) for e in images for i in e.value}
-    assert real <= named
+    refs = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_volumetric_roi_measurement_groups()
+    assert len(refs) == 4
+    for group in refs:
+        ref = group.referenced_segment
+        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert str(ref.source_series_for_segmentation.value) == str(first.SeriesInstanceUID)
+    assert sorted(int(g.referenced_segment.referenced_segment_numbers[0]) for g in refs) == [1, 2, 3, 4]
+    images = [e for e in pydicom.dcmread(written["sr2"]).ContentSequence[-1].iterall()
+              if e.keyword == "ReferencedSOPSequence"]
+    assert real <= {str(i.ReferencedSOPInstanceUID) for e in images for i in e.value}
     evidence = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
                 for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
     assert real <= evidence
