@@ -329,9 +329,6 @@ class _Problem:
             small_affine = small_affine.copy()
             small_affine[:3, 3] -= small_affine[:3, :3] @ np.full(3, float(k))
         self.moving_array, self.moving_affine = small, small_affine
-        self.template_centre = template.brain_centre_mm
-        #: the template brain's top (99.9th percentile of z) to its centre, mm
-        self.template_vertex_mm = template.vertex_to_centre_mm
         self._template = template
         self._levels: dict[float, tuple] = {}
 
@@ -452,9 +449,9 @@ def _register_once_threaded(
     # the padded problem (see RegistrationSettings.pad_mm) refines too and scores every candidate
     prob_pad = (_Problem(array, affine, template, settings, moving=moving)
                 if settings.pad_mm > 0 else prob)
-    centre = prob.template_centre
+    centre = template.brain_centre_mm
     centres = initial_centres(prob.mask_array, prob.mask_affine, top_mm=settings.head_top_mm,
-                              starts=tuple(settings.starts) or ("top",), template_vertex_mm=prob.template_vertex_mm)
+                              starts=tuple(settings.starts) or ("top",), template_vertex_mm=template.vertex_to_centre_mm)
     prob.level(settings.search_mm)
     timings["prepare"] = time.perf_counter() - t
 

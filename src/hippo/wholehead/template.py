@@ -86,10 +86,12 @@ class Template:
 
     @cached_property
     def brain_centre_mm(self) -> np.ndarray:
-        """``(3,)`` the brain's intensity-weighted centre (MNI mm)."""
+        """``(3,)`` the brain's intensity-weighted centre (MNI mm); made once, read only."""
         idx = np.argwhere(self.brain_mask)
         w = self.array[self.brain_mask]
-        return self.affine[:3, :3] @ ((idx * w[:, None]).sum(0) / w.sum()) + self.affine[:3, 3]
+        centre = self.affine[:3, :3] @ ((idx * w[:, None]).sum(0) / w.sum()) + self.affine[:3, 3]
+        centre.flags.writeable = False
+        return centre
 
     @cached_property
     def vertex_to_centre_mm(self) -> float:
