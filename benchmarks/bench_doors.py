@@ -2,6 +2,7 @@
 DICOM study through ``hippo.deploy``, in one run, per stage and as whole processes, as ratios.
 
     .venv/bin/python benchmarks/bench_doors.py [--scan T1.nii.gz] [--repeat 3] [--real-study DIR]
+        [--batch-heads DIR] [--batch-repeat N]
         [--out outputs/benchmarks/doors.json]
 
 1. **Study**: the scanner emulator writes the scan as a brain study (:func:`hippo.scanner.write_wholehead_study`:
@@ -24,7 +25,15 @@ DICOM study through ``hippo.deploy``, in one run, per stage and as whole process
    this process), median of the interleaved rounds. Cheap (seconds a round), so more rounds; and CPU
    seconds do not grow when other processes share the cores, as wall seconds do (on a loaded
    2-core machine the wall seconds of Python-bound stages come out 2-3x the CPU seconds).
-5. ``--real-study``: a real DICOM series (e.g. ``../shared/data/wholehead/fnndsc_pediatric_dicom``,
+5. **A batch** (``--batch-heads``, default ``../shared/data/wholehead``; ``--batch-repeat`` rounds):
+   every NIfTI/MGZ head there as a file in one folder and, written by the scanner emulator, as one
+   DICOM study each under one root; ``python -m hippo.predict input=FOLDER`` and ``python -m
+   hippo.deploy studies=ROOT send=false`` (each with its default ``workers``), interleaved; the
+   wall seconds per head (a whole process over the batch, divided by the heads), the ratio and the
+   difference per head. This is what a site sees for a day's studies: the interpreter, imports and
+   model load are paid once per batch, and each door overlaps a study's reading and registration
+   with the segmentation of the one before (``prepare``/``finish``, :mod:`hippo.batch_runner`).
+6. ``--real-study``: a real DICOM series (e.g. ``../shared/data/wholehead/fnndsc_pediatric_dicom``,
    JPEG-LS): the DICOM door's stages on it, the volume stage (reading and decoding every slice)
    reported on its own.
 
@@ -52,6 +61,7 @@ from machine_load import CpuMeter  # benchmarks/machine_load.py (the script's fo
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SCAN = REPO.parent / "shared/data/wholehead/chris_t1.nii.gz"
 DEFAULT_OUT = REPO / "outputs/benchmarks/doors.json"
+DEFAULT_BATCH_HEADS = REPO.parent / "shared/data/wholehead"
 SHARED_OTHERS_CORES = 0.3
 
 #: comparable groups: (file door stages, DICOM door stages)
@@ -249,6 +259,54 @@ def process_section(scan: Path, study: Path, repeat: int, work: Path) -> dict[st
             "door_own_median_s": {"file": of, "dicom": od}, "door_own_ratio": od / of, "door_own_difference_s": od - of}
 
 
+def batch_section(root: Path, repeat: int, work: Path) -> dict[str, Any]:
+    """Every NIfTI/MGZ head under ``root`` through both doors as one batch each (whole processes,
+    default workers), interleaved ``repeat`` times: wall and CPU seconds per head."""
+    from bench_wholehead import find_heads  # benchmarks/bench_wholehead.py (the same folder)
+
+    from hippo.scanner.studies import write_wholehead_study
+
+    heads = [h for h in find_heads(root)[0] if h.kind == "file"]
+    if not heads:
+        raise SystemExit(f"no NIfTI/MGZ head under {root}")
+    folder, studies = work / "batch_files", work / "batch_studies"
+    folder.mkdir()
+    for i, h in enumerate(heads):
+        os.symlink(h.path, folder / (h.name + h.suffix))
+        write_wholehead_study(h.path, studies / f"study_{i}", seed=i + 1)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    commands = {
+        "file": [sys.executable, "-m", "hippo.predict", f"input={folder}", "progress=false", "resume=false"],
+        "dicom": [sys.executable, "-m", "hippo.deploy", f"studies={studies}", "send=false"],
+    }
+    runs: dict[str, list[dict[str, float]]] = {"file": [], "dicom": []}
+    for i in range(repeat):
+        for door, cmd in commands.items():
+            out = work / f"batch_{door}_{i}"
+            extra = [f"output={out}"] if door == "file" else [f"results_dir={out}", f"outbox_dir={out}/outbox"]
+            before = os.times()
+            t = time.perf_counter()
+            r = subprocess.run(cmd + extra + [f"hydra.run.dir={work / f'batch_hydra_{door}_{i}'}"], cwd=REPO,
+                               env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            after = os.times()
+            summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+            failed = summary.get("n_failed", 1) if door == "dicom" else r.returncode != 0
+            if failed:
+                raise SystemExit(f"{door} door over the batch failed ({r.returncode}):\n{r.stdout[-3000:]}\n"
+                                 f"{r.stderr[-3000:]}")
+            cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+            runs[door].append({"wall_s": wall, "cpu_s": cpu, "per_head_s": wall / len(heads),
+                               "cpu_per_head_s": cpu / len(heads)})
+            log(f"  batch round {i + 1}, {door}: {wall:.1f} s for {len(heads)} heads ({wall / len(heads):.2f} s a head)")
+    med = {door: median_of(r) for door, r in runs.items()}
+    return {"heads": [h.rel for h in heads], "commands": {k: " ".join(v[1:]) for k, v in commands.items()},
+            "runs": runs, "median": med,
+            "per_head_ratio": med["dicom"]["per_head_s"] / med["file"]["per_head_s"],
+            "per_head_difference_s": med["dicom"]["per_head_s"] - med["file"]["per_head_s"],
+            "cpu_per_head_difference_s": med["dicom"]["cpu_per_head_s"] - med["file"]["cpu_per_head_s"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scan", type=Path, default=DEFAULT_SCAN, help="whole-head T1 (NIfTI/MGZ)")
@@ -257,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-process", action="store_true", help="skip the whole-process section")
     ap.add_argument("--own-repeat", type=int, default=5,
                     help="rounds of the doors' own stages alone (registration and segmentation reused; 0: skip)")
+    ap.add_argument("--batch-heads", type=Path, default=DEFAULT_BATCH_HEADS,
+                    help="folder of real NIfTI/MGZ heads for the batch section (default %(default)s)")
+    ap.add_argument("--batch-repeat", type=int, default=None, help="rounds of the batch section (default --repeat; 0: skip)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     from hippo.scanner.studies import write_wholehead_study
@@ -300,6 +361,18 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  without registration and segmentation (interpreter, imports, model load, input, outputs): "
                 f"predict {own['file']:.2f} s, deploy {own['dicom']:.2f} s: ratio {proc['door_own_ratio']:.2f}, "
                 f"difference {proc['door_own_difference_s']:+.2f} s")
+        batch_repeat = args.repeat if args.batch_repeat is None else args.batch_repeat
+        if batch_repeat and args.batch_heads.is_dir():
+            meter = CpuMeter()
+            log(f"\nbatch: every NIfTI/MGZ head under {args.batch_heads} through both doors, {batch_repeat} round(s)")
+            result["batch"] = batch = batch_section(args.batch_heads, batch_repeat, work)
+            batch["load"] = meter.read()
+            m = batch["median"]
+            log(f"batch of {len(batch['heads'])} heads, median of {batch_repeat}: predict {m['file']['per_head_s']:.2f} s "
+                f"a head, deploy {m['dicom']['per_head_s']:.2f} s a head: ratio {batch['per_head_ratio']:.2f}, "
+                f"difference {batch['per_head_difference_s']:+.2f} s a head (CPU {batch['cpu_per_head_difference_s']:+.2f} s)")
+        elif batch_repeat:
+            log(f"\nbatch section skipped: {args.batch_heads} not found")
         if args.real_study:
             meter = CpuMeter()
             result["real_study"] = real = real_study_section(args.real_study, args.repeat, work)
@@ -309,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} {s[k]:.2f}" for k in ("ingest", "volume", "infer", "measure", "report", "write", "total")
                 if k in s) + " s (volume: reading and decoding every slice)")
     others = [v["load"].get("others_cores") for v in (result.get("stages"), result.get("own"), result.get("process"),
-                                                         result.get("real_study")) if v]
+                                                         result.get("batch"), result.get("real_study")) if v]
     result["shared_machine"] = any(o is not None and o > SHARED_OTHERS_CORES for o in others)
     if result["shared_machine"]:
         log(f"\nNOTE: other processes used {max(o for o in others if o is not None):.1f} cores meanwhile: a shared "

@@ -177,18 +177,39 @@ def test_batch_continues_past_bad_studies_and_exits_nonzero(studies, model_file,
     assert (tmp_path / "run" / "summary.md").read_text().count("| failed |") == 3
 
 
-def test_serial_and_parallel_batches_agree(studies, model_file, tmp_path):
+def test_serial_and_parallel_batches_agree(studies, model_file, tmp_path, monkeypatch):
+    """``workers=1`` scans the next study (``prepare``) in a thread while this one is measured
+    (``finish``), as ``hippo.predict`` does for files; its results are those of two processes, and a
+    folder that is no study fails at ingest in the middle of the batch without stopping it."""
     import functools
+    import threading
 
     from hippo.deploy.pipeline import build_processor
 
+    bad = tmp_path / "incoming" / "junk"
+    bad.mkdir(parents=True)
+    (bad / "notes.txt").write_text("not DICOM")
     dirs = find_studies(studies)
-    serial = run_batch(dirs, functools.partial(build_processor, model_file, tmp_path / "s", plausibility=ANY_VOLUME),
+    prepared_in = []
+    prepare = StudyProcessor.prepare
+
+    def recorded_prepare(self, study_dir):
+        prepared_in.append((Path(study_dir).name, threading.current_thread().name))
+        return prepare(self, study_dir)
+
+    monkeypatch.setattr(StudyProcessor, "prepare", recorded_prepare)
+    serial = run_batch([dirs[0], bad, dirs[1]],
+                       functools.partial(build_processor, model_file, tmp_path / "s", plausibility=ANY_VOLUME),
                        workers=1)
+    assert [(o.status, o.stage) for o in serial] == [("ok", ""), ("failed", "ingest"), ("ok", "")]
+    assert str(bad) in serial[1].error
+    # each study prepared once, ahead of the study before it being finished, in the batch's thread
+    assert [name for name, _ in prepared_in] == [dirs[0].name, "junk", dirs[1].name]
+    assert all(thread.startswith("hippo-prepare-next") for _, thread in prepared_in)
+    assert all(o.timings_s["total"] >= o.timings_s["ingest"] > 0 for o in (serial[0], serial[2]))
     parallel = run_batch(dirs, functools.partial(build_processor, model_file, tmp_path / "p", plausibility=ANY_VOLUME),
                          workers=2)
-    assert [o.status for o in serial] == ["ok", "ok"]
-    assert [o.volumes for o in serial] == [o.volumes for o in parallel]
+    assert [o.volumes for o in (serial[0], serial[2])] == [o.volumes for o in parallel]
 
 
 def test_missing_model_and_bad_arguments_are_clear(tmp_path):

@@ -40,14 +40,16 @@ class BackgroundLoad(Generic[T]):
         self._future: Future[T] = Future()
         self._thread = threading.Thread(target=self._run, name=name, daemon=False)
         self._started = False
+        self._start_lock = threading.Lock()  # a batch's next study may start it from another thread
         if start:
             self.start()
 
     def start(self) -> None:
-        """Start the thread (once; later calls do nothing)."""
-        if not self._started:
-            self._started = True
-            self._thread.start()
+        """Start the thread (once; later calls, from any thread, do nothing)."""
+        with self._start_lock:
+            if not self._started:
+                self._started = True
+                self._thread.start()
 
     def _run(self) -> None:
         try:

@@ -37,8 +37,6 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
 
 from hippo.config import settings_fields
 from hippo.fileio import write_bytes_atomic, write_json_atomic
@@ -148,11 +146,19 @@ def _set_tcp_nodelay(event: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-#: pass to ``AE.associate`` / ``AE.start_server`` as ``evt_handlers``
-TCP_NODELAY_HANDLERS = [(evt.EVT_CONN_OPEN, _set_tcp_nodelay)]
+def tcp_nodelay_handlers() -> list[tuple[Any, Callable[[Any], None]]]:
+    """The handlers to pass to ``AE.associate`` / ``AE.start_server`` as ``evt_handlers``
+    (:func:`_set_tcp_nodelay` on every new connection)."""
+    from pynetdicom import evt
+
+    return [(evt.EVT_CONN_OPEN, _set_tcp_nodelay)]
 
 
-def _make_ae(cfg: PacsConfig) -> AE:
+def _make_ae(cfg: PacsConfig) -> Any:
+    """A pynetdicom ``AE`` with our AE title, timeouts and PDU size. pynetdicom is imported here, by
+    the calls that talk to a PACS, so that a run that sends nothing never pays for its import."""
+    from pynetdicom import AE
+
     ae = AE(ae_title=cfg.calling_ae)
     ae.acse_timeout = cfg.timeout
     ae.dimse_timeout = cfg.timeout
@@ -174,11 +180,13 @@ def echo(cfg: PacsConfig | None = None) -> bool:
     """C-ECHO the PACS once. True when it answers with Success; False otherwise (never raises for
     network problems)."""
     cfg = cfg or PacsConfig()
+    from pynetdicom.sop_class import Verification
+
     ae = _make_ae(cfg)
     ae.add_requested_context(Verification)
     try:
         assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.called_ae, max_pdu=cfg.max_pdu,
-                                 evt_handlers=TCP_NODELAY_HANDLERS)
+                                 evt_handlers=tcp_nodelay_handlers())
     except Exception as exc:  # e.g. DNS failure
         log.warning("C-ECHO %s: %s", cfg.destination, exc)
         return False
@@ -480,7 +488,7 @@ def send(datasets_or_paths: Iterable[DatasetOrPath], cfg: PacsConfig | None = No
             ae.add_requested_context(sop_class, syntaxes)
         try:
             assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.called_ae, max_pdu=cfg.max_pdu,
-                                 evt_handlers=TCP_NODELAY_HANDLERS)
+                                 evt_handlers=tcp_nodelay_handlers())
         except Exception as exc:
             last_error = f"association failed: {type(exc).__name__}: {exc}"
             continue

@@ -43,7 +43,6 @@ from hippo.fileio import write_bytes_atomic, write_json_atomic
 from hippo.model_loading import BackgroundLoad
 from hippo.measure import NO_NORMATIVE_REFERENCE, measure_volumes
 from hippo.plausibility import PlausibilityRules, assess_input
-from hippo.quality import assess_quality
 from hippo.regrid import labels_to_source, to_model_grid
 from hippo.prior import PriorLookup, prior_comparison
 from hippo.pacs import Outbox, PacsConfig, deliver, validate_uid
@@ -245,12 +244,23 @@ class StudyProcessor:
         return str(getattr(self.agent, "precision", "float32"))
 
     def process(self, study_dir: str | os.PathLike) -> StudyOutcome:
-        """Run every stage on one study; never raises for a problem of the study itself."""
-        from hippo.dicom.objects import make_seg, make_sr  # highdicom: imported when first needed
+        """Run every stage on one study; never raises for a problem of the study itself. The same as
+        ``finish(prepare(study_dir))``.
 
+        What the later stages need (scipy for the quality checks, highdicom for the SEG and SR) is
+        imported where it is first used, after the study's headers and pixels are read: a background
+        model load imports it meanwhile (:func:`build_processor`)."""
+        return self.finish(self.prepare(study_dir))
+
+    def prepare(self, study_dir: str | os.PathLike) -> "_PreparedStudy | StudyOutcome":
+        """The first stages of :meth:`process`, which need no model: scan the study's headers and
+        select its series and, for a whole-head T1, read its pixels and register it to the template.
+        Returns what :meth:`finish` goes on with, or the failed outcome; never raises. A batch runs it
+        for the next study in a thread while :meth:`finish` measures this one
+        (:func:`hippo.batch_runner.run_each`), as ``hippo.predict`` does for files."""
         outcome = StudyOutcome(study=str(study_dir))
         timings = outcome.timings_s
-        stage = "ingest"
+        outcome.stage = "ingest"
         t_all = time.perf_counter()
         try:
             t = time.perf_counter()
@@ -262,101 +272,122 @@ class StudyProcessor:
             outcome.study_uid, outcome.series_uid = series.study_uid, series.uid
             outcome.series_description = series.description
             timings["ingest"] = time.perf_counter() - t
+            volume = registration = None
             if outcome.kind == "wholehead":
-                return self._process_wholehead(outcome, scan, series, t_all)
-
-            stage, t = "volume", time.perf_counter()
-            with _fewer_gc_passes():
-                volume = load_series(scan.series_inputs(series), workers=self.io_threads, series_uid=series.uid)
-            outcome.warnings += volume.warnings
-            timings["volume"] = time.perf_counter() - t
-            self._start_model_load()
-
-            stage = "plausibility"
-            check = assess_input(volume.array, volume.spacing, self.plausibility)
-            outcome.input = {"spacing_mm": list(volume.spacing), "resampled": check.resample}
-            check.raise_if_refused()
-
-            stage, t = "infer", time.perf_counter()
-            if check.resample:  # the model sees its own voxel size; the mask comes back onto the series' grid
-                image, grid = to_model_grid(volume.array, volume.spacing, self.plausibility.model_spacing_mm)
-                model_mask, members = self._segment(image)
-                mask = labels_to_source(model_mask, volume.array.shape)
-                outcome.input["model_grid_mm"] = list(grid)
-                outcome.warnings.append(f"voxels {' x '.join(f'{v:.3g}' for v in volume.spacing)} mm resampled "
-                                        f"onto the model's {' x '.join(f'{v:.3g}' for v in grid)} mm grid and back")
-            else:
-                grid = tuple(volume.spacing)
-                model_mask, members = self._segment(volume.array)
-                mask = model_mask
-            timings["infer"] = time.perf_counter() - t
-
-            stage, t = "measure", time.perf_counter()
-            volumes = measure_volumes(mask, volume.spacing)
-            # archives drop and mangle Type 2/3 attributes: the objects are made from cleaned copies
-            sources, header = clean_source_headers(volume.datasets)
-            outcome.header = header.as_dict()
-            if header.summary():
-                outcome.warnings.append(header.summary())
-            source = sources[0]
-            patient, study = patient_study_from_dataset(source)
-            outcome.volumes = volumes.as_dict()
-            # the quality checks include hippo.plausibility's volume ranges (on the measured volumes)
-            quality = assess_quality(
-                model_mask, grid, rules=self.plausibility, volumes_mm3=outcome.volumes, **({} if members is None else {
-                    "member_probabilities": members.member_probabilities, "probabilities": members.probabilities,
-                    "unprocessed_labels": members.unprocessed_labels}))
-            outcome.quality = quality.as_dict()
-            outcome.review = check.review + quality.reasons
-            timings["measure"] = time.perf_counter() - t
-
-            stage, t = "prior", time.perf_counter()
-            outcome.prior_comparison = self._prior_comparison(patient, study, outcome.volumes)
-            timings["prior"] = time.perf_counter() - t
-
-            stage, t = "report", time.perf_counter()
-            now = _dt.datetime.now(_dt.timezone.utc)
-            page = render_report(volume.array, mask, volume.spacing, prior=outcome.prior_comparison,
-                                 patient=patient, study=study,
-                                 volumes=volumes, model=self.model_info, timestamp=now,
-                                 review=outcome.review, quality=outcome.quality)
-            uid = result_uid_maker(scan, series.uid, self.agent.metadata,
-                                   {"series_numbers": self.series_numbers,
-                                    "plausibility": asdict(self.plausibility),
-                                    **({"precision": self.precision} if self.precision != "float32" else {}),
-                                    **_prior_uid_option(outcome.prior_comparison)})
-            with _png_beside(page, self.write_png) as png:
-                with _fewer_gc_passes():
-                    sc = secondary_capture(page, source, series_number=self.series_numbers["sc"], timestamp=now,
-                                           series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
-                                           referenced_instances=sources)
-                    version = str(self.agent.metadata.get("hippo_version", "0"))
-                    seg = make_seg(sources, volume.to_source(mask), model_version=version,
-                                   series_number=self.series_numbers["seg"],
-                                   series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"))
-                    sr = make_sr(sources, seg, volumes, model_version=version,
-                                 series_number=self.series_numbers["sr"],
-                                 series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"),
-                                 prior_comparison=outcome.prior_comparison, quality=outcome.quality)
-                timings["report"] = time.perf_counter() - t
-
-                stage = "write"
-                out = self._write_and_send(outcome, series.study_uid, {"report_sc": sc, "seg": seg, "sr": sr},
-                                           png)
-            outcome.status, outcome.stage = ("review" if outcome.review else "ok"), ""
-            if outcome.review:
-                log.warning("study %s: review recommended: %s", study_dir, "; ".join(outcome.review))
-            timings["total"] = time.perf_counter() - t_all
-            outcome.files["result_json"] = str(out / "result.json")
-            write_json_atomic(out / "result.json", _result_json(outcome, self.model_info, volume))
+                volume, registration = self._prepare_wholehead(outcome, scan, series)
+            outcome.stage = ""
+            return _PreparedStudy(outcome, scan, series, volume, registration, time.perf_counter() - t_all)
         except Exception as exc:  # one bad study never stops a batch
-            outcome.status, outcome.stage = "failed", outcome.stage or stage  # (stage set by a helper)
-            outcome.error = f"{type(exc).__name__}: {exc}"
-            timings["total"] = time.perf_counter() - t_all
-            log.error("study %s failed at %s: %s", study_dir, outcome.stage, outcome.error)
-            log.debug("%s", traceback.format_exc())
-        return outcome
+            return _failed(outcome, exc, t_all, "ingest")
 
+    def finish(self, prepared: "_PreparedStudy | StudyOutcome") -> StudyOutcome:
+        """The rest of :meth:`process` after :meth:`prepare`: segment, measure, make the SC, SEG and SR,
+        write and send them; never raises for a problem of the study. ``timings_s["total"]`` is the
+        time spent in both halves (not any wait between them)."""
+        if isinstance(prepared, StudyOutcome):
+            return prepared
+        outcome = prepared.outcome
+        t_all = time.perf_counter() - prepared.seconds  # so that "total" counts both halves
+        try:
+            if outcome.kind == "wholehead":
+                return self._finish_wholehead(outcome, prepared, t_all)
+            return self._finish_crop(outcome, prepared.scan, prepared.series, t_all)
+        except Exception as exc:  # one bad study never stops a batch
+            # every stage names itself in outcome.stage; after the objects only result.json is written
+            return _failed(outcome, exc, t_all, "write")
+
+    def _finish_crop(self, outcome: StudyOutcome, scan, series, t_all: float) -> StudyOutcome:
+        """The stages after selection for a HippoCrop series (pixels, plausibility, inference, the
+        quality checks, the SC, SEG and SR). Raises on failure with ``outcome.stage`` naming the stage."""
+        timings = outcome.timings_s
+        outcome.stage, t = "volume", time.perf_counter()
+        with _fewer_gc_passes():
+            volume = load_series(scan.series_inputs(series), workers=self.io_threads, series_uid=series.uid)
+        outcome.warnings += volume.warnings
+        timings["volume"] = time.perf_counter() - t
+        self._start_model_load()
+
+        outcome.stage = "plausibility"
+        check = assess_input(volume.array, volume.spacing, self.plausibility)
+        outcome.input = {"spacing_mm": list(volume.spacing), "resampled": check.resample}
+        check.raise_if_refused()
+
+        outcome.stage, t = "infer", time.perf_counter()
+        if check.resample:  # the model sees its own voxel size; the mask comes back onto the series' grid
+            image, grid = to_model_grid(volume.array, volume.spacing, self.plausibility.model_spacing_mm)
+            model_mask, members = self._segment(image)
+            mask = labels_to_source(model_mask, volume.array.shape)
+            outcome.input["model_grid_mm"] = list(grid)
+            outcome.warnings.append(f"voxels {' x '.join(f'{v:.3g}' for v in volume.spacing)} mm resampled "
+                                    f"onto the model's {' x '.join(f'{v:.3g}' for v in grid)} mm grid and back")
+        else:
+            grid = tuple(volume.spacing)
+            model_mask, members = self._segment(volume.array)
+            mask = model_mask
+        timings["infer"] = time.perf_counter() - t
+
+        outcome.stage, t = "measure", time.perf_counter()
+        from hippo.quality import assess_quality
+
+        volumes = measure_volumes(mask, volume.spacing)
+        # archives drop and mangle Type 2/3 attributes: the objects are made from cleaned copies
+        sources, header = clean_source_headers(volume.datasets)
+        outcome.header = header.as_dict()
+        if header.summary():
+            outcome.warnings.append(header.summary())
+        source = sources[0]
+        patient, study = patient_study_from_dataset(source)
+        outcome.volumes = volumes.as_dict()
+        # the quality checks include hippo.plausibility's volume ranges (on the measured volumes)
+        quality = assess_quality(
+            model_mask, grid, rules=self.plausibility, volumes_mm3=outcome.volumes, **({} if members is None else {
+                "member_probabilities": members.member_probabilities, "probabilities": members.probabilities,
+                "unprocessed_labels": members.unprocessed_labels}))
+        outcome.quality = quality.as_dict()
+        outcome.review = check.review + quality.reasons
+        timings["measure"] = time.perf_counter() - t
+
+        outcome.stage, t = "prior", time.perf_counter()
+        outcome.prior_comparison = self._prior_comparison(patient, study, outcome.volumes)
+        timings["prior"] = time.perf_counter() - t
+
+        outcome.stage, t = "report", time.perf_counter()
+        now = _dt.datetime.now(_dt.timezone.utc)
+        page = render_report(volume.array, mask, volume.spacing, prior=outcome.prior_comparison,
+                             patient=patient, study=study,
+                             volumes=volumes, model=self.model_info, timestamp=now,
+                             review=outcome.review, quality=outcome.quality)
+        uid = result_uid_maker(scan, series.uid, self.agent.metadata,
+                               {"series_numbers": self.series_numbers,
+                                "plausibility": asdict(self.plausibility),
+                                **({"precision": self.precision} if self.precision != "float32" else {}),
+                                **_prior_uid_option(outcome.prior_comparison)})
+        from hippo.dicom.objects import make_seg, make_sr
+
+        with _png_beside(page, self.write_png) as png:
+            with _fewer_gc_passes():
+                sc = secondary_capture(page, source, series_number=self.series_numbers["sc"], timestamp=now,
+                                       series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
+                                       referenced_instances=sources)
+                version = str(self.agent.metadata.get("hippo_version", "0"))
+                seg = make_seg(sources, volume.to_source(mask), model_version=version,
+                               series_number=self.series_numbers["seg"],
+                               series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"))
+                sr = make_sr(sources, seg, volumes, model_version=version,
+                             series_number=self.series_numbers["sr"],
+                             series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"),
+                             prior_comparison=outcome.prior_comparison, quality=outcome.quality)
+            timings["report"] = time.perf_counter() - t
+
+            out = self._write_and_send(outcome, series.study_uid, {"report_sc": sc, "seg": seg, "sr": sr},
+                                       png)
+        outcome.status, outcome.stage = ("review" if outcome.review else "ok"), ""
+        if outcome.review:
+            log.warning("study %s: review recommended: %s", outcome.study, "; ".join(outcome.review))
+        timings["total"] = time.perf_counter() - t_all
+        outcome.files["result_json"] = str(out / "result.json")
+        write_json_atomic(out / "result.json", _result_json(outcome, self.model_info, volume))
+        return outcome
 
     def _prior_comparison(self, patient: Mapping[str, Any], study: Mapping[str, Any],
                           volumes_mm3: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -412,16 +443,11 @@ class StudyProcessor:
         return out
 
     # ------------------------------------------------------------------------------ whole-head T1
-    def _process_wholehead(self, outcome: StudyOutcome, scan, series, t_all: float) -> StudyOutcome:
-        """The stages after selection for a whole-head T1 series: both hippocampi
-        (:func:`hippo.wholehead.segment.segment_wholehead`), a four-segment SEG, an SR per side with
-        the asymmetry index, eTIV and each side's segmentation quality, the whole-head report page as SC, ``result.json``. Raises on
-        failure with ``outcome.stage`` naming the stage (:meth:`process` records it)."""
-        from hippo.dicom.objects import make_wholehead_seg, make_wholehead_sr
-        from hippo.wholehead.page import render_wholehead_report
+    def _prepare_wholehead(self, outcome: StudyOutcome, scan, series) -> tuple[Any, Any]:
+        """A whole-head T1's stages before the model: its pixels (``volume``) and its registration to
+        the template; starts a background model load once the pixels are read. Raises on failure with
+        ``outcome.stage`` naming the stage."""
         from hippo.wholehead.register import register_to_template
-        from hippo.wholehead.review import ReviewRules
-        from hippo.wholehead.segment import locator_agent, segment_wholehead
 
         timings = outcome.timings_s
         outcome.stage, t = "volume", time.perf_counter()
@@ -436,11 +462,22 @@ class StudyProcessor:
         outcome.stage, t = "register", time.perf_counter()
         registration = register_to_template(volume.array, volume.affine)
         timings["register"] = time.perf_counter() - t
+        return volume, registration
 
+    def _finish_wholehead(self, outcome: StudyOutcome, prepared: "_PreparedStudy", t_all: float) -> StudyOutcome:
+        """The stages after the registration for a whole-head T1 series: both hippocampi
+        (:func:`hippo.wholehead.segment.segment_wholehead`), a four-segment SEG, an SR per side with
+        the asymmetry index, eTIV and each side's segmentation quality, the whole-head report page as
+        SC, ``result.json``. Raises on failure with ``outcome.stage`` naming the stage."""
+        timings = outcome.timings_s
+        scan, series, volume, registration = prepared.scan, prepared.series, prepared.volume, prepared.registration
         outcome.stage, t = "infer", time.perf_counter()
         _ = self.agent  # waits for a background load (its time recorded on its own)
         timings["model_wait"] = time.perf_counter() - t
         t = time.perf_counter()
+        from hippo.wholehead.review import ReviewRules
+        from hippo.wholehead.segment import locator_agent, segment_wholehead  # scipy: imported by the model load
+
         if self._locator is None:
             self._locator = locator_agent(self.agent)
         plaus = asdict(self.plausibility)
@@ -484,6 +521,9 @@ class StudyProcessor:
             timings["prior"] = time.perf_counter() - t
 
         outcome.stage, t = "report", time.perf_counter()
+        from hippo.dicom.objects import make_wholehead_seg, make_wholehead_sr
+        from hippo.wholehead.page import render_wholehead_report
+
         now = _dt.datetime.now(_dt.timezone.utc)
         title = " ".join(str(x) for x in (patient.get("name"), patient.get("id"), series.description) if x)
         page = render_wholehead_report(volume.array, labels, volume.spacing, summary, title=title)
@@ -521,6 +561,30 @@ class StudyProcessor:
             record["change"] = summary["change"]
         write_json_atomic(out / "result.json", record)
         return outcome
+
+
+@dataclass
+class _PreparedStudy:
+    """A study scanned and its series selected and, for a whole-head T1, read and registered
+    (:meth:`StudyProcessor.prepare`), waiting for :meth:`StudyProcessor.finish`."""
+
+    outcome: StudyOutcome
+    scan: Any                   # hippo.dicom.ingest.StudyScan
+    series: Any                 # hippo.dicom.ingest.SeriesInfo, the selected series
+    volume: Any                 # hippo.dicom.volume.SeriesVolume (whole head); None: read in finish
+    registration: Any           # hippo.wholehead.register.Registration (whole head); else None
+    seconds: float              # spent in prepare
+
+
+def _failed(outcome: StudyOutcome, exc: Exception, t_all: float, stage: str) -> StudyOutcome:
+    """``outcome`` marked failed with ``exc`` at the stage it was in (``outcome.stage``, else
+    ``stage``), its total time set; logged."""
+    outcome.status, outcome.stage = "failed", outcome.stage or stage
+    outcome.error = f"{type(exc).__name__}: {exc}"
+    outcome.timings_s["total"] = time.perf_counter() - t_all
+    log.error("study %s failed at %s: %s", outcome.study, outcome.stage, outcome.error)
+    log.debug("%s", traceback.format_exc())
+    return outcome
 
 
 def _prior_uid_option(comparison: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -705,10 +769,15 @@ def build_processor(
 
     def load_and_warm() -> Any:
         agent = load()
-        import hippo.dicom.objects  # noqa: F401 - highdicom, needed for the SEG and SR after inference
+        # what the stages after inference import, imported here beside the registration instead
+        import hippo.dicom.objects  # noqa: F401 - highdicom, for the SEG and SR
+        import hippo.quality  # noqa: F401 - scipy.ndimage, for the quality checks
+        import hippo.wholehead.segment  # noqa: F401
         from hippo.dicom.headers import header_keywords
 
         header_keywords()  # highdicom's tables, read once
+        if pacs is not None:
+            import pynetdicom  # noqa: F401 - for sending the results
         return agent
 
     # started by the first study once its pixels are read (StudyProcessor._start_model_load)

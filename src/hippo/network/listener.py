@@ -94,7 +94,7 @@ from pynetdicom.sop_class import (
 from hippo.fileio import write_bytes_atomic, write_json_atomic
 from hippo.network.study_folders import (SUFFIX, instance_names, instances, link_or_copy, partial_studies,
                                         remove_trash, replace_study_dir, study_folders)
-from hippo.pacs import TCP_NODELAY_HANDLERS, Outbox, PacsConfig, PacsError, move_series, validate_uid
+from hippo.pacs import Outbox, PacsConfig, PacsError, move_series, tcp_nodelay_handlers, validate_uid
 from hippo.deploy.options import processor_options
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ class Listener:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_assoc_end),
             (evt.EVT_ABORTED, self._on_assoc_end),
-            *TCP_NODELAY_HANDLERS,
+            *tcp_nodelay_handlers(),
         ]
         try:
             self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)

@@ -70,7 +70,7 @@ def send_study(
     """
     from pynetdicom import AE
 
-    from hippo.pacs import TCP_NODELAY_HANDLERS, presentation_contexts
+    from hippo.pacs import tcp_nodelay_handlers, presentation_contexts
 
     folder = Path(dir)
     if not folder.is_dir():
@@ -90,7 +90,7 @@ def send_study(
     ae.connection_timeout = min(timeout_s, 10.0)
     for sop_class, ts_list in contexts:
         ae.add_requested_context(sop_class, ts_list)
-    assoc = ae.associate(host, int(port), ae_title=called_ae, evt_handlers=TCP_NODELAY_HANDLERS)
+    assoc = ae.associate(host, int(port), ae_title=called_ae, evt_handlers=tcp_nodelay_handlers())
     if not assoc.is_established:
         if assoc.is_rejected:
             raise ScannerSendError(f"association with {peer} rejected (check the called AE title "
