@@ -332,27 +332,30 @@ def load_series(
         why = "missing from some files" if not have_positions else "identical in all files"
         items, step, origin = _instance_number_fallback(items, positions, normal, uid, why, warnings)
 
-    # --- pixels -----------------------------------------------------------------------------------
-    frame_order = None
-    if sources_mf:
-        frame_order = np.array([it.frame for it in items], dtype=np.intp)
-        frames = _read_enhanced_pixels(sources_mf, items, uid, workers)[frame_order]  # sorted (n, Rows, Columns)
-    else:
-        frames = _read_pixels(items, uid, workers)  # (n, Rows, Columns) float32
-    if frames.shape[1:] != (rows, cols):
-        raise SeriesGeometryError(f"series {uid}: decoded frames are {frames.shape[1:]}, headers say {(rows, cols)}")
-
-    # --- affines -----------------------------------------------------------------------------------
+    # --- affines (from the headers: known before any pixel is decoded) ---------------------------
     aff_lps = np.eye(4)
     aff_lps[:3, 0] = r * pixel_spacing[1]  # column index j moves along r by the column spacing
     aff_lps[:3, 1] = c * pixel_spacing[0]  # row index i moves along c by the row spacing
     aff_lps[:3, 2] = step
     aff_lps[:3, 3] = origin
     aff_ras_src = LPS_TO_RAS @ aff_lps
-    stack = frames.transpose(2, 1, 0)  # (Columns, Rows, n)
+    stack_shape = (cols, rows, len(items))  # (Columns, Rows, n): the frames' voxel axes
     ornt = io_orientation(aff_ras_src)
-    array = np.ascontiguousarray(apply_orientation(stack, ornt), dtype=np.float32)
-    affine = aff_ras_src @ inv_ornt_aff(ornt, stack.shape)
+    affine = aff_ras_src @ inv_ornt_aff(ornt, stack_shape)
+
+    # --- pixels -----------------------------------------------------------------------------------
+    frame_order = None
+    if sources_mf:
+        frame_order = np.array([it.frame for it in items], dtype=np.intp)
+        frames = _read_enhanced_pixels(sources_mf, items, uid, workers)[frame_order]  # sorted (n, Rows, Columns)
+        if frames.shape[1:] != (rows, cols):
+            raise SeriesGeometryError(f"series {uid}: decoded frames are {frames.shape[1:]}, headers say {(rows, cols)}")
+        array = np.ascontiguousarray(apply_orientation(frames.transpose(2, 1, 0), ornt), dtype=np.float32)
+    else:
+        # each decoded frame goes straight to its place in the closest-canonical array (no stack of
+        # the frames, no reordered copy of it: for a 0.7 mm head two fewer passes over ~160 MB)
+        array = np.empty(_oriented_shape(stack_shape, ornt), dtype=np.float32)
+        _read_pixels(items, uid, workers, into=_frames_view(array, ornt, stack_shape), rows_columns=(rows, cols))
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
     sources = sources_mf if sources_mf else items
     return SeriesVolume(
@@ -741,17 +744,40 @@ def _unread_paths(items: list[_Item]) -> list[Path | None]:
     return [it.path if it.full is None else None for it in items]
 
 
-def _read_pixels(items: list[_Item], uid: str, workers: int) -> np.ndarray:
-    """Rescaled frames ``(n, Rows, Columns) float32`` in ``items`` order; fills ``item.full``. Decoded
-    in this thread (pydicom's decoding is Python work), the files read ahead."""
-
-    def one(it: _Item) -> np.ndarray:
+def _read_pixels(items: list[_Item], uid: str, workers: int, *, into: np.ndarray,
+                 rows_columns: tuple[int, int]) -> None:
+    """Rescaled frames in ``items`` order written to ``into[k]`` (``into``: ``(n, Rows, Columns)``,
+    e.g. a view of the volume, :func:`_frames_view`); fills ``item.full``. Decoded in this thread
+    (pydicom's decoding is Python work), the files read ahead."""
+    for i in read_ahead(_unread_paths(items), workers, nbytes=None):
+        it = items[i]
         pixels = _decode(it, uid)
-        ds = it.full
         if pixels.ndim != 2:
             raise SeriesGeometryError(f"series {uid}: {it.name}: expected one greyscale frame, got pixel shape "
                                       f"{pixels.shape}")
-        return _rescale(pixels, ds)  # type: ignore[arg-type]
+        if pixels.shape != rows_columns:
+            raise SeriesGeometryError(f"series {uid}: {it.name}: decoded frame is {pixels.shape}, headers say "
+                                      f"{rows_columns}")
+        into[i] = _rescale(pixels, it.full)  # type: ignore[arg-type]
 
-    frames = [one(items[i]) for i in read_ahead(_unread_paths(items), workers, nbytes=None)]
-    return np.stack(frames, axis=0)
+
+def _oriented_shape(shape: tuple[int, ...], ornt: np.ndarray) -> tuple[int, ...]:
+    """The shape ``apply_orientation(array of shape, ornt)`` has (input axis ``i`` becomes output axis
+    ``ornt[i, 0]``)."""
+    out = [0] * len(shape)
+    for i, n in enumerate(shape):
+        out[int(ornt[i, 0])] = n
+    return tuple(out)
+
+
+def _frames_view(array: np.ndarray, ornt: np.ndarray, stack_shape: tuple[int, int, int]) -> np.ndarray:
+    """The ``(n, Rows, Columns)`` view of ``array`` (``apply_orientation`` of the ``(Columns, Rows, n)``
+    frame stack by ``ornt``) through which frame ``k`` is written in place: the inverse flips and
+    axis order, no copy."""
+    inverse = np.zeros_like(np.asarray(ornt, dtype=float))
+    for i, (axis, flip) in enumerate(np.asarray(ornt)):
+        inverse[int(axis)] = (i, flip)
+    view = apply_orientation(array, inverse)
+    if view.shape != tuple(stack_shape) or not np.shares_memory(view, array):  # pragma: no cover - defensive
+        raise AssertionError(f"frame view {view.shape} of the volume is not the frame stack {stack_shape}")
+    return view.transpose(2, 1, 0)
