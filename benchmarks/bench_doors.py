@@ -300,8 +300,12 @@ def batch_section(root: Path, repeat: int, work: Path) -> dict[str, Any]:
                                "cpu_per_head_s": cpu / len(heads)})
             log(f"  batch round {i + 1}, {door}: {wall:.1f} s for {len(heads)} heads ({wall / len(heads):.2f} s a head)")
     med = {door: median_of(r) for door, r in runs.items()}
+    # each round's two runs were taken back to back: their difference is the fairer pairing on a
+    # machine whose speed drifts between rounds
+    paired = [d["per_head_s"] - f["per_head_s"] for f, d in zip(runs["file"], runs["dicom"])]
     return {"heads": [h.rel for h in heads], "commands": {k: " ".join(v[1:]) for k, v in commands.items()},
-            "runs": runs, "median": med,
+            "runs": runs, "median": med, "round_differences_s": paired,
+            "median_round_difference_s": statistics.median(paired),
             "per_head_ratio": med["dicom"]["per_head_s"] / med["file"]["per_head_s"],
             "per_head_difference_s": med["dicom"]["per_head_s"] - med["file"]["per_head_s"],
             "cpu_per_head_difference_s": med["dicom"]["cpu_per_head_s"] - med["file"]["cpu_per_head_s"]}
@@ -370,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             m = batch["median"]
             log(f"batch of {len(batch['heads'])} heads, median of {batch_repeat}: predict {m['file']['per_head_s']:.2f} s "
                 f"a head, deploy {m['dicom']['per_head_s']:.2f} s a head: ratio {batch['per_head_ratio']:.2f}, "
-                f"difference {batch['per_head_difference_s']:+.2f} s a head (CPU {batch['cpu_per_head_difference_s']:+.2f} s)")
+                f"difference {batch['per_head_difference_s']:+.2f} s a head (CPU {batch['cpu_per_head_difference_s']:+.2f} s); "
+                f"per round " + ", ".join(f"{d:+.2f}" for d in batch["round_differences_s"]) +
+                f" s a head (median {batch['median_round_difference_s']:+.2f} s)")
         elif batch_repeat:
             log(f"\nbatch section skipped: {args.batch_heads} not found")
         if args.real_study:
