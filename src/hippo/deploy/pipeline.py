@@ -335,8 +335,7 @@ class StudyProcessor:
         outcome.header = header.as_dict()
         if header.summary():
             outcome.warnings.append(header.summary())
-        source = sources[0]
-        patient, study = patient_study_from_dataset(source)
+        patient, study = patient_study_from_dataset(sources[0])
         outcome.volumes = volumes.as_dict()
         # the quality checks include hippo.plausibility's volume ranges (on the measured volumes)
         quality = assess_quality(
@@ -366,10 +365,8 @@ class StudyProcessor:
 
         with _png_beside(page, self.write_png) as png:
             with _fewer_gc_passes():
-                sc = secondary_capture(page, source, series_number=self.series_numbers["sc"], timestamp=now,
-                                       series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
-                                       referenced_instances=sources)
-                version = str(self.agent.metadata.get("hippo_version", "0"))
+                sc = self._report_sc(page, sources, uid, now)
+                version = self._model_version
                 seg = make_seg(sources, volume.to_source(mask), model_version=version,
                                series_number=self.series_numbers["seg"],
                                series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"))
@@ -400,6 +397,18 @@ class StudyProcessor:
                                 study_instance_uid=str(study.get("uid", "")), volumes_mm3=volumes_mm3,
                                 algorithm={"name": ALGORITHM_NAME,
                                            "version": str(self.agent.metadata.get("hippo_version", "0"))})
+
+    @property
+    def _model_version(self) -> str:
+        """The model's package version, as the SEG and SR record it."""
+        return str(self.agent.metadata.get("hippo_version", "0"))
+
+    def _report_sc(self, page, sources: Sequence[Any], uid: Callable[[str], str], now: _dt.datetime):
+        """The report page as a Secondary Capture of the study of ``sources`` (the cleaned source
+        headers), referencing each of them; ``uid``: :func:`result_uid_maker`'s UIDs."""
+        return secondary_capture(page, sources[0], series_number=self.series_numbers["sc"], timestamp=now,
+                                 series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
+                                 referenced_instances=sources)
 
     def _segment(self, image: np.ndarray):
         """``(labels, members)``: the agent's ``(X, Y, Z)`` labels of ``image`` and, when the agent can
@@ -533,10 +542,8 @@ class StudyProcessor:
                                 **_prior_uid_option(summary.get("change"))})
         with _png_beside(page, self.write_png) as png:
             with _fewer_gc_passes():
-                sc = secondary_capture(page, sources[0], series_number=self.series_numbers["sc"], timestamp=now,
-                                       series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
-                                       referenced_instances=sources)
-                version = str(self.agent.metadata.get("hippo_version", "0"))
+                sc = self._report_sc(page, sources, uid, now)
+                version = self._model_version
                 seg = make_wholehead_seg(sources, volume.to_source(labels), model_version=version,
                                          series_number=self.series_numbers["seg"],
                                          series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"))
